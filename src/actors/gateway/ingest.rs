@@ -1,0 +1,182 @@
+//! `POST /api/events`: one JSON object, a JSON array, or NDJSON.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::AppContext;
+use super::error::ApiError;
+use crate::ingest::{BodyFormat, Parsed, Rejection, parse_body};
+use crate::messages::{DeadLetter, MAX_DEAD_LETTER_PAYLOAD, RejectReason, Source, StoreMsg, truncate_payload};
+use crate::metrics::{RejectLabels, SourceLabels};
+use crate::router::SubmitError;
+
+/// Bodies larger than this are parsed on the blocking pool, off the async workers.
+const INLINE_PARSE_LIMIT: usize = 256 * 1024;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestResponse {
+    pub accepted: usize,
+    pub rejected: usize,
+    pub errors: Vec<IngestError>,
+    /// Set when more events were rejected than are listed (all are dead-lettered).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub errors_truncated: bool,
+}
+
+#[derive(Serialize)]
+pub struct IngestError {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<&'static str>,
+    pub reason: &'static str,
+    pub error: String,
+}
+
+pub async fn post_events(
+    State(app): State<Arc<AppContext>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "request body is larger than http.max_body_bytes ({} bytes); split it into smaller batches",
+                    app.config.http.max_body_bytes
+                ),
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "the request body could not be read")
+        }
+    })?;
+    if app.router.is_closed() {
+        return Err(ApiError::unavailable("shutting_down", "tidemark is shutting down; retry against another instance", 5));
+    }
+    if app.sinks.store().is_none() {
+        return Err(ApiError::unavailable("store_sink_restarting", "the store sink is restarting; retry shortly", 1));
+    }
+    let format = BodyFormat::from_content_type(headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()));
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let limits = app.limits;
+    let parsed = if body.len() > INLINE_PARSE_LIMIT {
+        let body = body.clone();
+        tokio::task::spawn_blocking(move || parse_body(&body, format, limits, now_ms))
+            .await
+            .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "parsing failed"))?
+    } else {
+        parse_body(&body, format, limits, now_ms)
+    };
+    let source = SourceLabels { source: "http" };
+    let parsed = match parsed {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            app.metrics.events_received.get_or_create(&source).inc();
+            count_rejection(&app, RejectReason::Unparsable);
+            let letter = DeadLetter {
+                received_at_ms: now_ms,
+                source: Source::Http,
+                reason: RejectReason::Unparsable,
+                error: error.to_string(),
+                sensor_id: None,
+                event_type: None,
+                event_time_ms: None,
+                partition: None,
+                position: None,
+                payload: truncate_payload(&String::from_utf8_lossy(&body), MAX_DEAD_LETTER_PAYLOAD),
+            };
+            send_dead_letters(&app, vec![letter]);
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", error.to_string()));
+        }
+    };
+    let Parsed { events, rejected } = parsed;
+    let accepted = events.len();
+    match app.router.submit(events) {
+        Ok(_) => {}
+        Err(SubmitError::Backpressure { retry_after, .. }) => {
+            app.metrics.ingest_backpressure.get_or_create(&source).inc();
+            return Err(ApiError::unavailable(
+                "backpressure",
+                "the pipeline is behind on checkpoints; retry this request later",
+                retry_after.as_secs().max(1),
+            ));
+        }
+        Err(SubmitError::Closed) => {
+            return Err(ApiError::unavailable("shutting_down", "tidemark is shutting down", 5));
+        }
+    }
+    app.metrics
+        .events_received
+        .get_or_create(&source)
+        .inc_by((accepted + rejected.len()) as u64);
+    app.metrics.events_accepted.get_or_create(&source).inc_by(accepted as u64);
+    let response = respond(&app, accepted, &rejected);
+    if !rejected.is_empty() {
+        for rejection in &rejected {
+            count_rejection(&app, rejection.reason);
+        }
+        let letters = rejected.into_iter().map(|r| dead_letter(r, now_ms)).collect();
+        send_dead_letters(&app, letters);
+    }
+    Ok((StatusCode::ACCEPTED, Json(response)).into_response())
+}
+
+fn respond(app: &AppContext, accepted: usize, rejected: &[Rejection]) -> IngestResponse {
+    let listed = app.config.http.max_errors_listed;
+    IngestResponse {
+        accepted,
+        rejected: rejected.len(),
+        errors: rejected
+            .iter()
+            .take(listed)
+            .map(|r| IngestError {
+                index: r.index,
+                field: r.field,
+                reason: r.reason.as_str(),
+                error: r.message.clone(),
+            })
+            .collect(),
+        errors_truncated: rejected.len() > listed,
+    }
+}
+
+fn count_rejection(app: &AppContext, reason: RejectReason) {
+    app.metrics
+        .events_rejected
+        .get_or_create(&RejectLabels {
+            source: "http",
+            reason: reason.as_str(),
+        })
+        .inc();
+}
+
+fn dead_letter(rejection: Rejection, now_ms: i64) -> DeadLetter {
+    DeadLetter {
+        received_at_ms: now_ms,
+        source: Source::Http,
+        reason: rejection.reason,
+        error: format!("event {}: {}", rejection.index, rejection.message),
+        sensor_id: rejection.sensor_id,
+        event_type: None,
+        event_time_ms: None,
+        partition: None,
+        position: None,
+        payload: rejection.raw,
+    }
+}
+
+fn send_dead_letters(app: &AppContext, letters: Vec<DeadLetter>) {
+    let count = letters.len();
+    if app.sinks.send_store(StoreMsg::DeadLetters(letters)).is_err() {
+        tracing::error!(count, "store sink unavailable: rejected events could not be dead-lettered");
+    }
+}

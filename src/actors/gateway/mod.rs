@@ -1,0 +1,173 @@
+//! The gateway actor: serves the REST API, `/metrics`, `/health` and `/ready` with axum.
+//!
+//! The actor owns the server task: it binds in `pre_start` (so a taken port fails the
+//! start, visibly), fails if the server stops on its own (so its supervisor restarts
+//! it on the same address), and shuts the server down gracefully when stopped.
+
+mod error;
+mod ingest;
+mod ops;
+mod params;
+mod query;
+
+pub use error::ApiError;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::actors::sinks::Sinks;
+use crate::config::Config;
+use crate::ingest::ParseLimits;
+use crate::metrics::{HttpLabels, Metrics, RouteLabels};
+use crate::router::PartitionRouter;
+use crate::store::Store;
+
+/// What request handlers share.
+pub struct AppContext {
+    pub config: Arc<Config>,
+    pub router: Arc<PartitionRouter>,
+    pub store: Arc<dyn Store>,
+    pub sinks: Arc<Sinks>,
+    pub metrics: Arc<Metrics>,
+    pub limits: ParseLimits,
+    pub started_at: Instant,
+}
+
+/// The HTTP API.
+pub fn routes(app: Arc<AppContext>) -> Router {
+    let body_limit = app.config.http.max_body_bytes;
+    Router::new()
+        .route("/api/events", post(ingest::post_events))
+        .route("/api/predictions", get(query::predictions))
+        .route("/api/alerts", get(query::alerts))
+        .route("/api/sensors/top", get(query::top_sensors))
+        .route("/api/summary", get(query::summary))
+        .route("/api/dead-letters", get(query::dead_letters))
+        .route("/api/status", get(ops::status))
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), track_requests))
+        .with_state(app)
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {} {}", request.method(), request.uri().path()),
+    )
+}
+
+/// Count requests and their duration per route (the matched pattern, never the raw path).
+async fn track_requests(State(app): State<Arc<AppContext>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = request.method().to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    app.metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            method,
+            route: route.clone(),
+            status,
+        })
+        .inc();
+    app.metrics
+        .http_request_seconds
+        .get_or_create(&RouteLabels { route })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+pub struct GatewayActor;
+
+pub struct GatewayArgs {
+    pub app: Arc<AppContext>,
+    pub addr: SocketAddr,
+    /// A listener bound by the caller (first start); restarts bind `addr` again.
+    pub listener: Option<tokio::net::TcpListener>,
+}
+
+pub enum GatewayMsg {
+    /// The server task ended without being asked to.
+    ServerExited(String),
+}
+
+pub struct GatewayState {
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl Actor for GatewayActor {
+    type Msg = GatewayMsg;
+    type State = GatewayState;
+    type Arguments = GatewayArgs;
+
+    async fn pre_start(&self, myself: ActorRef<GatewayMsg>, args: GatewayArgs) -> Result<GatewayState, ActorProcessingErr> {
+        let listener = match args.listener {
+            Some(listener) => listener,
+            None => tokio::net::TcpListener::bind(args.addr)
+                .await
+                .map_err(|error| format!("cannot listen on {}: {error}", args.addr))?,
+        };
+        let (shutdown, shutdown_signal) = oneshot::channel::<()>();
+        let app = routes(args.app);
+        let server = tokio::spawn(async move {
+            let outcome = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = shutdown_signal.await;
+                })
+                .await;
+            let reason = match outcome {
+                Ok(()) => "server stopped".to_string(),
+                Err(error) => format!("server failed: {error}"),
+            };
+            // Only reaches a live actor if nobody asked the server to stop.
+            let _ = myself.send_message(GatewayMsg::ServerExited(reason));
+        });
+        Ok(GatewayState {
+            shutdown: Some(shutdown),
+            server: Some(server),
+        })
+    }
+
+    async fn handle(&self, _myself: ActorRef<GatewayMsg>, message: GatewayMsg, state: &mut GatewayState) -> Result<(), ActorProcessingErr> {
+        match message {
+            GatewayMsg::ServerExited(reason) => {
+                if state.shutdown.is_some() {
+                    return Err(reason.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<GatewayMsg>, state: &mut GatewayState) -> Result<(), ActorProcessingErr> {
+        if let Some(shutdown) = state.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = state.server.take() {
+            // Open connections get a moment to finish; the rest are dropped.
+            let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,117 @@
+//! Operations endpoints: `/health`, `/ready`, `/metrics`, `/api/status`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::AppContext;
+use crate::messages::PartitionMsg;
+
+/// `GET /health` — the process is alive and serving.
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /ready` — the store answers, every sink is writing, and every partition has a
+/// running actor. 503 otherwise, listing what is not ready.
+pub async fn ready(State(app): State<Arc<AppContext>>) -> Response {
+    let mut problems: Vec<String> = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => problems.push(format!("store: {error}")),
+        Err(_) => problems.push("store: no answer within 2s".into()),
+    }
+    let store_sink = app.sinks.store_health.snapshot("store");
+    if !store_sink.healthy {
+        problems.push(format!(
+            "store sink: {} consecutive write failures ({})",
+            store_sink.consecutive_failures,
+            store_sink.last_error.as_deref().unwrap_or("unknown error")
+        ));
+    }
+    if app.sinks.store().is_none() {
+        problems.push("store sink: restarting".into());
+    }
+    for partition in 0..app.router.partitions() {
+        if app.router.actor(partition).is_none() {
+            problems.push(format!("partition {partition}: restarting"));
+        }
+    }
+    if app.router.is_closed() {
+        problems.push("shutting down".into());
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "problems": problems})),
+        )
+            .into_response()
+    }
+}
+
+/// `GET /metrics` — Prometheus text exposition.
+pub async fn metrics(State(app): State<Arc<AppContext>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `GET /api/status` — partitions (restarts, checkpoints, replay buffers, in-flight
+/// events), sinks, and pipeline latencies.
+pub async fn status(State(app): State<Arc<AppContext>>) -> Json<Value> {
+    let mut partitions = Vec::new();
+    for partition in 0..app.router.partitions() {
+        let slot = app.router.status(partition);
+        let actor_status = match app.router.actor(partition) {
+            Some(actor) => actor
+                .call(PartitionMsg::Status, Some(Duration::from_secs(1)))
+                .await
+                .ok()
+                .and_then(|reply| reply.success_or(()).ok()),
+            None => None,
+        };
+        partitions.push(json!({
+            "partition": partition,
+            "live": slot.live,
+            "restarts": slot.restarts,
+            "nextPosition": slot.next_position,
+            "processedPosition": slot.processed_position,
+            "inFlightEvents": slot.in_flight_events,
+            "replayBufferEvents": slot.replay_buffer_events,
+            "replayBufferLimit": slot.replay_buffer_limit,
+            "lastCheckpoint": {"position": slot.last_checkpoint_position, "id": slot.last_checkpoint_id},
+            "openKeys": actor_status.as_ref().map(|s| s.open_keys),
+            "openWindows": actor_status.as_ref().map(|s| s.open_windows),
+            "eventsProcessed": actor_status.as_ref().map(|s| s.events_processed),
+            "lateEvents": actor_status.as_ref().map(|s| s.late_events),
+            "windowsFired": actor_status.as_ref().map(|s| s.windows_fired),
+        }));
+    }
+    let latency = |latency: &crate::metrics::Latency| {
+        let (count, q) = latency.quantiles(&[0.5, 0.95, 0.99]);
+        let ms = |v: Option<f64>| v.map(|s| if s.is_finite() { s * 1000.0 } else { f64::MAX });
+        json!({"count": count, "p50Ms": ms(q[0]), "p95Ms": ms(q[1]), "p99Ms": ms(q[2]), "note": "upper bounds of histogram buckets"})
+    };
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptimeSeconds": app.started_at.elapsed().as_secs(),
+        "store": app.store.backend(),
+        "acceptingEvents": !app.router.is_closed(),
+        "replayBufferEvents": app.router.buffered_total(),
+        "partitions": partitions,
+        "sinks": [app.sinks.store_health.snapshot("store")],
+        "latency": {
+            "ingestToWindowFire": latency(&app.metrics.ingest_to_fire),
+            "windowFireToStoreAck": latency(&app.metrics.fire_to_ack),
+        },
+    }))
+}

@@ -1,0 +1,181 @@
+//! Query endpoints: predictions, alerts, top sensors, summary, dead letters.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::AppContext;
+use super::error::ApiError;
+use super::params::{Params, encode_cursor};
+use crate::messages::{RejectReason, Severity};
+use crate::store::{DeadLetterQuery, Prediction, PredictionQuery, TopBy, TopQuery};
+
+const MAX_ID_LEN: usize = 256;
+const MAX_LIMIT: u32 = 1000;
+const DEFAULT_LIMIT: u32 = 100;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PageBody<T> {
+    pub items: Vec<T>,
+    pub count: usize,
+    pub next_cursor: Option<String>,
+}
+
+const PREDICTION_PARAMS: &[&str] = &["sensorId", "eventType", "from", "to", "anomaly", "severity", "limit", "cursor"];
+
+/// `GET /api/predictions` — newest windows first, with filters and cursor pagination.
+pub async fn predictions(
+    State(app): State<Arc<AppContext>>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<PageBody<Prediction>>, ApiError> {
+    let mut params = Params::parse(raw.as_deref())?;
+    let mut query = prediction_query(&mut params)?;
+    query.anomaly = params.boolean(&["anomaly"])?;
+    params.finish(PREDICTION_PARAMS)?;
+    page(&app, &query).await
+}
+
+/// `GET /api/alerts` — anomalous windows, newest first, with their severity and what
+/// drove the score.
+pub async fn alerts(
+    State(app): State<Arc<AppContext>>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<PageBody<Prediction>>, ApiError> {
+    let mut params = Params::parse(raw.as_deref())?;
+    let mut query = prediction_query(&mut params)?;
+    query.anomaly = Some(true);
+    params.finish(&["sensorId", "eventType", "from", "to", "severity", "limit", "cursor"])?;
+    page(&app, &query).await
+}
+
+fn prediction_query(params: &mut Params) -> Result<PredictionQuery, ApiError> {
+    let severities = match params.take(&["severity"])? {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(|name| {
+                Severity::parse(name.trim()).ok_or_else(|| {
+                    ApiError::parameter("severity", format!("unknown severity {name:?}; use LOW, MEDIUM, HIGH or CRITICAL"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let query = PredictionQuery {
+        sensor_id: params.string(&["sensorId", "sensor_id"], MAX_ID_LEN)?,
+        event_type: params.string(&["eventType", "event_type"], MAX_ID_LEN)?,
+        from_ms: params.time(&["from"])?,
+        to_ms: params.time(&["to"])?,
+        anomaly: None,
+        severities,
+        limit: params.number(&["limit"], 1, MAX_LIMIT, DEFAULT_LIMIT)?,
+        cursor: params.cursor()?,
+    };
+    if let (Some(from), Some(to)) = (query.from_ms, query.to_ms)
+        && from > to
+    {
+        return Err(ApiError::parameter("from", "must not be after `to`"));
+    }
+    Ok(query)
+}
+
+async fn page(app: &AppContext, query: &PredictionQuery) -> Result<Json<PageBody<Prediction>>, ApiError> {
+    let page = app.store.predictions(query).await?;
+    Ok(Json(PageBody {
+        count: page.items.len(),
+        items: page.items,
+        next_cursor: page.next.map(encode_cursor),
+    }))
+}
+
+fn minutes(params: &mut Params) -> Result<u32, ApiError> {
+    params.number(&["minutes"], 1, 60 * 24 * 366, 10)
+}
+
+fn since(minutes: u32) -> i64 {
+    chrono::Utc::now().timestamp_millis() - i64::from(minutes) * 60_000
+}
+
+/// `GET /api/sensors/top?minutes=10&by=avgValue&n=5` — the sensors with the highest
+/// measure over the windows that ended in the last `minutes`.
+pub async fn top_sensors(State(app): State<Arc<AppContext>>, RawQuery(raw): RawQuery) -> Result<Json<Value>, ApiError> {
+    let mut params = Params::parse(raw.as_deref())?;
+    let minutes = minutes(&mut params)?;
+    let by_name = params.take(&["by"])?.unwrap_or_else(|| "avgValue".to_string());
+    let by = TopBy::parse(&by_name)
+        .ok_or_else(|| ApiError::parameter("by", format!("expected one of {}, got {by_name:?}", TopBy::NAMES.join(", "))))?;
+    let n = params.number(&["n", "limit"], 1, 100, 5)?;
+    let event_type = params.string(&["eventType", "event_type"], MAX_ID_LEN)?;
+    params.finish(&["minutes", "by", "n", "eventType"])?;
+    let items = app
+        .store
+        .top_sensors(&TopQuery {
+            since_ms: since(minutes),
+            by,
+            n,
+            event_type,
+        })
+        .await?;
+    Ok(Json(json!({"minutes": minutes, "by": by_name, "items": items})))
+}
+
+/// `GET /api/summary?minutes=10` — per event type: windows, events, average, anomalies.
+pub async fn summary(State(app): State<Arc<AppContext>>, RawQuery(raw): RawQuery) -> Result<Json<Value>, ApiError> {
+    let mut params = Params::parse(raw.as_deref())?;
+    let minutes = minutes(&mut params)?;
+    params.finish(&["minutes"])?;
+    let since_ms = since(minutes);
+    let event_types = app.store.summary(since_ms).await?;
+    Ok(Json(json!({
+        "minutes": minutes,
+        "since": crate::store::ser::rfc3339(since_ms),
+        "eventTypes": event_types,
+    })))
+}
+
+/// `GET /api/dead-letters?reason=&sensorId=&limit=&cursor=` — rejected, late and poison
+/// events, newest first.
+pub async fn dead_letters(State(app): State<Arc<AppContext>>, RawQuery(raw): RawQuery) -> Result<Json<Value>, ApiError> {
+    let mut params = Params::parse(raw.as_deref())?;
+    let reason = match params.take(&["reason"])? {
+        None => None,
+        Some(name) => Some(RejectReason::parse(&name).ok_or_else(|| {
+            let names: Vec<_> = RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+            ApiError::parameter("reason", format!("expected one of {}, got {name:?}", names.join(", ")))
+        })?),
+    };
+    let sensor_id = params.string(&["sensorId", "sensor_id"], MAX_ID_LEN)?;
+    let limit = params.number(&["limit"], 1, MAX_LIMIT, DEFAULT_LIMIT)?;
+    let before_id = match params.take(&["cursor"])? {
+        None => None,
+        Some(cursor) => Some(
+            cursor
+                .parse::<i64>()
+                .map_err(|_| ApiError::parameter("cursor", "not a cursor returned by this API"))?,
+        ),
+    };
+    params.finish(&["reason", "sensorId", "limit", "cursor"])?;
+    let items = app
+        .store
+        .dead_letters(&DeadLetterQuery {
+            reason,
+            sensor_id,
+            limit,
+            before_id,
+        })
+        .await?;
+    let counts: BTreeMap<String, i64> = app.store.dead_letter_counts().await?.into_iter().collect();
+    let next_cursor = (items.len() == limit as usize)
+        .then(|| items.last().map(|row| row.id.to_string()))
+        .flatten();
+    Ok(Json(json!({
+        "count": items.len(),
+        "items": items,
+        "nextCursor": next_cursor,
+        "totalsByReason": counts,
+    })))
+}

@@ -1,0 +1,501 @@
+//! The partition actor: owns the windows, watermarks and scorer state of the keys hashed
+//! to its partition, turns events into window results, and checkpoints its state.
+//!
+//! Processing is a pure function of the ordered log it receives (events and ingest-clock
+//! ticks) and the checkpoint it started from, which is what makes a restart with replay
+//! produce exactly the results an uninterrupted run produces.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use compact_str::CompactString;
+use hashbrown::{Equivalent, HashMap};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rustc_hash::FxBuildHasher;
+use serde::{Deserialize, Serialize};
+
+use crate::actors::sinks::Sinks;
+use crate::messages::{
+    CheckpointData, DeadLetter, Event, KeyStateBlob, PartitionId, PartitionMsg, PartitionStatus, Position, RejectReason,
+    RestoredPartition, StoreMsg, WindowResult,
+};
+use crate::metrics::{Metrics, PartitionLabels, SeverityLabels};
+use crate::router::{IDLE, SlotProgress};
+use crate::scoring::{ScorerState, Scoring};
+use crate::window::{Fired, KeyWindows, WindowSpec};
+
+/// What every partition shares: settings, scoring, sinks, metrics.
+pub struct PartitionContext {
+    pub partitions: u32,
+    pub spec: WindowSpec,
+    pub scoring: Scoring,
+    pub checkpoint_interval: Duration,
+    pub metrics: Arc<Metrics>,
+    pub sinks: Arc<Sinks>,
+    pub chaos: crate::config::ChaosConfig,
+}
+
+pub struct PartitionArgs {
+    pub partition: PartitionId,
+    pub context: Arc<PartitionContext>,
+    pub progress: Arc<SlotProgress>,
+    pub restored: Option<RestoredPartition>,
+}
+
+/// The actor: stateless; everything lives in [`PartitionState`].
+pub struct PartitionActor;
+
+type Key = (CompactString, CompactString);
+
+/// Borrowed form of a key, for lookups without building a `Key`.
+#[derive(Hash)]
+struct KeyRef<'a>(&'a str, &'a str);
+
+impl Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        self.0 == key.0.as_str() && self.1 == key.1.as_str()
+    }
+}
+
+/// `Key` must hash like `KeyRef`: both hash two `str`s in order.
+fn _assert_hash_compatible() {
+    fn hash_of(value: impl Hash) -> u64 {
+        let mut hasher = rustc_hash::FxHasher::default();
+        value.hash(&mut hasher);
+        hasher.finish()
+    }
+    debug_assert_eq!(
+        hash_of((CompactString::from("a"), CompactString::from("b"))),
+        hash_of(KeyRef("a", "b"))
+    );
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct KeyState {
+    windows: KeyWindows,
+    scorer: ScorerState,
+    #[serde(skip)]
+    dirty: bool,
+}
+
+struct Counters {
+    processed: Counter,
+    late: Counter,
+    fired: Counter,
+    updates: Counter,
+    open_keys: Gauge,
+}
+
+pub struct PartitionState {
+    partition: PartitionId,
+    context: Arc<PartitionContext>,
+    progress: Arc<SlotProgress>,
+    keys: HashMap<Key, KeyState, FxBuildHasher>,
+    deleted: Vec<Key>,
+    next_position: Position,
+    clock_ms: i64,
+    checkpoint_id: u64,
+    fired: Vec<Fired>,
+    results: Vec<WindowResult>,
+    dead_letters: Vec<DeadLetter>,
+    counters: Counters,
+    events_processed: u64,
+    late_events: u64,
+    windows_fired: u64,
+    #[cfg(feature = "chaos")]
+    chaos_rng: rand_chacha::ChaCha8Rng,
+}
+
+/// How often (in ingest-clock time) idle keys are looked for.
+fn sweep_interval(spec: &WindowSpec) -> i64 {
+    (spec.idle_timeout_ms / 4).clamp(1, 1_000)
+}
+
+impl Actor for PartitionActor {
+    type Msg = PartitionMsg;
+    type State = PartitionState;
+    type Arguments = PartitionArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: PartitionArgs) -> Result<Self::State, ActorProcessingErr> {
+        let PartitionArgs {
+            partition,
+            context,
+            progress,
+            restored,
+        } = args;
+        let labels = PartitionLabels { partition };
+        let metrics = &context.metrics;
+        let counters = Counters {
+            processed: metrics.events_processed.get_or_create(&labels).clone(),
+            late: metrics.events_late.get_or_create(&labels).clone(),
+            fired: metrics.windows_fired.get_or_create(&labels).clone(),
+            updates: metrics.window_updates.get_or_create(&labels).clone(),
+            open_keys: metrics.open_keys.get_or_create(&labels).clone(),
+        };
+        let mut keys: HashMap<Key, KeyState, FxBuildHasher> = HashMap::default();
+        let (next_position, clock_ms, checkpoint_id) = match restored {
+            Some(restored) => {
+                keys.reserve(restored.keys.len());
+                for blob in restored.keys {
+                    let state: KeyState = postcard::from_bytes(&blob.state).map_err(|error| {
+                        format!(
+                            "partition {partition}: checkpointed state of ({}, {}) cannot be read: {error}",
+                            blob.sensor_id, blob.event_type
+                        )
+                    })?;
+                    keys.insert((blob.sensor_id, blob.event_type), state);
+                }
+                (restored.next_position, restored.clock_ms, restored.checkpoint_id)
+            }
+            None => (0, i64::MIN, 0),
+        };
+        counters.open_keys.set(keys.len() as i64);
+        progress.processed.store(next_position, Ordering::Release);
+        myself.send_interval(context.checkpoint_interval, || PartitionMsg::Checkpoint);
+        #[cfg(feature = "chaos")]
+        let chaos_rng = {
+            use rand::SeedableRng;
+            // Differs per partition and per incarnation, so a replay does not re-inject
+            // the same panic (only a real poison event fails every time).
+            rand_chacha::ChaCha8Rng::seed_from_u64(
+                context.chaos.seed ^ (u64::from(partition) << 32) ^ rand::random::<u32>() as u64,
+            )
+        };
+        Ok(PartitionState {
+            partition,
+            context,
+            progress,
+            keys,
+            deleted: Vec::new(),
+            next_position,
+            clock_ms,
+            checkpoint_id,
+            fired: Vec::new(),
+            results: Vec::new(),
+            dead_letters: Vec::new(),
+            counters,
+            events_processed: 0,
+            late_events: 0,
+            windows_fired: 0,
+            #[cfg(feature = "chaos")]
+            chaos_rng,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            PartitionMsg::Events(batch) => {
+                state.process(&batch);
+                state.emit()?;
+            }
+            PartitionMsg::Tick { now_ms } => {
+                state.advance_clock(now_ms);
+                state.emit()?;
+            }
+            PartitionMsg::Checkpoint => {
+                state.emit()?;
+                state.checkpoint()?;
+            }
+            PartitionMsg::CheckpointAndReply(reply) => {
+                state.emit()?;
+                state.checkpoint()?;
+                let _ = reply.send(state.next_position);
+            }
+            PartitionMsg::FlushAll(reply) => {
+                state.flush_all();
+                state.emit()?;
+                let _ = reply.send(());
+            }
+            PartitionMsg::Status(reply) => {
+                let _ = reply.send(state.status());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PartitionState {
+    fn process(&mut self, batch: &[Event]) {
+        let spec = self.context.spec;
+        let previous_clock = self.clock_ms;
+        let mut processed = 0u64;
+        for event in batch {
+            if event.position < self.next_position {
+                continue; // already reflected (overlap of a replay)
+            }
+            self.progress.processing.store(event.position, Ordering::Relaxed);
+            #[cfg(feature = "chaos")]
+            self.chaos(event);
+            self.clock_ms = self.clock_ms.max(event.ingest_ms);
+            let key = match self.keys.get_mut(&KeyRef(&event.sensor_id, &event.event_type)) {
+                Some(key) => key,
+                None => {
+                    let fresh = KeyState {
+                        windows: KeyWindows::default(),
+                        scorer: self.context.scoring.scorer.new_state(),
+                        dirty: true,
+                    };
+                    self.keys
+                        .entry((event.sensor_id.clone(), event.event_type.clone()))
+                        .or_insert(fresh)
+                }
+            };
+            key.dirty = true;
+            let before = self.fired.len();
+            match key.windows.add(&spec, event.timestamp_ms, event.value, event.ingest_ms, &mut self.fired) {
+                Ok(()) => {
+                    if self.fired.len() > before {
+                        let now_ms = chrono::Utc::now().timestamp_millis();
+                        self.context
+                            .metrics
+                            .ingest_to_fire
+                            .observe((now_ms - event.ingest_ms) as f64 / 1000.0);
+                        Self::score_fired(
+                            &self.context,
+                            &event.sensor_id,
+                            &event.event_type,
+                            key,
+                            self.fired.drain(before..),
+                            &mut self.results,
+                            now_ms,
+                        );
+                    }
+                }
+                Err(late) => {
+                    self.late_events += 1;
+                    self.counters.late.inc();
+                    self.dead_letters.push(DeadLetter::for_event(
+                        event,
+                        RejectReason::Late,
+                        format!(
+                            "timestamp: event time {} is in window starting {} which closed at watermark {} \
+                             (max out-of-orderness {} ms, allowed lateness {} ms)",
+                            crate::store::ser::rfc3339(event.timestamp_ms),
+                            crate::store::ser::rfc3339(late.window_start_ms),
+                            crate::store::ser::rfc3339(late.watermark_ms),
+                            spec.out_of_orderness_ms,
+                            spec.allowed_lateness_ms
+                        ),
+                        self.partition,
+                    ));
+                }
+            }
+            self.next_position = event.position + 1;
+            processed += 1;
+        }
+        self.events_processed += processed;
+        self.progress.processing.store(IDLE, Ordering::Relaxed);
+        self.progress.processed.store(self.next_position, Ordering::Release);
+        self.counters.processed.inc_by(processed);
+        self.counters.open_keys.set(self.keys.len() as i64);
+        self.sweep_if_due(previous_clock);
+    }
+
+    #[cfg(feature = "chaos")]
+    fn chaos(&mut self, event: &Event) {
+        use rand::Rng;
+        let chaos = &self.context.chaos;
+        if !chaos.poison_sensor_id.is_empty() && event.sensor_id == chaos.poison_sensor_id {
+            panic!(
+                "chaos: poison event from sensor {} at position {}",
+                event.sensor_id, event.position
+            );
+        }
+        if chaos.partition_panic_probability > 0.0 && self.chaos_rng.random::<f64>() < chaos.partition_panic_probability {
+            panic!(
+                "chaos: injected panic in partition {} at position {}",
+                self.partition, event.position
+            );
+        }
+    }
+
+    fn score_fired(
+        context: &PartitionContext,
+        sensor_id: &CompactString,
+        event_type: &CompactString,
+        key: &mut KeyState,
+        fired: impl Iterator<Item = Fired>,
+        results: &mut Vec<WindowResult>,
+        now_ms: i64,
+    ) {
+        for window in fired {
+            let features = window.features;
+            let score = if window.is_update() {
+                context.scoring.scorer.rescore(&key.scorer, &features)
+            } else {
+                context.scoring.scorer.score(&mut key.scorer, &features)
+            };
+            let (anomaly, severity) = context.scoring.classify(score.value);
+            results.push(WindowResult {
+                sensor_id: sensor_id.clone(),
+                event_type: event_type.clone(),
+                window_start_ms: features.start_ms,
+                window_end_ms: features.end_ms,
+                event_count: features.count,
+                avg_value: features.mean,
+                min_value: features.min,
+                max_value: features.max,
+                stddev: features.stddev,
+                prediction_score: score.value,
+                anomaly,
+                severity,
+                revision: window.revision,
+                explanation: score.explanation,
+                fired_at_ms: now_ms,
+            });
+        }
+    }
+
+    fn advance_clock(&mut self, now_ms: i64) {
+        let previous = self.clock_ms;
+        self.clock_ms = self.clock_ms.max(now_ms);
+        self.sweep_if_due(previous);
+    }
+
+    /// Flush idle keys whenever the ingest clock crosses a sweep boundary. The decision
+    /// depends only on the clock, so a replay sweeps at the same points.
+    fn sweep_if_due(&mut self, previous_clock: i64) {
+        let interval = sweep_interval(&self.context.spec);
+        if previous_clock != i64::MIN && previous_clock.div_euclid(interval) == self.clock_ms.div_euclid(interval) {
+            return;
+        }
+        let spec = self.context.spec;
+        let clock_ms = self.clock_ms;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for ((sensor_id, event_type), key) in self.keys.iter_mut() {
+            if key.windows.is_idle(&spec, clock_ms) {
+                key.windows.flush(&spec, &mut self.fired);
+                key.dirty = true;
+                Self::score_fired(
+                    &self.context,
+                    sensor_id,
+                    event_type,
+                    key,
+                    self.fired.drain(..),
+                    &mut self.results,
+                    now_ms,
+                );
+            }
+        }
+    }
+
+    /// Fire every open window (end of a bounded input).
+    fn flush_all(&mut self) {
+        let spec = self.context.spec;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for ((sensor_id, event_type), key) in self.keys.iter_mut() {
+            if key.windows.open_windows() > 0 {
+                key.windows.flush(&spec, &mut self.fired);
+                key.dirty = true;
+                Self::score_fired(
+                    &self.context,
+                    sensor_id,
+                    event_type,
+                    key,
+                    self.fired.drain(..),
+                    &mut self.results,
+                    now_ms,
+                );
+            }
+        }
+    }
+
+    /// Hand results and dead letters to the sinks. A sink that cannot be reached fails
+    /// the partition: it restarts from its checkpoint and replays, so nothing is lost.
+    fn emit(&mut self) -> Result<(), ActorProcessingErr> {
+        if !self.results.is_empty() {
+            let results = std::mem::take(&mut self.results);
+            let metrics = &self.context.metrics;
+            for result in &results {
+                if result.revision == 0 {
+                    self.counters.fired.inc();
+                    self.windows_fired += 1;
+                } else {
+                    self.counters.updates.inc();
+                }
+                if result.anomaly && result.revision == 0 {
+                    metrics
+                        .anomalies
+                        .get_or_create(&SeverityLabels {
+                            severity: result.severity.as_str(),
+                        })
+                        .inc();
+                }
+            }
+            self.context.sinks.publish_live(&results);
+            self.context.sinks.send_store(StoreMsg::Results(results))?;
+        }
+        if !self.dead_letters.is_empty() {
+            let letters = std::mem::take(&mut self.dead_letters);
+            self.context.sinks.send_store(StoreMsg::DeadLetters(letters))?;
+        }
+        Ok(())
+    }
+
+    /// Send an incremental checkpoint (keys changed since the last one) to the store
+    /// sink, behind every result emitted so far.
+    fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
+        let mut upserts = Vec::new();
+        for ((sensor_id, event_type), key) in self.keys.iter_mut() {
+            if key.dirty {
+                let state = postcard::to_allocvec(&*key)
+                    .map_err(|error| format!("partition {}: cannot serialize key state: {error}", self.partition))?;
+                upserts.push(KeyStateBlob {
+                    sensor_id: sensor_id.clone(),
+                    event_type: event_type.clone(),
+                    state,
+                });
+                key.dirty = false;
+            }
+        }
+        self.checkpoint_id += 1;
+        let checkpoint = CheckpointData {
+            partition: self.partition,
+            partitions: self.context.partitions,
+            next_position: self.next_position,
+            clock_ms: self.clock_ms,
+            checkpoint_id: self.checkpoint_id,
+            taken_at_ms: chrono::Utc::now().timestamp_millis(),
+            upserts,
+            deletes: std::mem::take(&mut self.deleted),
+        };
+        self.context.sinks.send_store(StoreMsg::Checkpoint(Box::new(checkpoint)))?;
+        Ok(())
+    }
+
+    fn status(&self) -> PartitionStatus {
+        PartitionStatus {
+            partition: self.partition,
+            open_keys: self.keys.len(),
+            open_windows: self.keys.values().map(|key| key.windows.open_windows()).sum(),
+            next_position: self.next_position,
+            events_processed: self.events_processed,
+            late_events: self.late_events,
+            windows_fired: self.windows_fired,
+            last_checkpoint_id: self.checkpoint_id,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ref_hashes_like_key() {
+        _assert_hash_compatible();
+        let mut map: HashMap<Key, u32, FxBuildHasher> = HashMap::default();
+        map.insert(("s-1".into(), "temperature".into()), 7);
+        assert_eq!(map.get(&KeyRef("s-1", "temperature")), Some(&7));
+        assert_eq!(map.get(&KeyRef("s-1", "humidity")), None);
+    }
+}

@@ -1,0 +1,3 @@
+//! `tidemark`: the runtime CLI.
+
+fn main() {}

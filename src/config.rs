@@ -1,0 +1,551 @@
+//! Configuration: embedded `config/default.toml` < `--config FILE` < `TIDEMARK__SECTION__KEY`.
+//!
+//! Loading never stops at the first problem: unknown keys, values of the wrong type and
+//! out-of-range settings are all collected and reported together, so an operator fixes a
+//! deployment in one round. Secrets (passwords in URLs) are redacted wherever the
+//! configuration is printed or logged.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The defaults compiled into the binary; every key tidemark knows appears here.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of environment overrides; `__` separates the section from the key.
+pub const ENV_PREFIX: &str = "TIDEMARK__";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub ingest: IngestConfig,
+    pub pipeline: PipelineConfig,
+    pub scoring: ScoringConfig,
+    pub store: StoreConfig,
+    pub checkpoint: CheckpointConfig,
+    pub supervision: SupervisionConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+    pub chaos: ChaosConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    pub max_errors_listed: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    pub max_string_bytes: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub partitions: u32,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_out_of_orderness: Duration,
+    #[serde(with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    pub max_buffered_events: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoringConfig {
+    pub model: String,
+    pub threshold: f64,
+    pub warmup_windows: u32,
+    pub ewma_span: f64,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub url: String,
+    pub batch_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    pub max_connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &redact_url(&self.url))
+            .field("batch_size", &self.batch_size)
+            .field("linger", &self.linger)
+            .field("max_connections", &self.max_connections)
+            .field("statement_timeout", &self.statement_timeout)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisionConfig {
+    pub max_restarts: u32,
+    #[serde(with = "humantime_serde")]
+    pub restart_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    pub max_event_attempts: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChaosConfig {
+    pub partition_panic_probability: f64,
+    /// Every event of this sensor panics its partition (a poison event); empty: off.
+    pub poison_sensor_id: String,
+    pub store_batch_failure_rate: f64,
+    pub seed: u64,
+}
+
+/// Every problem found while loading, one line each.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problems):", self.0.len())?;
+        for error in &self.0 {
+            writeln!(f, "  - {error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where configuration comes from, highest priority last.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigSources {
+    pub file: Option<std::path::PathBuf>,
+    /// Read `TIDEMARK__*` from the process environment.
+    pub environment: bool,
+    /// Extra `section.key = value` overrides (tests, `demo`), applied last.
+    pub overrides: Vec<(String, toml::Value)>,
+}
+
+impl ConfigSources {
+    pub fn from_process(file: Option<std::path::PathBuf>) -> Self {
+        Self {
+            file,
+            environment: true,
+            overrides: Vec::new(),
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.overrides.push((key.to_string(), value.into()));
+        self
+    }
+}
+
+impl Config {
+    /// The embedded defaults alone.
+    pub fn embedded() -> Result<Self, ConfigErrors> {
+        Self::load(&ConfigSources::default())
+    }
+
+    pub fn load(sources: &ConfigSources) -> Result<Self, ConfigErrors> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = &sources.file {
+            if !path.exists() {
+                return Err(ConfigErrors(vec![format!(
+                    "config file {} does not exist",
+                    path.display()
+                )]));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        if sources.environment {
+            figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        }
+        for (key, value) in &sources.overrides {
+            figment = figment.merge(figment::providers::Serialized::global(key, value.clone()));
+        }
+        Self::from_figment(&figment)
+    }
+
+    fn from_figment(figment: &Figment) -> Result<Self, ConfigErrors> {
+        let mut errors = Vec::new();
+        let supplied: figment::value::Value = match figment.extract() {
+            Ok(value) => value,
+            Err(error) => return Err(ConfigErrors(error.into_iter().map(|e| e.to_string()).collect())),
+        };
+        let known = known_keys();
+        find_unknown_keys(figment, &supplied, &known, "", &mut errors);
+
+        macro_rules! section {
+            ($name:literal) => {
+                match figment.extract_inner($name) {
+                    Ok(section) => Some(section),
+                    Err(error) => {
+                        errors.extend(error.into_iter().map(|e| e.to_string()));
+                        None
+                    }
+                }
+            };
+        }
+        let http = section!("http");
+        let ingest = section!("ingest");
+        let pipeline = section!("pipeline");
+        let scoring = section!("scoring");
+        let store = section!("store");
+        let checkpoint = section!("checkpoint");
+        let supervision = section!("supervision");
+        let shutdown = section!("shutdown");
+        let log = section!("log");
+        let chaos = section!("chaos");
+
+        if let (
+            Some(http),
+            Some(ingest),
+            Some(pipeline),
+            Some(scoring),
+            Some(store),
+            Some(checkpoint),
+            Some(supervision),
+            Some(shutdown),
+            Some(log),
+            Some(chaos),
+        ) = (
+            http,
+            ingest,
+            pipeline,
+            scoring,
+            store,
+            checkpoint,
+            supervision,
+            shutdown,
+            log,
+            chaos,
+        ) {
+            let config = Config {
+                http,
+                ingest,
+                pipeline,
+                scoring,
+                store,
+                checkpoint,
+                supervision,
+                shutdown,
+                log,
+                chaos,
+            };
+            config.validate(&mut errors);
+            if errors.is_empty() {
+                return Ok(config);
+            }
+        }
+        Err(ConfigErrors(errors))
+    }
+
+    fn validate(&self, errors: &mut Vec<String>) {
+        let mut check = |ok: bool, message: &str| {
+            if !ok {
+                errors.push(message.to_string());
+            }
+        };
+        check(
+            self.http.listen.parse::<SocketAddr>().is_ok(),
+            "http.listen: expected an address like 127.0.0.1:8080",
+        );
+        check(self.http.max_body_bytes >= 1024, "http.max_body_bytes: must be at least 1024");
+        check(
+            (1..=4096).contains(&self.ingest.max_string_bytes),
+            "ingest.max_string_bytes: must be between 1 and 4096",
+        );
+        check(
+            (1..=1024).contains(&self.pipeline.partitions),
+            "pipeline.partitions: must be between 1 and 1024",
+        );
+        check(
+            self.pipeline.window.as_millis() >= 1 && self.pipeline.window.subsec_nanos().is_multiple_of(1_000_000),
+            "pipeline.window: must be a whole number of milliseconds, at least 1ms",
+        );
+        check(
+            self.pipeline.max_out_of_orderness.subsec_nanos().is_multiple_of(1_000_000),
+            "pipeline.max_out_of_orderness: must be a whole number of milliseconds",
+        );
+        check(
+            self.pipeline.allowed_lateness.subsec_nanos().is_multiple_of(1_000_000),
+            "pipeline.allowed_lateness: must be a whole number of milliseconds",
+        );
+        check(
+            self.pipeline.idle_timeout.as_millis() >= 1,
+            "pipeline.idle_timeout: must be at least 1ms",
+        );
+        check(
+            self.pipeline.max_buffered_events >= self.pipeline.partitions as usize * 16,
+            "pipeline.max_buffered_events: must allow at least 16 events per partition",
+        );
+        check(
+            crate::scoring::MODELS.contains(&self.scoring.model.as_str()),
+            &format!(
+                "scoring.model: unknown model {:?}, expected one of {:?}",
+                self.scoring.model,
+                crate::scoring::MODELS
+            ),
+        );
+        check(
+            self.scoring.threshold > 0.0 && self.scoring.threshold <= 1.0,
+            "scoring.threshold: must be in (0, 1]",
+        );
+        check(self.scoring.ewma_span >= 1.0, "scoring.ewma_span: must be at least 1");
+        check(
+            self.store.url.starts_with("sqlite:")
+                || self.store.url.starts_with("postgres://")
+                || self.store.url.starts_with("postgresql://"),
+            "store.url: expected sqlite://PATH or postgres://USER@HOST/DB",
+        );
+        check(
+            (1..=10_000).contains(&self.store.batch_size),
+            "store.batch_size: must be between 1 and 10000",
+        );
+        check(self.store.max_connections >= 1, "store.max_connections: must be at least 1");
+        check(
+            self.checkpoint.interval.as_millis() >= 10,
+            "checkpoint.interval: must be at least 10ms",
+        );
+        check(
+            self.supervision.backoff_initial <= self.supervision.backoff_max,
+            "supervision.backoff_initial: must not exceed supervision.backoff_max",
+        );
+        check(
+            self.supervision.max_event_attempts >= 1,
+            "supervision.max_event_attempts: must be at least 1",
+        );
+        check(
+            matches!(self.log.format.as_str(), "text" | "json"),
+            "log.format: expected \"text\" or \"json\"",
+        );
+        check(
+            (0.0..=1.0).contains(&self.chaos.partition_panic_probability),
+            "chaos.partition_panic_probability: must be in [0, 1]",
+        );
+        check(
+            (0.0..=1.0).contains(&self.chaos.store_batch_failure_rate),
+            "chaos.store_batch_failure_rate: must be in [0, 1]",
+        );
+    }
+
+    /// The effective configuration as TOML, with secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.store.url = redact_url(&shown.store.url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|error| format!("# cannot render: {error}\n"))
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        // Validated in `validate`; the fallback only guards against misuse of a hand-built Config.
+        self.http
+            .listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+}
+
+/// Every key the embedded defaults define, as a tree. Empty tables are open maps.
+fn known_keys() -> figment::value::Value {
+    Figment::from(Toml::string(DEFAULT_TOML))
+        .extract()
+        .unwrap_or_else(|_| figment::value::Value::from(BTreeMap::<String, String>::new()))
+}
+
+fn find_unknown_keys(
+    figment: &Figment,
+    supplied: &figment::value::Value,
+    known: &figment::value::Value,
+    prefix: &str,
+    errors: &mut Vec<String>,
+) {
+    use figment::value::Value;
+    let (Value::Dict(_, supplied), Value::Dict(_, known)) = (supplied, known) else {
+        return;
+    };
+    if known.is_empty() && !prefix.is_empty() {
+        return; // an open map: any key is allowed
+    }
+    for (key, value) in supplied {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match known.get(key) {
+            Some(known_value) => find_unknown_keys(figment, value, known_value, &path, errors),
+            None => {
+                let origin = figment
+                    .find_metadata(&path)
+                    .map(|metadata| match &metadata.source {
+                        Some(source) => format!(" (from {} {source})", metadata.name),
+                        None => format!(" (from {})", metadata.name),
+                    })
+                    .unwrap_or_default();
+                let env_name = format!("{ENV_PREFIX}{}", path.replace('.', "__").to_uppercase());
+                errors.push(format!(
+                    "unknown key `{path}`{origin}; as an environment variable it would be {env_name}"
+                ));
+            }
+        }
+    }
+}
+
+/// Replace the password of a `scheme://user:password@host/...` URL with `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = redact_user_info(url);
+    // Passwords may also travel as a query parameter.
+    if let Some(index) = out.find("password=") {
+        let value_start = index + "password=".len();
+        let value_end = out[value_start..]
+            .find('&')
+            .map(|offset| value_start + offset)
+            .unwrap_or(out.len());
+        out.replace_range(value_start..value_end, "***");
+    }
+    out
+}
+
+fn redact_user_info(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    let user_info = &authority[..at];
+    let user = match user_info.find(':') {
+        Some(colon) => format!("{}:***", &user_info[..colon]),
+        None => user_info.to_string(),
+    };
+    format!("{}{user}{}{}", &url[..scheme_end + 3], &authority[at..], &rest[authority_end..])
+}
+
+/// Milliseconds of a duration, saturating.
+pub fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A path-like view of the sqlite URL, for creating its directory.
+pub fn sqlite_path(url: &str) -> Option<&Path> {
+    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = path.split('?').next().unwrap_or(path);
+    if path.is_empty() || path == ":memory:" {
+        None
+    } else {
+        Some(Path::new(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_load() {
+        let config = Config::embedded().expect("defaults are valid");
+        assert_eq!(config.pipeline.window, Duration::from_secs(30));
+        assert_eq!(config.pipeline.max_out_of_orderness, Duration::from_secs(5));
+        assert_eq!(config.http.listen, "127.0.0.1:8080");
+        assert_eq!(config.store.url, "sqlite://data/tidemark.db");
+    }
+
+    #[test]
+    fn overrides_win_and_durations_parse() {
+        let sources = ConfigSources::default()
+            .with("pipeline.window", "2s")
+            .with("pipeline.max_out_of_orderness", "500ms");
+        let config = Config::load(&sources).expect("valid");
+        assert_eq!(config.pipeline.window, Duration::from_secs(2));
+        assert_eq!(config.pipeline.max_out_of_orderness, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn every_error_is_listed() {
+        let sources = ConfigSources::default()
+            .with("pipeline.windw", "2s")
+            .with("pipeline.partitions", 0)
+            .with("scoring.threshold", 3.0)
+            .with("store.linger", "soon")
+            .with("nosuch.key", 1);
+        let errors = Config::load(&sources).expect_err("invalid").0;
+        let text = errors.join("\n");
+        assert!(text.contains("pipeline.windw"), "{text}");
+        assert!(text.contains("nosuch"), "{text}");
+        assert!(text.contains("linger"), "{text}");
+        assert!(errors.len() >= 3, "{text}");
+    }
+
+    #[test]
+    fn semantic_errors_are_all_listed() {
+        let sources = ConfigSources::default()
+            .with("pipeline.partitions", 0)
+            .with("scoring.threshold", 3.0)
+            .with("log.format", "xml");
+        let errors = Config::load(&sources).expect_err("invalid").0;
+        assert_eq!(errors.len(), 3, "{errors:?}");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/tidemark?sslmode=require"),
+            "postgres://app:***@db:5432/tidemark?sslmode=require"
+        );
+        assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
+        assert_eq!(
+            redact_url("postgres://db/tidemark?user=a&password=b&x=1"),
+            "postgres://db/tidemark?user=a&password=***&x=1"
+        );
+        let config = Config::load(
+            &ConfigSources::default().with("store.url", "postgres://app:s3cret@db/tidemark"),
+        )
+        .expect("valid");
+        assert!(!config.to_redacted_toml().contains("s3cret"));
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+}

@@ -1,0 +1,688 @@
+//! Parsing request bodies (one JSON object, a JSON array, or NDJSON) into events.
+//!
+//! Every event is validated on its own: a bad element is rejected with its index, the
+//! field and the reason, and the rest of the body is still accepted. The decoder visits
+//! fields itself instead of deriving `Deserialize`, so a wrong type names its field and
+//! no intermediate `serde_json::Value` is built on the hot path.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use compact_str::CompactString;
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::messages::{Event, RejectReason, truncate_payload};
+
+/// Largest epoch-millisecond timestamp accepted (9999-12-31T23:59:59.999Z).
+pub const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
+
+#[derive(Clone, Copy, Debug)]
+pub struct ParseLimits {
+    pub max_string_bytes: usize,
+}
+
+impl Default for ParseLimits {
+    fn default() -> Self {
+        Self { max_string_bytes: 256 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// One JSON object or an array of them (falls back to NDJSON when a body holds
+    /// several objects separated by newlines).
+    Json,
+    /// One JSON object per line.
+    Ndjson,
+}
+
+impl BodyFormat {
+    /// The format a `Content-Type` header announces.
+    pub fn from_content_type(content_type: Option<&str>) -> Self {
+        let Some(content_type) = content_type else {
+            return Self::Json;
+        };
+        let mime = content_type.split(';').next().unwrap_or("").trim();
+        match mime.to_ascii_lowercase().as_str() {
+            "application/x-ndjson" | "application/ndjson" | "application/jsonl"
+            | "application/x-jsonlines" | "application/jsonlines" => Self::Ndjson,
+            _ => Self::Json,
+        }
+    }
+}
+
+/// A rejected element of a body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    /// 0-based index in the array, or 0-based line number for NDJSON.
+    pub index: usize,
+    pub field: Option<&'static str>,
+    pub reason: RejectReason,
+    /// Names the field and the reason, e.g. `value: expected a number, found string`.
+    pub message: String,
+    /// The element's text (truncated), for the dead-letter store.
+    pub raw: String,
+    pub sensor_id: Option<CompactString>,
+}
+
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub events: Vec<Event>,
+    pub rejected: Vec<Rejection>,
+}
+
+/// The body as a whole could not be read.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BodyError {
+    #[error("body is not valid UTF-8 (byte {0})")]
+    NotUtf8(usize),
+    #[error("body is empty")]
+    Empty,
+    #[error("body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("body must be a JSON object, an array of objects, or NDJSON")]
+    NotObjectOrArray,
+}
+
+/// A field-level validation failure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldError {
+    pub field: Option<&'static str>,
+    pub reason: RejectReason,
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: &'static str, reason: RejectReason, message: impl fmt::Display) -> Self {
+        Self {
+            field: Some(field),
+            reason,
+            message: format!("{field}: {message}"),
+        }
+    }
+}
+
+/// Parse a request body. `now_ms` is the ingestion time (also the event time of events
+/// without a timestamp). Positions are left at 0; the router assigns them.
+pub fn parse_body(body: &[u8], format: BodyFormat, limits: ParseLimits, now_ms: i64) -> Result<Parsed, BodyError> {
+    let text = std::str::from_utf8(body).map_err(|error| BodyError::NotUtf8(error.valid_up_to()))?;
+    match format {
+        BodyFormat::Ndjson => Ok(parse_ndjson(text, limits, now_ms)),
+        BodyFormat::Json => parse_json(text, limits, now_ms),
+    }
+}
+
+fn parse_json(text: &str, limits: ParseLimits, now_ms: i64) -> Result<Parsed, BodyError> {
+    let trimmed = text.trim_start();
+    match trimmed.as_bytes().first() {
+        None => Err(BodyError::Empty),
+        Some(b'{') => match serde_json::from_str::<RawEvent>(trimmed) {
+            Ok(raw) => {
+                let mut parsed = Parsed::default();
+                push_validated(&mut parsed, 0, raw, limits, now_ms, || text.to_string());
+                Ok(parsed)
+            }
+            // Several objects, one per line, sent without the NDJSON content type.
+            Err(error) if error.to_string().starts_with("trailing characters") && trimmed.contains('\n') => {
+                Ok(parse_ndjson(text, limits, now_ms))
+            }
+            Err(error) => match field_error_from_json(&error) {
+                Some(field_error) => Ok(Parsed {
+                    events: Vec::new(),
+                    rejected: vec![rejection(0, field_error, text, None)],
+                }),
+                None => Err(BodyError::InvalidJson(error.to_string())),
+            },
+        },
+        Some(b'[') => parse_array(trimmed, limits, now_ms),
+        Some(_) => Err(BodyError::NotObjectOrArray),
+    }
+}
+
+fn parse_array(text: &str, limits: ParseLimits, now_ms: i64) -> Result<Parsed, BodyError> {
+    // Fast path: decode every element in one pass. Elements only fail here on JSON syntax
+    // (or a number out of f64 range), which the slow path below sorts out per element.
+    if let Ok(raws) = serde_json::from_str::<Vec<RawEvent>>(text) {
+        let mut parsed = Parsed {
+            events: Vec::with_capacity(raws.len()),
+            rejected: Vec::new(),
+        };
+        let mut raw_texts: Option<Vec<&RawValue>> = None;
+        for (index, raw) in raws.into_iter().enumerate() {
+            push_validated(&mut parsed, index, raw, limits, now_ms, || {
+                // Only rejected elements need their text: re-read the array lazily.
+                let texts = raw_texts.get_or_insert_with(|| serde_json::from_str(text).unwrap_or_default());
+                texts.get(index).map(|raw| raw.get().to_string()).unwrap_or_default()
+            });
+        }
+        return Ok(parsed);
+    }
+    let elements: Vec<&RawValue> =
+        serde_json::from_str(text).map_err(|error| BodyError::InvalidJson(error.to_string()))?;
+    let mut parsed = Parsed::default();
+    for (index, element) in elements.into_iter().enumerate() {
+        parse_one(&mut parsed, index, element.get(), limits, now_ms);
+    }
+    Ok(parsed)
+}
+
+fn parse_ndjson(text: &str, limits: ParseLimits, now_ms: i64) -> Parsed {
+    let mut parsed = Parsed {
+        events: Vec::with_capacity(text.len() / 96 + 1),
+        rejected: Vec::new(),
+    };
+    for (index, line) in text.split('\n').enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() {
+            continue;
+        }
+        parse_one(&mut parsed, index, line, limits, now_ms);
+    }
+    parsed
+}
+
+/// Parse and validate one element's text.
+fn parse_one(parsed: &mut Parsed, index: usize, text: &str, limits: ParseLimits, now_ms: i64) {
+    match serde_json::from_str::<RawEvent>(text) {
+        Ok(raw) => push_validated(parsed, index, raw, limits, now_ms, || text.to_string()),
+        Err(error) => {
+            let field_error = field_error_from_json(&error).unwrap_or_else(|| FieldError {
+                field: None,
+                reason: RejectReason::Unparsable,
+                message: format!("unparsable: {error}"),
+            });
+            parsed.rejected.push(rejection(index, field_error, text, None));
+        }
+    }
+}
+
+fn push_validated(
+    parsed: &mut Parsed,
+    index: usize,
+    raw: RawEvent<'_>,
+    limits: ParseLimits,
+    now_ms: i64,
+    raw_text: impl FnOnce() -> String,
+) {
+    match raw.validate(limits, now_ms) {
+        Ok(event) => parsed.events.push(event),
+        Err(field_error) => {
+            let sensor_id = raw.sensor_id_hint();
+            let text = raw_text();
+            parsed.rejected.push(rejection(index, field_error, &text, sensor_id));
+        }
+    }
+}
+
+fn rejection(index: usize, error: FieldError, raw: &str, sensor_id: Option<CompactString>) -> Rejection {
+    Rejection {
+        index,
+        field: error.field,
+        reason: error.reason,
+        message: error.message,
+        raw: truncate_payload(raw, crate::messages::MAX_DEAD_LETTER_PAYLOAD),
+        sensor_id,
+    }
+}
+
+/// A JSON error raised inside a known field (see `RawEventVisitor`) names that field.
+fn field_error_from_json(error: &serde_json::Error) -> Option<FieldError> {
+    let text = error.to_string();
+    let (field, rest) = text.split_once(": ")?;
+    let field = FIELDS.iter().find(|(name, _)| *name == field).map(|(_, canonical)| *canonical)?;
+    let reason = if rest.starts_with("number out of range") {
+        RejectReason::NonFinite
+    } else {
+        RejectReason::Unparsable
+    };
+    Some(FieldError {
+        field: Some(field),
+        reason,
+        message: format!("{field}: {rest}"),
+    })
+}
+
+/// Accepted spellings of each field and the canonical name errors use.
+const FIELDS: [(&str, &str); 6] = [
+    ("sensorId", "sensorId"),
+    ("sensor_id", "sensorId"),
+    ("eventType", "eventType"),
+    ("event_type", "eventType"),
+    ("value", "value"),
+    ("timestamp", "timestamp"),
+];
+
+/// A JSON value as far as validation needs to know it.
+#[derive(Debug, PartialEq)]
+enum Scalar<'a> {
+    Str(Cow<'a, str>),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Bool(bool),
+    Null,
+    Array,
+    Object,
+}
+
+impl Scalar<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Str(_) => "string",
+            Self::Int(_) | Self::UInt(_) | Self::Float(_) => "number",
+            Self::Bool(_) => "boolean",
+            Self::Null => "null",
+            Self::Array => "array",
+            Self::Object => "object",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ScalarVisitor;
+        impl<'de> Visitor<'de> for ScalarVisitor {
+            type Value = Scalar<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Scalar::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Scalar::Str(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Scalar::Str(Cow::Owned(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Scalar::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Scalar::UInt(v))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(Scalar::Float(v))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(Scalar::Bool(v))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Array)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Object)
+            }
+        }
+        deserializer.deserialize_any(ScalarVisitor)
+    }
+}
+
+/// The fields of one element, before validation. Unknown fields are ignored so
+/// producers can send extra attributes.
+#[derive(Debug, Default)]
+struct RawEvent<'a> {
+    sensor_id: Option<Scalar<'a>>,
+    event_type: Option<Scalar<'a>>,
+    value: Option<Scalar<'a>>,
+    timestamp: Option<Scalar<'a>>,
+    duplicate: Option<&'static str>,
+    /// Set when the element is not a JSON object (its kind).
+    not_an_object: Option<&'static str>,
+}
+
+impl<'de> Deserialize<'de> for RawEvent<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(RawEventVisitor)
+    }
+}
+
+struct RawEventVisitor;
+
+/// Reads one field's value; a JSON error inside it is prefixed with the field's name.
+struct FieldSeed(&'static str);
+
+impl<'de> DeserializeSeed<'de> for FieldSeed {
+    type Value = Scalar<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        Scalar::deserialize(deserializer).map_err(|error| {
+            // The outer error gets the position again; keep it once.
+            let text = error.to_string();
+            let message = text.rfind(" at line ").map_or(text.as_str(), |at| &text[..at]);
+            de::Error::custom(format_args!("{}: {message}", self.0))
+        })
+    }
+}
+
+impl<'de> Visitor<'de> for RawEventVisitor {
+    type Value = RawEvent<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an event object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut raw = RawEvent::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let slot = match key.as_ref() {
+                "sensorId" | "sensor_id" => Some(("sensorId", &mut raw.sensor_id)),
+                "eventType" | "event_type" => Some(("eventType", &mut raw.event_type)),
+                "value" => Some(("value", &mut raw.value)),
+                "timestamp" => Some(("timestamp", &mut raw.timestamp)),
+                _ => None,
+            };
+            match slot {
+                Some((name, slot)) => {
+                    let value = map.next_value_seed(FieldSeed(name))?;
+                    if slot.replace(value).is_some() {
+                        raw.duplicate.get_or_insert(name);
+                    }
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(raw)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(RawEvent::not_object("array"))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(RawEvent::not_object("string"))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(RawEvent::not_object("number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(RawEvent::not_object("number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(RawEvent::not_object("number"))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(RawEvent::not_object("boolean"))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(RawEvent::not_object("null"))
+    }
+}
+
+impl<'a> RawEvent<'a> {
+    fn not_object(kind: &'static str) -> Self {
+        Self {
+            not_an_object: Some(kind),
+            ..Self::default()
+        }
+    }
+
+    fn sensor_id_hint(&self) -> Option<CompactString> {
+        match &self.sensor_id {
+            Some(Scalar::Str(text)) if !text.is_empty() && text.len() <= 256 => Some(CompactString::from(text.as_ref())),
+            _ => None,
+        }
+    }
+
+    fn validate(&self, limits: ParseLimits, now_ms: i64) -> Result<Event, FieldError> {
+        if let Some(kind) = self.not_an_object {
+            return Err(FieldError {
+                field: None,
+                reason: RejectReason::WrongType,
+                message: format!("event: expected a JSON object, found {kind}"),
+            });
+        }
+        if let Some(field) = self.duplicate {
+            return Err(FieldError::new(
+                field,
+                RejectReason::InvalidValue,
+                "given more than once (camelCase and snake_case spellings count as one field)",
+            ));
+        }
+        let sensor_id = required_string("sensorId", self.sensor_id.as_ref(), limits)?;
+        let event_type = required_string("eventType", self.event_type.as_ref(), limits)?;
+        let value = number("value", self.value.as_ref())?;
+        let timestamp_ms = timestamp("timestamp", self.timestamp.as_ref(), now_ms)?;
+        Ok(Event {
+            sensor_id,
+            event_type,
+            value,
+            timestamp_ms,
+            ingest_ms: now_ms,
+            position: 0,
+        })
+    }
+}
+
+fn required_string(field: &'static str, value: Option<&Scalar<'_>>, limits: ParseLimits) -> Result<CompactString, FieldError> {
+    match value {
+        None | Some(Scalar::Null) => Err(FieldError::new(field, RejectReason::MissingField, "missing")),
+        Some(Scalar::Str(text)) => {
+            if text.is_empty() {
+                Err(FieldError::new(field, RejectReason::InvalidValue, "must not be empty"))
+            } else if text.len() > limits.max_string_bytes {
+                Err(FieldError::new(
+                    field,
+                    RejectReason::Oversize,
+                    format_args!("{} bytes, longer than the limit of {}", text.len(), limits.max_string_bytes),
+                ))
+            } else if text.chars().any(char::is_control) {
+                Err(FieldError::new(field, RejectReason::InvalidValue, "must not contain control characters"))
+            } else {
+                Ok(CompactString::from(text.as_ref()))
+            }
+        }
+        Some(other) => Err(FieldError::new(
+            field,
+            RejectReason::WrongType,
+            format_args!("expected a string, found {}", other.kind()),
+        )),
+    }
+}
+
+fn number(field: &'static str, value: Option<&Scalar<'_>>) -> Result<f64, FieldError> {
+    match value {
+        None | Some(Scalar::Null) => Err(FieldError::new(field, RejectReason::MissingField, "missing")),
+        Some(Scalar::Float(v)) if v.is_finite() => Ok(*v),
+        Some(Scalar::Float(v)) => Err(FieldError::new(field, RejectReason::NonFinite, format_args!("non-finite number {v}"))),
+        Some(Scalar::Int(v)) => Ok(*v as f64),
+        Some(Scalar::UInt(v)) => Ok(*v as f64),
+        Some(Scalar::Str(text)) => {
+            let lowered = text.trim().to_ascii_lowercase();
+            let lowered = lowered.trim_start_matches(['+', '-']);
+            if matches!(lowered, "nan" | "inf" | "infinity") {
+                Err(FieldError::new(field, RejectReason::NonFinite, format_args!("non-finite number {text:?}")))
+            } else {
+                Err(FieldError::new(field, RejectReason::WrongType, "expected a number, found string"))
+            }
+        }
+        Some(other) => Err(FieldError::new(
+            field,
+            RejectReason::WrongType,
+            format_args!("expected a number, found {}", other.kind()),
+        )),
+    }
+}
+
+fn timestamp(field: &'static str, value: Option<&Scalar<'_>>, now_ms: i64) -> Result<i64, FieldError> {
+    let millis = match value {
+        None | Some(Scalar::Null) => return Ok(now_ms),
+        Some(Scalar::Int(v)) => *v,
+        Some(Scalar::UInt(v)) => i64::try_from(*v).unwrap_or(i64::MAX),
+        Some(Scalar::Float(v)) if v.is_finite() => v.floor() as i64,
+        Some(Scalar::Float(v)) => {
+            return Err(FieldError::new(field, RejectReason::NonFinite, format_args!("non-finite number {v}")));
+        }
+        Some(Scalar::Str(text)) => match chrono::DateTime::parse_from_rfc3339(text) {
+            Ok(time) => time.timestamp_millis(),
+            Err(error) => {
+                return Err(FieldError::new(
+                    field,
+                    RejectReason::InvalidTimestamp,
+                    format_args!("{text:?} is not RFC 3339 ({error}); send e.g. \"2026-01-31T12:00:00Z\" or epoch milliseconds"),
+                ));
+            }
+        },
+        Some(other) => {
+            return Err(FieldError::new(
+                field,
+                RejectReason::WrongType,
+                format_args!("expected an RFC 3339 string or epoch milliseconds, found {}", other.kind()),
+            ));
+        }
+    };
+    if !(0..=MAX_TIMESTAMP_MS).contains(&millis) {
+        return Err(FieldError::new(
+            field,
+            RejectReason::InvalidTimestamp,
+            format_args!("{millis} is outside 1970-01-01 .. 9999-12-31 (epoch milliseconds)"),
+        ));
+    }
+    Ok(millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn json(body: &str) -> Parsed {
+        parse_body(body.as_bytes(), BodyFormat::Json, ParseLimits::default(), NOW).expect("parses")
+    }
+
+    fn ndjson(body: &str) -> Parsed {
+        parse_body(body.as_bytes(), BodyFormat::Ndjson, ParseLimits::default(), NOW).expect("parses")
+    }
+
+    #[test]
+    fn single_object_camel_and_snake_case() {
+        let parsed = json(r#"{"sensorId":"s-1","eventType":"temperature","value":21.5,"timestamp":1700000000123}"#);
+        assert_eq!(parsed.events.len(), 1);
+        let event = &parsed.events[0];
+        assert_eq!(event.sensor_id, "s-1");
+        assert_eq!(event.event_type, "temperature");
+        assert_eq!(event.value, 21.5);
+        assert_eq!(event.timestamp_ms, 1_700_000_000_123);
+        assert_eq!(event.ingest_ms, NOW);
+
+        let parsed = json(r#"{"sensor_id":"s-2","event_type":"humidity","value":3,"unit":"%"}"#);
+        assert_eq!(parsed.events[0].sensor_id, "s-2");
+        assert_eq!(parsed.events[0].value, 3.0);
+        assert_eq!(parsed.events[0].timestamp_ms, NOW, "missing timestamp means ingestion time");
+    }
+
+    #[test]
+    fn rfc3339_timestamps() {
+        let parsed = json(r#"{"sensorId":"s","eventType":"t","value":1,"timestamp":"2023-11-14T22:13:20.5+01:00"}"#);
+        assert_eq!(parsed.events[0].timestamp_ms, 1_699_996_400_500);
+        let parsed = json(r#"{"sensorId":"s","eventType":"t","value":1,"timestamp":"yesterday"}"#);
+        assert_eq!(parsed.rejected[0].reason, RejectReason::InvalidTimestamp);
+        assert!(parsed.rejected[0].message.starts_with("timestamp:"));
+    }
+
+    #[test]
+    fn array_keeps_good_elements_and_names_bad_ones() {
+        let parsed = json(
+            r#"[
+              {"sensorId":"a","eventType":"t","value":1},
+              {"eventType":"t","value":1},
+              {"sensorId":"c","eventType":"t","value":"hot"},
+              {"sensorId":"d","eventType":"t","value":1e999},
+              {"sensorId":"e","eventType":"t","value":"NaN"},
+              42,
+              {"sensorId":"g","eventType":"t","value":2}
+            ]"#,
+        );
+        assert_eq!(parsed.events.len(), 2);
+        assert_eq!(parsed.events[1].sensor_id, "g");
+        let reasons: Vec<_> = parsed.rejected.iter().map(|r| (r.index, r.reason, r.field)).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                (1, RejectReason::MissingField, Some("sensorId")),
+                (2, RejectReason::WrongType, Some("value")),
+                (3, RejectReason::NonFinite, Some("value")),
+                (4, RejectReason::NonFinite, Some("value")),
+                (5, RejectReason::WrongType, None),
+            ]
+        );
+        assert!(parsed.rejected[1].message.contains("expected a number, found string"), "{:?}", parsed.rejected[1]);
+        assert!(parsed.rejected[0].raw.contains("\"eventType\""), "raw text kept: {:?}", parsed.rejected[0].raw);
+        assert_eq!(parsed.rejected[1].sensor_id.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn ndjson_lines_are_independent() {
+        let body = "{\"sensorId\":\"a\",\"eventType\":\"t\",\"value\":1}\r\n\n{not json}\n{\"sensorId\":\"b\",\"eventType\":\"t\",\"value\":2}\n";
+        let parsed = ndjson(body);
+        assert_eq!(parsed.events.len(), 2);
+        assert_eq!(parsed.rejected.len(), 1);
+        assert_eq!(parsed.rejected[0].index, 2, "index is the line number");
+        assert_eq!(parsed.rejected[0].reason, RejectReason::Unparsable);
+        assert_eq!(parsed.rejected[0].raw, "{not json}");
+    }
+
+    #[test]
+    fn newline_separated_objects_without_ndjson_content_type() {
+        let parsed = json("{\"sensorId\":\"a\",\"eventType\":\"t\",\"value\":1}\n{\"sensorId\":\"b\",\"eventType\":\"t\",\"value\":2}");
+        assert_eq!(parsed.events.len(), 2);
+    }
+
+    #[test]
+    fn oversize_empty_and_duplicate_fields() {
+        let long = "x".repeat(300);
+        let parsed = json(&format!(r#"{{"sensorId":"{long}","eventType":"t","value":1}}"#));
+        assert_eq!(parsed.rejected[0].reason, RejectReason::Oversize);
+        assert!(parsed.rejected[0].message.contains("300 bytes"));
+        let parsed = json(r#"{"sensorId":"","eventType":"t","value":1}"#);
+        assert_eq!(parsed.rejected[0].reason, RejectReason::InvalidValue);
+        let parsed = json(r#"{"sensorId":"a","sensor_id":"b","eventType":"t","value":1}"#);
+        assert_eq!(parsed.rejected[0].field, Some("sensorId"));
+    }
+
+    #[test]
+    fn timestamps_out_of_range_are_rejected() {
+        let parsed = json(r#"{"sensorId":"a","eventType":"t","value":1,"timestamp":-5}"#);
+        assert_eq!(parsed.rejected[0].reason, RejectReason::InvalidTimestamp);
+        let parsed = json(r#"{"sensorId":"a","eventType":"t","value":1,"timestamp":true}"#);
+        assert_eq!(parsed.rejected[0].reason, RejectReason::WrongType);
+    }
+
+    #[test]
+    fn whole_body_errors() {
+        let limits = ParseLimits::default();
+        assert_eq!(parse_body(b"", BodyFormat::Json, limits, NOW).unwrap_err(), BodyError::Empty);
+        assert_eq!(parse_body(b"42", BodyFormat::Json, limits, NOW).unwrap_err(), BodyError::NotObjectOrArray);
+        assert!(matches!(parse_body(b"[{", BodyFormat::Json, limits, NOW).unwrap_err(), BodyError::InvalidJson(_)));
+        assert!(matches!(parse_body(b"{\"a\":", BodyFormat::Json, limits, NOW).unwrap_err(), BodyError::InvalidJson(_)));
+        assert!(matches!(parse_body(&[0xff, 0xfe], BodyFormat::Json, limits, NOW).unwrap_err(), BodyError::NotUtf8(0)));
+    }
+
+    #[test]
+    fn content_types() {
+        assert_eq!(BodyFormat::from_content_type(Some("application/x-ndjson; charset=utf-8")), BodyFormat::Ndjson);
+        assert_eq!(BodyFormat::from_content_type(Some("application/json")), BodyFormat::Json);
+        assert_eq!(BodyFormat::from_content_type(None), BodyFormat::Json);
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes arrive, parsing returns (it never panics).
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = parse_body(&body, BodyFormat::Json, ParseLimits::default(), NOW);
+            let _ = parse_body(&body, BodyFormat::Ndjson, ParseLimits::default(), NOW);
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! tidemark — a supervised, actor-based runtime for real-time sensor analytics.
+//!
+//! Module map:
+//!
+//! | module          | owns                                                                  |
+//! |-----------------|-----------------------------------------------------------------------|
+//! | [`config`]      | configuration layers, validation listing every error, redaction       |
+//! | [`messages`]    | events, window results, dead letters, checkpoints, actor messages     |
+//! | [`ingest`]      | parsing and validating request bodies (JSON, arrays, NDJSON)          |
+//! | [`routing`]     | sensor → partition (Kafka's murmur2 partitioner)                      |
+//! | [`router`]      | embedded ingest log: positions, replay buffers, routing table          |
+//! | [`window`]      | event-time tumbling windows, watermarks, lateness, idle flush (pure)  |
+//! | [`scoring`]     | anomaly scorers behind a trait, per-key model state (pure)            |
+//! | [`store`]       | the `Store` trait and its SQLite implementation                       |
+//! | [`actors`]      | partition actors, sinks, the HTTP gateway                             |
+//! | [`supervision`] | supervisors, restart policy and budget, backoff                       |
+//! | [`runtime`]     | assembling an instance, graceful shutdown                             |
+//! | [`metrics`]     | Prometheus metrics of one instance                                    |
+//! | [`sim`]         | deterministic sensor simulator and load generator                     |
+//! | [`telemetry`]   | logging setup                                                         |
+//!
+//! Data flow: gateway → router (assigns positions, logs for replay) → partition actor
+//! (windows, scoring) → store sink (batched idempotent upserts + checkpoints) → store →
+//! query API. See `docs/architecture.md`.
+
+pub mod actors;
+pub mod config;
+pub mod ingest;
+pub mod messages;
+pub mod metrics;
+pub mod router;
+pub mod routing;
+pub mod runtime;
+pub mod scoring;
+pub mod sim;
+pub mod store;
+pub mod supervision;
+pub mod telemetry;
+pub mod window;

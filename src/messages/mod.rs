@@ -1,0 +1,112 @@
+//! The messages actors exchange, and the event, result and checkpoint types they carry.
+//!
+//! Keeping them in one place makes the protocol between router, partitions and sinks
+//! readable on one screen; actors import from here rather than from each other.
+
+mod event;
+
+pub use event::*;
+
+use std::sync::Arc;
+
+use compact_str::CompactString;
+use ractor::RpcReplyPort;
+use serde::{Deserialize, Serialize};
+
+/// Events of one partition, in position order, shared between the replay buffer and the
+/// partition actor (no copy).
+pub type EventBatch = Arc<Vec<Event>>;
+
+/// Messages to a partition actor.
+pub enum PartitionMsg {
+    /// Events in position order.
+    Events(EventBatch),
+    /// The ingest clock advanced with no events for this partition. Ticks are kept in the
+    /// replay log, so a replay flushes idle keys at the same points.
+    Tick { now_ms: i64 },
+    /// Take a checkpoint now (timer, buffer pressure, shutdown).
+    Checkpoint,
+    /// Fire every open window (end of a bounded input); replies once the results are
+    /// handed to the sinks.
+    FlushAll(RpcReplyPort<()>),
+    /// Checkpoint and reply once the checkpoint is handed to the store sink (shutdown).
+    CheckpointAndReply(RpcReplyPort<Position>),
+    Status(RpcReplyPort<PartitionStatus>),
+}
+
+/// Messages to the store sink.
+pub enum StoreMsg {
+    Results(Vec<WindowResult>),
+    DeadLetters(Vec<DeadLetter>),
+    /// Written after every result sent before it; complete once committed.
+    Checkpoint(Box<CheckpointData>),
+    /// Write everything pending and reply.
+    Flush(RpcReplyPort<()>),
+    /// The linger timer fired: write what is pending.
+    Linger,
+    Status(RpcReplyPort<SinkStatus>),
+}
+
+/// One partition's checkpoint: the position it has consumed up to and the state of the
+/// keys that changed since its previous checkpoint (incremental, like Flink's RocksDB
+/// checkpoints), so the cost follows the change rate, not the number of keys.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointData {
+    pub partition: PartitionId,
+    /// Partition count when taken: state hashed for another count is refused on restore.
+    pub partitions: u32,
+    /// The next position to consume: every event before it is reflected in the state.
+    pub next_position: Position,
+    /// The partition's ingest clock (drives idle flushing).
+    pub clock_ms: i64,
+    /// Sequence of this partition's checkpoints, for visibility.
+    pub checkpoint_id: u64,
+    pub taken_at_ms: i64,
+    /// Keys whose state changed, with their serialized state.
+    pub upserts: Vec<KeyStateBlob>,
+    /// Keys dropped since the previous checkpoint.
+    pub deletes: Vec<(CompactString, CompactString)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeyStateBlob {
+    pub sensor_id: CompactString,
+    pub event_type: CompactString,
+    pub state: Vec<u8>,
+}
+
+/// A partition's complete checkpoint as loaded from the store.
+#[derive(Clone, Debug, Default)]
+pub struct RestoredPartition {
+    pub next_position: Position,
+    pub clock_ms: i64,
+    pub checkpoint_id: u64,
+    pub keys: Vec<KeyStateBlob>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionStatus {
+    pub partition: PartitionId,
+    pub open_keys: usize,
+    pub open_windows: usize,
+    pub next_position: Position,
+    pub events_processed: u64,
+    pub late_events: u64,
+    pub windows_fired: u64,
+    pub last_checkpoint_id: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SinkStatus {
+    pub name: String,
+    pub pending_results: usize,
+    pub pending_dead_letters: usize,
+    pub pending_checkpoints: usize,
+    pub batches_written: u64,
+    pub rows_written: u64,
+    pub failures: u64,
+    pub consecutive_failures: u64,
+    pub last_error: Option<String>,
+}

@@ -1,0 +1,287 @@
+//! Prometheus metrics of one runtime instance (no global registry, so tests can run
+//! several instances in one process). Labels carry partitions, sources, reasons and
+//! sinks, never a sensor id: their cardinality stays bounded.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub source: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub partition: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SeverityLabels {
+    pub severity: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    pub sink: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkResultLabels {
+    pub sink: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkRowLabels {
+    pub sink: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActorLabels {
+    pub actor: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(latency_bounds())
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub events_received: Family<SourceLabels, Counter>,
+    pub events_accepted: Family<SourceLabels, Counter>,
+    pub events_rejected: Family<RejectLabels, Counter>,
+    pub ingest_backpressure: Family<SourceLabels, Counter>,
+    pub events_processed: Family<PartitionLabels, Counter>,
+    pub events_late: Family<PartitionLabels, Counter>,
+    pub windows_fired: Family<PartitionLabels, Counter>,
+    pub window_updates: Family<PartitionLabels, Counter>,
+    pub anomalies: Family<SeverityLabels, Counter>,
+    pub open_keys: Family<PartitionLabels, Gauge>,
+    pub buffered_events: Family<PartitionLabels, Gauge>,
+    pub checkpoints_completed: Family<PartitionLabels, Counter>,
+    pub checkpoint_position: Family<PartitionLabels, Gauge>,
+    pub actor_restarts: Family<ActorLabels, Counter>,
+    pub events_quarantined: Family<PartitionLabels, Counter>,
+    pub sink_batches: Family<SinkResultLabels, Counter>,
+    pub sink_rows: Family<SinkRowLabels, Counter>,
+    pub sink_write_seconds: Family<SinkLabels, Histogram>,
+    pub sink_up: Family<SinkLabels, Gauge>,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_request_seconds: Family<RouteLabels, Histogram>,
+    pub ingest_to_fire: Latency,
+    pub fire_to_ack: Latency,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tidemark");
+        let metrics = Self {
+            events_received: Family::default(),
+            events_accepted: Family::default(),
+            events_rejected: Family::default(),
+            ingest_backpressure: Family::default(),
+            events_processed: Family::default(),
+            events_late: Family::default(),
+            windows_fired: Family::default(),
+            window_updates: Family::default(),
+            anomalies: Family::default(),
+            open_keys: Family::default(),
+            buffered_events: Family::default(),
+            checkpoints_completed: Family::default(),
+            checkpoint_position: Family::default(),
+            actor_restarts: Family::default(),
+            events_quarantined: Family::default(),
+            sink_batches: Family::default(),
+            sink_rows: Family::default(),
+            sink_write_seconds: Family::new_with_constructor(latency_histogram),
+            sink_up: Family::default(),
+            http_requests: Family::default(),
+            http_request_seconds: Family::new_with_constructor(latency_histogram),
+            ingest_to_fire: Latency::default(),
+            fire_to_ack: Latency::default(),
+            registry: Registry::default(),
+        };
+        registry.register("events_received", "Events received, valid or not", metrics.events_received.clone());
+        registry.register("events_accepted", "Events accepted into the pipeline", metrics.events_accepted.clone());
+        registry.register("events_rejected", "Events rejected at ingestion, by reason", metrics.events_rejected.clone());
+        registry.register(
+            "ingest_backpressure",
+            "Ingestion requests refused with 503 because a partition's replay buffer was full",
+            metrics.ingest_backpressure.clone(),
+        );
+        registry.register("events_processed", "Events processed by partition actors", metrics.events_processed.clone());
+        registry.register("events_late", "Events later than the allowed lateness (dead-lettered)", metrics.events_late.clone());
+        registry.register("windows_fired", "Windows fired for the first time", metrics.windows_fired.clone());
+        registry.register("window_updates", "Windows re-fired by late events", metrics.window_updates.clone());
+        registry.register("anomalies", "Anomalous windows, by severity", metrics.anomalies.clone());
+        registry.register("open_keys", "Keys (sensorId, eventType) held by a partition", metrics.open_keys.clone());
+        registry.register(
+            "buffered_events",
+            "Events accepted but not yet covered by a complete checkpoint",
+            metrics.buffered_events.clone(),
+        );
+        registry.register("checkpoints_completed", "Complete checkpoints", metrics.checkpoints_completed.clone());
+        registry.register(
+            "checkpoint_position",
+            "Next source position of the last complete checkpoint",
+            metrics.checkpoint_position.clone(),
+        );
+        registry.register("actor_restarts", "Actor restarts by their supervisor", metrics.actor_restarts.clone());
+        registry.register(
+            "events_quarantined",
+            "Poison events quarantined after crashing their partition repeatedly",
+            metrics.events_quarantined.clone(),
+        );
+        registry.register("sink_batches", "Sink write batches, by result", metrics.sink_batches.clone());
+        registry.register("sink_rows", "Rows written by sinks, by kind", metrics.sink_rows.clone());
+        registry.register("sink_write_seconds", "Duration of sink write batches", metrics.sink_write_seconds.clone());
+        registry.register("sink_up", "1 while the sink's last write succeeded", metrics.sink_up.clone());
+        registry.register("http_requests", "HTTP requests served", metrics.http_requests.clone());
+        registry.register("http_request_seconds", "HTTP request duration", metrics.http_request_seconds.clone());
+        registry.register(
+            "ingest_to_fire_seconds",
+            "From ingestion of the event that closed a window to the window firing",
+            metrics.ingest_to_fire.histogram(),
+        );
+        registry.register(
+            "fire_to_ack_seconds",
+            "From a window firing to the store sink committing it",
+            metrics.fire_to_ack.histogram(),
+        );
+        Self { registry, ..metrics }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(error) = encode(&mut out, &self.registry) {
+            out.push_str(&format!("# encoding failed: {error}\n"));
+        }
+        out
+    }
+}
+
+/// Bucket bounds (seconds) shared by the latency histograms: 0.1 ms .. ~26 s.
+fn latency_bounds() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0001, 2.0, 19)
+}
+
+/// A latency histogram exported to Prometheus that can also answer quantiles for
+/// `/api/status` (prometheus-client does not expose its buckets).
+pub struct Latency {
+    histogram: Histogram,
+    bounds: Vec<f64>,
+    counts: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        let bounds: Vec<f64> = latency_bounds().collect();
+        Self {
+            histogram: Histogram::new(bounds.iter().copied()),
+            counts: (0..=bounds.len()).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
+            bounds,
+        }
+    }
+}
+
+impl Latency {
+    pub fn observe(&self, seconds: f64) {
+        let seconds = seconds.max(0.0);
+        self.histogram.observe(seconds);
+        let index = self.bounds.partition_point(|&upper| upper < seconds);
+        self.counts[index].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn histogram(&self) -> Histogram {
+        self.histogram.clone()
+    }
+
+    /// Observation count and, per quantile, the upper bound of the bucket holding it
+    /// (`None` when empty; `+Inf` beyond the last bound).
+    pub fn quantiles(&self, quantiles: &[f64]) -> (u64, Vec<Option<f64>>) {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        let answers = quantiles
+            .iter()
+            .map(|&q| {
+                if total == 0 {
+                    return None;
+                }
+                let rank = ((q * total as f64).ceil() as u64).max(1);
+                let mut seen = 0;
+                for (index, n) in counts.iter().enumerate() {
+                    seen += n;
+                    if seen >= rank {
+                        return Some(self.bounds.get(index).copied().unwrap_or(f64::INFINITY));
+                    }
+                }
+                Some(f64::INFINITY)
+            })
+            .collect();
+        (total, answers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_quantiles_come_from_buckets() {
+        let latency = Latency::default();
+        assert_eq!(latency.quantiles(&[0.5]).1, vec![None]);
+        for _ in 0..90 {
+            latency.observe(0.00005);
+        }
+        for _ in 0..10 {
+            latency.observe(0.05);
+        }
+        let (count, q) = latency.quantiles(&[0.5, 0.99]);
+        assert_eq!(count, 100);
+        assert_eq!(q[0], Some(0.0001));
+        assert!(q[1].unwrap() >= 0.05 && q[1].unwrap() < 0.11, "{q:?}");
+    }
+
+    #[test]
+    fn render_lists_registered_metrics() {
+        let metrics = Metrics::new();
+        metrics.events_accepted.get_or_create(&SourceLabels { source: "http" }).inc();
+        let text = metrics.render();
+        assert!(text.contains("tidemark_events_accepted_total{source=\"http\"} 1"), "{text}");
+    }
+}

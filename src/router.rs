@@ -1,0 +1,451 @@
+//! The router and embedded ingest log: assigns every accepted event its partition and
+//! source position, keeps each partition's events since its last complete checkpoint
+//! (the replay buffer), and delivers them to the partition's current actor.
+//!
+//! The partition supervisor owns the routing table kept here: only it attaches and
+//! detaches actors, so no sender ever holds a stale `ActorRef`. While a partition is
+//! restarting its events are still logged; on attach the new actor receives, in order,
+//! everything after its checkpoint and then the new events. The buffer is bounded:
+//! when a partition's share is full, [`PartitionRouter::submit`] refuses the request
+//! (HTTP answers 503 with `Retry-After`) instead of growing memory.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Mutex, MutexGuard};
+use ractor::ActorRef;
+
+use crate::messages::{Event, EventBatch, PartitionId, PartitionMsg, Position};
+use crate::metrics::{Metrics, PartitionLabels};
+use crate::routing::partition_for;
+
+/// "Not processing any event" for [`SlotProgress::processing`].
+pub const IDLE: u64 = u64::MAX;
+
+/// Progress a partition actor publishes without messaging (read by the supervisor to
+/// find a poison event, and by bounded readers for credits).
+#[derive(Debug)]
+pub struct SlotProgress {
+    /// Position of the event being processed, or [`IDLE`].
+    pub processing: AtomicU64,
+    /// Next position the actor will process: all before it are done.
+    pub processed: AtomicU64,
+}
+
+impl Default for SlotProgress {
+    fn default() -> Self {
+        Self {
+            processing: AtomicU64::new(IDLE),
+            processed: AtomicU64::new(0),
+        }
+    }
+}
+
+enum LogEntry {
+    Events(EventBatch),
+    /// The ingest clock reached `now_ms` before the event at `position`.
+    Tick { position: Position, now_ms: i64 },
+}
+
+impl LogEntry {
+    /// Whether the entry is fully covered by a checkpoint at `next_position`.
+    fn covered_by(&self, next_position: Position) -> bool {
+        match self {
+            Self::Events(batch) => batch.last().is_none_or(|event| event.position < next_position),
+            Self::Tick { position, .. } => *position < next_position,
+        }
+    }
+
+    fn events(&self) -> usize {
+        match self {
+            Self::Events(batch) => batch.len(),
+            Self::Tick { .. } => 0,
+        }
+    }
+}
+
+struct SlotState {
+    actor: Option<ActorRef<PartitionMsg>>,
+    next_position: Position,
+    log: VecDeque<LogEntry>,
+    buffered: usize,
+    /// `next_position` of the last complete checkpoint.
+    checkpointed: Position,
+    last_checkpoint_id: u64,
+    /// A checkpoint was requested because the buffer passed half its share.
+    pressure_checkpoint_requested: bool,
+    /// Restarts of this partition's actor (for `/api/status`).
+    restarts: u64,
+}
+
+struct Slot {
+    state: Mutex<SlotState>,
+    progress: Arc<SlotProgress>,
+}
+
+/// Why events were not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("partition {partition} has {buffered} events waiting for a checkpoint (limit {limit}); retry later")]
+    Backpressure {
+        partition: PartitionId,
+        buffered: usize,
+        limit: usize,
+        retry_after: Duration,
+    },
+    #[error("tidemark is shutting down")]
+    Closed,
+}
+
+/// One partition's view for `/api/status`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlotStatus {
+    pub partition: PartitionId,
+    pub live: bool,
+    pub restarts: u64,
+    pub next_position: Position,
+    pub processed_position: Position,
+    pub in_flight_events: u64,
+    pub replay_buffer_events: usize,
+    pub replay_buffer_limit: usize,
+    pub last_checkpoint_position: Position,
+    pub last_checkpoint_id: u64,
+}
+
+pub struct PartitionRouter {
+    slots: Vec<Slot>,
+    /// Buffer share of each partition.
+    limit: usize,
+    /// Keep the log for replay (embedded ingestion). A file replay has no restarts to
+    /// survive and only bounds the events in flight.
+    keep_log: bool,
+    closed: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl PartitionRouter {
+    pub fn new(partitions: u32, max_buffered_events: usize, keep_log: bool, metrics: Arc<Metrics>) -> Self {
+        let partitions = partitions.max(1);
+        let slots = (0..partitions)
+            .map(|_| Slot {
+                state: Mutex::new(SlotState {
+                    actor: None,
+                    next_position: 0,
+                    log: VecDeque::new(),
+                    buffered: 0,
+                    checkpointed: 0,
+                    last_checkpoint_id: 0,
+                    pressure_checkpoint_requested: false,
+                    restarts: 0,
+                }),
+                progress: Arc::new(SlotProgress::default()),
+            })
+            .collect();
+        Self {
+            slots,
+            limit: (max_buffered_events / partitions as usize).max(16),
+            keep_log,
+            closed: AtomicBool::new(false),
+            metrics,
+        }
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    pub fn partition_of(&self, sensor_id: &str) -> PartitionId {
+        partition_for(sensor_id, self.partitions())
+    }
+
+    pub fn progress(&self, partition: PartitionId) -> Arc<SlotProgress> {
+        Arc::clone(&self.slots[partition as usize].progress)
+    }
+
+    fn slot(&self, partition: PartitionId) -> &Slot {
+        &self.slots[partition as usize]
+    }
+
+    /// Stop accepting events (graceful shutdown).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Accept `events` (all or none), assigning positions in arrival order per partition.
+    pub fn submit(&self, events: Vec<Event>) -> Result<usize, SubmitError> {
+        if self.is_closed() {
+            return Err(SubmitError::Closed);
+        }
+        let total = events.len();
+        if total == 0 {
+            return Ok(0);
+        }
+        let mut groups: Vec<Vec<Event>> = (0..self.slots.len()).map(|_| Vec::new()).collect();
+        if self.slots.len() == 1 {
+            groups[0] = events;
+        } else {
+            for event in events {
+                let partition = self.partition_of(&event.sensor_id) as usize;
+                groups[partition].push(event);
+            }
+        }
+        // Lock the involved partitions in index order (no deadlock), check every bound,
+        // then append: a request is accepted whole or refused whole.
+        let mut guards: Vec<(PartitionId, MutexGuard<'_, SlotState>)> = Vec::new();
+        for (partition, group) in groups.iter().enumerate() {
+            if group.is_empty() {
+                continue;
+            }
+            let slot = &self.slots[partition];
+            let guard = slot.state.lock();
+            let pending = self.pending(&guard, slot);
+            if pending + group.len() > self.limit && pending > 0 {
+                self.request_checkpoint(partition as PartitionId, &guard);
+                return Err(SubmitError::Backpressure {
+                    partition: partition as PartitionId,
+                    buffered: pending,
+                    limit: self.limit,
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+            guards.push((partition as PartitionId, guard));
+        }
+        for (partition, mut guard) in guards {
+            let mut group = std::mem::take(&mut groups[partition as usize]);
+            for event in &mut group {
+                event.position = guard.next_position;
+                guard.next_position += 1;
+            }
+            let batch: EventBatch = Arc::new(group);
+            if let Some(actor) = &guard.actor {
+                // A failed send means the actor just died: the supervisor replays the log.
+                let _ = actor.send_message(PartitionMsg::Events(Arc::clone(&batch)));
+            }
+            if self.keep_log {
+                guard.buffered += batch.len();
+                guard.log.push_back(LogEntry::Events(batch));
+                self.metrics
+                    .buffered_events
+                    .get_or_create(&PartitionLabels { partition })
+                    .set(guard.buffered as i64);
+                if guard.buffered * 2 >= self.limit && !guard.pressure_checkpoint_requested {
+                    guard.pressure_checkpoint_requested = true;
+                    if let Some(actor) = &guard.actor {
+                        let _ = actor.send_message(PartitionMsg::Checkpoint);
+                    }
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Events accepted and not yet released: buffered for replay, or (without a log) in flight.
+    fn pending(&self, state: &SlotState, slot: &Slot) -> usize {
+        if self.keep_log {
+            state.buffered
+        } else {
+            state
+                .next_position
+                .saturating_sub(slot.progress.processed.load(Ordering::Acquire)) as usize
+        }
+    }
+
+    fn request_checkpoint(&self, _partition: PartitionId, state: &SlotState) {
+        if self.keep_log
+            && let Some(actor) = &state.actor
+        {
+            let _ = actor.send_message(PartitionMsg::Checkpoint);
+        }
+    }
+
+    /// Whether a partition can take `n` more events now (bounded readers poll this).
+    pub fn has_room(&self, partition: PartitionId, n: usize) -> bool {
+        let slot = self.slot(partition);
+        let guard = slot.state.lock();
+        let pending = self.pending(&guard, slot);
+        pending == 0 || pending + n <= self.limit
+    }
+
+    /// Advance every partition's ingest clock (idle flushing while no events arrive).
+    /// Ticks are logged like events so a replay flushes at the same points.
+    pub fn tick(&self, now_ms: i64) {
+        for slot in &self.slots {
+            let mut guard = slot.state.lock();
+            let position = guard.next_position;
+            if let Some(actor) = &guard.actor {
+                let _ = actor.send_message(PartitionMsg::Tick { now_ms });
+            }
+            if self.keep_log {
+                // Consecutive ticks at one position: only the latest matters.
+                if let Some(LogEntry::Tick { position: last, .. }) = guard.log.back()
+                    && *last == position
+                {
+                    guard.log.pop_back();
+                }
+                guard.log.push_back(LogEntry::Tick { position, now_ms });
+            }
+        }
+    }
+
+    /// Send a control message to a partition's live actor; false if it has none.
+    pub fn send(&self, partition: PartitionId, message: PartitionMsg) -> bool {
+        let guard = self.slot(partition).state.lock();
+        match &guard.actor {
+            Some(actor) => actor.send_message(message).is_ok(),
+            None => false,
+        }
+    }
+
+    pub fn actor(&self, partition: PartitionId) -> Option<ActorRef<PartitionMsg>> {
+        self.slot(partition).state.lock().actor.clone()
+    }
+
+    /// A checkpoint with `next_position` was committed: release the log before it.
+    pub fn checkpoint_complete(&self, partition: PartitionId, next_position: Position, checkpoint_id: u64) {
+        let labels = PartitionLabels { partition };
+        let mut guard = self.slot(partition).state.lock();
+        if next_position >= guard.checkpointed {
+            guard.checkpointed = next_position;
+            guard.last_checkpoint_id = checkpoint_id;
+        }
+        self.metrics.checkpoints_completed.get_or_create(&labels).inc();
+        if guard.actor.is_none() {
+            // Restarting: the supervisor may be restoring an older checkpoint it read
+            // before this commit, and replays from there. Keep the log until the new
+            // actor's own checkpoint completes.
+            return;
+        }
+        while let Some(entry) = guard.log.front() {
+            if !entry.covered_by(next_position) {
+                break;
+            }
+            let released = entry.events();
+            guard.buffered -= released;
+            guard.log.pop_front();
+        }
+        guard.pressure_checkpoint_requested = false;
+        self.metrics.buffered_events.get_or_create(&labels).set(guard.buffered as i64);
+        self.metrics
+            .checkpoint_position
+            .get_or_create(&labels)
+            .set(i64::try_from(next_position).unwrap_or(i64::MAX));
+    }
+
+    // ---- used by the partition supervisor only ----
+
+    /// Where positions continue after a process restart (from the stored checkpoint).
+    pub fn start_at(&self, partition: PartitionId, next_position: Position) {
+        let slot = self.slot(partition);
+        let mut guard = slot.state.lock();
+        if guard.next_position < next_position {
+            guard.next_position = next_position;
+        }
+        guard.checkpointed = guard.checkpointed.max(next_position);
+        slot.progress.processed.store(guard.next_position, Ordering::Release);
+    }
+
+    /// Forget the partition's actor without counting a restart (its supervisor was
+    /// replaced and the actor went with it).
+    pub fn clear_actor(&self, partition: PartitionId) {
+        let slot = self.slot(partition);
+        slot.state.lock().actor = None;
+        slot.progress.processing.store(IDLE, Ordering::Release);
+    }
+
+    /// The actor of `partition` stopped: log events without delivering them. Returns the
+    /// position it was processing when it failed, if any.
+    pub fn detach(&self, partition: PartitionId) -> Option<Position> {
+        let slot = self.slot(partition);
+        let mut guard = slot.state.lock();
+        guard.actor = None;
+        guard.restarts += 1;
+        let processing = slot.progress.processing.swap(IDLE, Ordering::AcqRel);
+        (processing != IDLE).then_some(processing)
+    }
+
+    /// Make `actor` the partition's actor: deliver the logged entries from `from`
+    /// (its checkpoint), in order, then go live. Returns the number of events replayed.
+    pub fn attach(&self, partition: PartitionId, actor: ActorRef<PartitionMsg>, from: Position) -> usize {
+        let slot = self.slot(partition);
+        let mut guard = slot.state.lock();
+        slot.progress.processed.store(from, Ordering::Release);
+        let mut replayed = 0;
+        for entry in &guard.log {
+            match entry {
+                LogEntry::Events(batch) => {
+                    let Some(last) = batch.last() else { continue };
+                    if last.position < from {
+                        continue;
+                    }
+                    let batch = if batch[0].position >= from {
+                        Arc::clone(batch)
+                    } else {
+                        Arc::new(batch.iter().filter(|e| e.position >= from).cloned().collect())
+                    };
+                    replayed += batch.len();
+                    let _ = actor.send_message(PartitionMsg::Events(batch));
+                }
+                LogEntry::Tick { position, now_ms } => {
+                    if *position >= from {
+                        let _ = actor.send_message(PartitionMsg::Tick { now_ms: *now_ms });
+                    }
+                }
+            }
+        }
+        if guard.pressure_checkpoint_requested {
+            let _ = actor.send_message(PartitionMsg::Checkpoint);
+        }
+        guard.actor = Some(actor);
+        replayed
+    }
+
+    /// Take the event at `position` out of the log (a poison event) and return it.
+    pub fn quarantine(&self, partition: PartitionId, position: Position) -> Option<Event> {
+        let mut guard = self.slot(partition).state.lock();
+        let mut removed = None;
+        for entry in guard.log.iter_mut() {
+            if let LogEntry::Events(batch) = entry
+                && let Some(index) = batch.iter().position(|e| e.position == position)
+            {
+                let mut events: Vec<Event> = batch.as_ref().clone();
+                removed = Some(events.remove(index));
+                *batch = Arc::new(events);
+                break;
+            }
+        }
+        if removed.is_some() {
+            guard.buffered -= 1;
+        }
+        removed
+    }
+
+    pub fn status(&self, partition: PartitionId) -> SlotStatus {
+        let slot = self.slot(partition);
+        let guard = slot.state.lock();
+        let processed = slot.progress.processed.load(Ordering::Acquire);
+        SlotStatus {
+            partition,
+            live: guard.actor.is_some(),
+            restarts: guard.restarts,
+            next_position: guard.next_position,
+            processed_position: processed,
+            in_flight_events: guard.next_position.saturating_sub(processed),
+            replay_buffer_events: guard.buffered,
+            replay_buffer_limit: self.limit,
+            last_checkpoint_position: guard.checkpointed,
+            last_checkpoint_id: guard.last_checkpoint_id,
+        }
+    }
+
+    /// Total events held for replay across partitions.
+    pub fn buffered_total(&self) -> usize {
+        self.slots.iter().map(|slot| slot.state.lock().buffered).sum()
+    }
+}

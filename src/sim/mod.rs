@@ -1,0 +1,1 @@
+//! Deterministic sensor simulator and load generator.

@@ -1,0 +1,282 @@
+//! Result, dead-letter and checkpoint storage behind one [`Store`] trait.
+//!
+//! SQLite is the embedded default; PostgreSQL implements the same trait for deployments.
+//! The backend is chosen by the scheme of `store.url`. Writes are batched and idempotent:
+//! a window is keyed by `(sensor_id, event_type, window_start)` and a re-emitted window
+//! overwrites its row, never adding one.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::config::StoreConfig;
+use crate::messages::{CheckpointData, DeadLetter, PartitionId, RejectReason, RestoredPartition, Severity, WindowResult};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or timed out: worth retrying.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The database refused the content: retrying will not help.
+    #[error("store rejected the write: {0}")]
+    Rejected(String),
+    /// Stored state does not fit this configuration (e.g. another partition count).
+    #[error("{0}")]
+    Incompatible(String),
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+impl StoreError {
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Other(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match &error {
+            E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::Tls(_) | E::Protocol(_) | E::WorkerCrashed => {
+                Self::Unavailable(error.to_string())
+            }
+            E::Database(db) => {
+                let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+                // PostgreSQL: class 08 connection, 40 transaction rollback (serialization,
+                // deadlock), 53 insufficient resources, 57 operator intervention (shutdown).
+                // SQLite: 5 BUSY, 6 LOCKED, 10 IOERR, 13 FULL.
+                let transient = ["08", "40", "53", "57"].iter().any(|class| code.starts_with(class))
+                    || matches!(code.as_str(), "5" | "6" | "10" | "13" | "261" | "262" | "517");
+                if transient {
+                    Self::Unavailable(error.to_string())
+                } else {
+                    Self::Rejected(error.to_string())
+                }
+            }
+            _ => Self::Other(error.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(error: sqlx::migrate::MigrateError) -> Self {
+        Self::Other(format!("migration failed: {error}"))
+    }
+}
+
+/// Everything one store-sink flush writes, in one transaction.
+#[derive(Default)]
+pub struct WriteBatch<'a> {
+    pub results: &'a [WindowResult],
+    pub dead_letters: &'a [DeadLetter],
+    pub checkpoints: &'a [CheckpointData],
+}
+
+impl WriteBatch<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.results.is_empty() && self.dead_letters.is_empty() && self.checkpoints.is_empty()
+    }
+}
+
+/// A stored window result.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Prediction {
+    pub id: i64,
+    pub sensor_id: String,
+    pub event_type: String,
+    #[serde(serialize_with = "ser::millis_rfc3339")]
+    pub window_start: i64,
+    #[serde(serialize_with = "ser::millis_rfc3339")]
+    pub window_end: i64,
+    pub event_count: i64,
+    pub avg_value: f64,
+    pub min_value: f64,
+    pub max_value: f64,
+    pub stddev: f64,
+    pub prediction_score: f64,
+    pub anomaly: bool,
+    pub severity: String,
+    pub revision: i64,
+    pub explanation: String,
+    #[serde(serialize_with = "ser::millis_rfc3339")]
+    pub created_at: i64,
+    #[serde(serialize_with = "ser::millis_rfc3339")]
+    pub updated_at: i64,
+}
+
+/// Keyset pagination position: the last row of the previous page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub window_start_ms: i64,
+    pub id: i64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PredictionQuery {
+    pub sensor_id: Option<String>,
+    pub event_type: Option<String>,
+    /// Window start at or after (epoch ms).
+    pub from_ms: Option<i64>,
+    /// Window start before (epoch ms).
+    pub to_ms: Option<i64>,
+    pub anomaly: Option<bool>,
+    pub severities: Vec<Severity>,
+    pub limit: u32,
+    pub cursor: Option<Cursor>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<Cursor>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopBy {
+    AvgValue,
+    MaxValue,
+    EventCount,
+    PredictionScore,
+}
+
+impl TopBy {
+    pub const NAMES: [&'static str; 4] = ["avgValue", "maxValue", "eventCount", "predictionScore"];
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "avgValue" | "avg_value" => Some(Self::AvgValue),
+            "maxValue" | "max_value" => Some(Self::MaxValue),
+            "eventCount" | "event_count" => Some(Self::EventCount),
+            "predictionScore" | "prediction_score" => Some(Self::PredictionScore),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TopQuery {
+    /// Windows ending at or after (epoch ms).
+    pub since_ms: i64,
+    pub by: TopBy,
+    pub n: u32,
+    pub event_type: Option<String>,
+}
+
+/// One sensor's aggregate over the recent windows of one event type.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopSensor {
+    pub sensor_id: String,
+    pub event_type: String,
+    /// The ranked measure.
+    pub value: f64,
+    pub windows: i64,
+    pub event_count: i64,
+    /// Count-weighted average of the window averages.
+    pub avg_value: f64,
+    pub max_value: f64,
+    pub max_prediction_score: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TypeSummary {
+    pub event_type: String,
+    pub windows: i64,
+    pub events: i64,
+    pub sensors: i64,
+    pub avg_value: f64,
+    pub min_value: f64,
+    pub max_value: f64,
+    pub anomalies: i64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct DeadLetterQuery {
+    pub reason: Option<RejectReason>,
+    pub sensor_id: Option<String>,
+    pub limit: u32,
+    /// Rows with a smaller id (newest first).
+    pub before_id: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterRow {
+    pub id: i64,
+    #[serde(serialize_with = "ser::millis_rfc3339")]
+    pub received_at: i64,
+    pub source: String,
+    pub reason: String,
+    pub error: String,
+    pub sensor_id: Option<String>,
+    pub event_type: Option<String>,
+    #[serde(serialize_with = "ser::opt_millis_rfc3339")]
+    pub event_time: Option<i64>,
+    pub partition: Option<i64>,
+    pub position: Option<i64>,
+    pub payload: String,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    fn backend(&self) -> &'static str;
+
+    /// Results (upserts), dead letters and checkpoints in one transaction.
+    async fn write(&self, batch: &WriteBatch<'_>) -> Result<(), StoreError>;
+
+    /// The partition's last complete checkpoint, if any. Fails with `Incompatible` when it
+    /// was taken with another partition count.
+    async fn load_checkpoint(&self, partition: PartitionId, partitions: u32) -> Result<Option<RestoredPartition>, StoreError>;
+
+    async fn predictions(&self, query: &PredictionQuery) -> Result<Page<Prediction>, StoreError>;
+    async fn top_sensors(&self, query: &TopQuery) -> Result<Vec<TopSensor>, StoreError>;
+    async fn summary(&self, since_ms: i64) -> Result<Vec<TypeSummary>, StoreError>;
+    async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetterRow>, StoreError>;
+    async fn dead_letter_counts(&self) -> Result<Vec<(String, i64)>, StoreError>;
+
+    /// Cheap reachability check for `/ready`.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    async fn close(&self);
+}
+
+/// Open (and migrate) the store `store.url` names.
+pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    if config.url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::open(config).await?))
+    } else {
+        Err(StoreError::Incompatible(format!(
+            "store.url: backend of {} is not supported by this build",
+            crate::config::redact_url(&config.url)
+        )))
+    }
+}
+
+/// Serde helpers rendering epoch milliseconds as RFC 3339.
+pub mod ser {
+    use serde::Serializer;
+
+    pub fn rfc3339(ms: i64) -> String {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|time| time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_else(|| ms.to_string())
+    }
+
+    pub fn millis_rfc3339<S: Serializer>(ms: &i64, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&rfc3339(*ms))
+    }
+
+    pub fn opt_millis_rfc3339<S: Serializer>(ms: &Option<i64>, serializer: S) -> Result<S::Ok, S::Error> {
+        match ms {
+            Some(ms) => serializer.serialize_str(&rfc3339(*ms)),
+            None => serializer.serialize_none(),
+        }
+    }
+}

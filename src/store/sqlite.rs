@@ -1,0 +1,450 @@
+//! The embedded store: SQLite in WAL mode through sqlx, created and migrated on first use.
+
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use super::{
+    Cursor, DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, Store, StoreError, TopBy, TopQuery,
+    TopSensor, TypeSummary, WriteBatch,
+};
+use crate::config::{StoreConfig, sqlite_path};
+use crate::messages::{KeyStateBlob, PartitionId, RestoredPartition};
+
+/// Rows per multi-row statement: 17 parameters each stays far below SQLite's limit.
+const ROWS_PER_STATEMENT: usize = 500;
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    timeout: Duration,
+}
+
+fn migrator() -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        Cow::Borrowed("initial"),
+        MigrationType::Simple,
+        sqlx::SqlStr::from_static(include_str!("../../migrations/sqlite/0001_initial.sql")),
+        false,
+    )])
+}
+
+const PREDICTION_COLUMNS: &str = "id, sensor_id, event_type, window_start, window_end, event_count, avg_value, \
+     min_value, max_value, stddev, prediction_score, anomaly, severity, revision, explanation, created_at, updated_at";
+
+impl SqliteStore {
+    pub async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        if let Some(path) = sqlite_path(&config.url)
+            && let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent)
+                .map_err(|error| StoreError::Unavailable(format!("cannot create {}: {error}", parent.display())))?;
+        }
+        let options = SqliteConnectOptions::from_str(&config.url)
+            .map_err(|error| StoreError::Incompatible(format!("store.url: {error}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(config.statement_timeout)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            .acquire_timeout(config.statement_timeout)
+            .connect_with(options)
+            .await?;
+        migrator().run(&pool).await?;
+        Ok(Self {
+            pool,
+            timeout: config.statement_timeout,
+        })
+    }
+
+    async fn timed<T>(&self, work: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "statement timed out after {}",
+                humantime::format_duration(self.timeout)
+            ))),
+        }
+    }
+
+    async fn write_inner(&self, batch: &WriteBatch<'_>) -> Result<(), StoreError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut tx = self.pool.begin().await?;
+        for chunk in batch.results.chunks(ROWS_PER_STATEMENT) {
+            let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO predictions (sensor_id, event_type, window_start, window_end, event_count, avg_value, \
+                 min_value, max_value, stddev, prediction_score, anomaly, severity, revision, explanation, \
+                 created_at, updated_at) ",
+            );
+            builder.push_values(chunk, |mut row, result| {
+                row.push_bind(result.sensor_id.as_str())
+                    .push_bind(result.event_type.as_str())
+                    .push_bind(result.window_start_ms)
+                    .push_bind(result.window_end_ms)
+                    .push_bind(i64::try_from(result.event_count).unwrap_or(i64::MAX))
+                    .push_bind(result.avg_value)
+                    .push_bind(result.min_value)
+                    .push_bind(result.max_value)
+                    .push_bind(result.stddev)
+                    .push_bind(result.prediction_score)
+                    .push_bind(result.anomaly)
+                    .push_bind(result.severity.as_str())
+                    .push_bind(i64::from(result.revision))
+                    .push_bind(result.explanation.as_str())
+                    .push_bind(now_ms)
+                    .push_bind(now_ms);
+            });
+            // A replay re-emits identical values; an older revision never overwrites a newer one.
+            builder.push(
+                " ON CONFLICT (sensor_id, event_type, window_start) DO UPDATE SET \
+                 window_end = excluded.window_end, event_count = excluded.event_count, \
+                 avg_value = excluded.avg_value, min_value = excluded.min_value, max_value = excluded.max_value, \
+                 stddev = excluded.stddev, prediction_score = excluded.prediction_score, anomaly = excluded.anomaly, \
+                 severity = excluded.severity, revision = excluded.revision, explanation = excluded.explanation, \
+                 updated_at = excluded.updated_at \
+                 WHERE excluded.revision >= predictions.revision",
+            );
+            builder.build().execute(&mut *tx).await?;
+        }
+        for chunk in batch.dead_letters.chunks(ROWS_PER_STATEMENT) {
+            let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO dead_letters (received_at, source, reason, error, sensor_id, event_type, event_time, \
+                 partition, position, payload) ",
+            );
+            builder.push_values(chunk, |mut row, letter| {
+                row.push_bind(letter.received_at_ms)
+                    .push_bind(letter.source.as_str())
+                    .push_bind(letter.reason.as_str())
+                    .push_bind(letter.error.as_str())
+                    .push_bind(letter.sensor_id.as_deref())
+                    .push_bind(letter.event_type.as_deref())
+                    .push_bind(letter.event_time_ms)
+                    .push_bind(letter.partition.map(i64::from))
+                    .push_bind(letter.position.map(|p| i64::try_from(p).unwrap_or(i64::MAX)))
+                    .push_bind(letter.payload.as_str());
+            });
+            builder.build().execute(&mut *tx).await?;
+        }
+        for checkpoint in batch.checkpoints {
+            let partition = i64::from(checkpoint.partition);
+            sqlx::query(
+                "INSERT INTO checkpoints (partition, partitions, next_position, clock_ms, checkpoint_id, taken_at) \
+                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (partition) DO UPDATE SET partitions = excluded.partitions, \
+                 next_position = excluded.next_position, clock_ms = excluded.clock_ms, \
+                 checkpoint_id = excluded.checkpoint_id, taken_at = excluded.taken_at",
+            )
+            .bind(partition)
+            .bind(i64::from(checkpoint.partitions))
+            .bind(i64::try_from(checkpoint.next_position).unwrap_or(i64::MAX))
+            .bind(checkpoint.clock_ms)
+            .bind(i64::try_from(checkpoint.checkpoint_id).unwrap_or(i64::MAX))
+            .bind(checkpoint.taken_at_ms)
+            .execute(&mut *tx)
+            .await?;
+            for chunk in checkpoint.upserts.chunks(ROWS_PER_STATEMENT) {
+                let mut builder: QueryBuilder<Sqlite> =
+                    QueryBuilder::new("INSERT INTO checkpoint_keys (partition, sensor_id, event_type, state) ");
+                builder.push_values(chunk, |mut row, key| {
+                    row.push_bind(partition)
+                        .push_bind(key.sensor_id.as_str())
+                        .push_bind(key.event_type.as_str())
+                        .push_bind(key.state.as_slice());
+                });
+                builder.push(" ON CONFLICT (partition, sensor_id, event_type) DO UPDATE SET state = excluded.state");
+                builder.build().execute(&mut *tx).await?;
+            }
+            for (sensor_id, event_type) in &checkpoint.deletes {
+                sqlx::query("DELETE FROM checkpoint_keys WHERE partition = ? AND sensor_id = ? AND event_type = ?")
+                    .bind(partition)
+                    .bind(sensor_id.as_str())
+                    .bind(event_type.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+fn prediction_from_row(row: &SqliteRow) -> Result<Prediction, sqlx::Error> {
+    Ok(Prediction {
+        id: row.try_get("id")?,
+        sensor_id: row.try_get("sensor_id")?,
+        event_type: row.try_get("event_type")?,
+        window_start: row.try_get("window_start")?,
+        window_end: row.try_get("window_end")?,
+        event_count: row.try_get("event_count")?,
+        avg_value: row.try_get("avg_value")?,
+        min_value: row.try_get("min_value")?,
+        max_value: row.try_get("max_value")?,
+        stddev: row.try_get("stddev")?,
+        prediction_score: row.try_get("prediction_score")?,
+        anomaly: row.try_get("anomaly")?,
+        severity: row.try_get("severity")?,
+        revision: row.try_get("revision")?,
+        explanation: row.try_get("explanation")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn top_measure(by: TopBy) -> &'static str {
+    match by {
+        TopBy::AvgValue => "SUM(avg_value * event_count) / SUM(event_count)",
+        TopBy::MaxValue => "MAX(max_value)",
+        TopBy::EventCount => "SUM(event_count)",
+        TopBy::PredictionScore => "MAX(prediction_score)",
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn write(&self, batch: &WriteBatch<'_>) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.timed(self.write_inner(batch)).await
+    }
+
+    async fn load_checkpoint(&self, partition: PartitionId, partitions: u32) -> Result<Option<RestoredPartition>, StoreError> {
+        self.timed(async {
+            let row = sqlx::query(
+                "SELECT partitions, next_position, clock_ms, checkpoint_id FROM checkpoints WHERE partition = ?",
+            )
+            .bind(i64::from(partition))
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let stored_partitions: i64 = row.try_get("partitions")?;
+            if stored_partitions != i64::from(partitions) {
+                return Err(StoreError::Incompatible(format!(
+                    "checkpoints in the store were taken with {stored_partitions} partitions but \
+                     pipeline.partitions is {partitions}; keep the partition count or start with an empty store"
+                )));
+            }
+            let keys = sqlx::query("SELECT sensor_id, event_type, state FROM checkpoint_keys WHERE partition = ?")
+                .bind(i64::from(partition))
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|row| {
+                    Ok(KeyStateBlob {
+                        sensor_id: row.try_get::<&str, _>("sensor_id")?.into(),
+                        event_type: row.try_get::<&str, _>("event_type")?.into(),
+                        state: row.try_get("state")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            let next_position: i64 = row.try_get("next_position")?;
+            let checkpoint_id: i64 = row.try_get("checkpoint_id")?;
+            Ok(Some(RestoredPartition {
+                next_position: u64::try_from(next_position).unwrap_or(0),
+                clock_ms: row.try_get("clock_ms")?,
+                checkpoint_id: u64::try_from(checkpoint_id).unwrap_or(0),
+                keys,
+            }))
+        })
+        .await
+    }
+
+    async fn predictions(&self, query: &PredictionQuery) -> Result<Page<Prediction>, StoreError> {
+        self.timed(async {
+            let mut builder: QueryBuilder<Sqlite> =
+                QueryBuilder::new(format!("SELECT {PREDICTION_COLUMNS} FROM predictions WHERE 1 = 1"));
+            if let Some(sensor_id) = &query.sensor_id {
+                builder.push(" AND sensor_id = ").push_bind(sensor_id.as_str());
+            }
+            if let Some(event_type) = &query.event_type {
+                builder.push(" AND event_type = ").push_bind(event_type.as_str());
+            }
+            if let Some(from_ms) = query.from_ms {
+                builder.push(" AND window_start >= ").push_bind(from_ms);
+            }
+            if let Some(to_ms) = query.to_ms {
+                builder.push(" AND window_start < ").push_bind(to_ms);
+            }
+            if let Some(anomaly) = query.anomaly {
+                builder.push(" AND anomaly = ").push_bind(anomaly);
+            }
+            if !query.severities.is_empty() {
+                builder.push(" AND severity IN (");
+                let mut separated = builder.separated(", ");
+                for severity in &query.severities {
+                    separated.push_bind(severity.as_str());
+                }
+                builder.push(")");
+            }
+            if let Some(cursor) = query.cursor {
+                builder
+                    .push(" AND (window_start < ")
+                    .push_bind(cursor.window_start_ms)
+                    .push(" OR (window_start = ")
+                    .push_bind(cursor.window_start_ms)
+                    .push(" AND id < ")
+                    .push_bind(cursor.id)
+                    .push("))");
+            }
+            builder
+                .push(" ORDER BY window_start DESC, id DESC LIMIT ")
+                .push_bind(i64::from(query.limit) + 1);
+            let rows = builder.build().fetch_all(&self.pool).await?;
+            let mut items = rows.iter().map(prediction_from_row).collect::<Result<Vec<_>, _>>()?;
+            let next = if items.len() > query.limit as usize {
+                items.truncate(query.limit as usize);
+                items.last().map(|last| Cursor {
+                    window_start_ms: last.window_start,
+                    id: last.id,
+                })
+            } else {
+                None
+            };
+            Ok(Page { items, next })
+        })
+        .await
+    }
+
+    async fn top_sensors(&self, query: &TopQuery) -> Result<Vec<TopSensor>, StoreError> {
+        self.timed(async {
+            let measure = top_measure(query.by);
+            let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+                "SELECT sensor_id, event_type, {measure} AS measure, COUNT(*) AS windows, \
+                 SUM(event_count) AS events, SUM(avg_value * event_count) / SUM(event_count) AS avg_value, \
+                 MAX(max_value) AS max_value, MAX(prediction_score) AS max_score \
+                 FROM predictions WHERE window_end >= "
+            ));
+            builder.push_bind(query.since_ms);
+            if let Some(event_type) = &query.event_type {
+                builder.push(" AND event_type = ").push_bind(event_type.as_str());
+            }
+            builder
+                .push(" GROUP BY sensor_id, event_type ORDER BY measure DESC, sensor_id, event_type LIMIT ")
+                .push_bind(i64::from(query.n));
+            let rows = builder.build().fetch_all(&self.pool).await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(TopSensor {
+                        sensor_id: row.try_get("sensor_id")?,
+                        event_type: row.try_get("event_type")?,
+                        value: row.try_get("measure")?,
+                        windows: row.try_get("windows")?,
+                        event_count: row.try_get("events")?,
+                        avg_value: row.try_get("avg_value")?,
+                        max_value: row.try_get("max_value")?,
+                        max_prediction_score: row.try_get("max_score")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
+        .await
+    }
+
+    async fn summary(&self, since_ms: i64) -> Result<Vec<TypeSummary>, StoreError> {
+        self.timed(async {
+            let rows = sqlx::query(
+                "SELECT event_type, COUNT(*) AS windows, SUM(event_count) AS events, \
+                 COUNT(DISTINCT sensor_id) AS sensors, SUM(avg_value * event_count) / SUM(event_count) AS avg_value, \
+                 MIN(min_value) AS min_value, MAX(max_value) AS max_value, SUM(anomaly) AS anomalies \
+                 FROM predictions WHERE window_end >= ? GROUP BY event_type ORDER BY event_type",
+            )
+            .bind(since_ms)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(TypeSummary {
+                        event_type: row.try_get("event_type")?,
+                        windows: row.try_get("windows")?,
+                        events: row.try_get("events")?,
+                        sensors: row.try_get("sensors")?,
+                        avg_value: row.try_get("avg_value")?,
+                        min_value: row.try_get("min_value")?,
+                        max_value: row.try_get("max_value")?,
+                        anomalies: row.try_get("anomalies")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
+        .await
+    }
+
+    async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetterRow>, StoreError> {
+        self.timed(async {
+            let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT id, received_at, source, reason, error, sensor_id, event_type, event_time, partition, \
+                 position, payload FROM dead_letters WHERE 1 = 1",
+            );
+            if let Some(reason) = query.reason {
+                builder.push(" AND reason = ").push_bind(reason.as_str());
+            }
+            if let Some(sensor_id) = &query.sensor_id {
+                builder.push(" AND sensor_id = ").push_bind(sensor_id.as_str());
+            }
+            if let Some(before_id) = query.before_id {
+                builder.push(" AND id < ").push_bind(before_id);
+            }
+            builder.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
+            let rows = builder.build().fetch_all(&self.pool).await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(DeadLetterRow {
+                        id: row.try_get("id")?,
+                        received_at: row.try_get("received_at")?,
+                        source: row.try_get("source")?,
+                        reason: row.try_get("reason")?,
+                        error: row.try_get("error")?,
+                        sensor_id: row.try_get("sensor_id")?,
+                        event_type: row.try_get("event_type")?,
+                        event_time: row.try_get("event_time")?,
+                        partition: row.try_get("partition")?,
+                        position: row.try_get("position")?,
+                        payload: row.try_get("payload")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
+        .await
+    }
+
+    async fn dead_letter_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.timed(async {
+            let rows = sqlx::query("SELECT reason, COUNT(*) AS n FROM dead_letters GROUP BY reason ORDER BY reason")
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(|row| Ok((row.try_get("reason")?, row.try_get("n")?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.timed(async {
+            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,369 @@
+//! Event-time tumbling windows with per-key watermarks, allowed lateness and idle flushing.
+//!
+//! Pure logic, no I/O: the partition actor calls it and the benches measure it alone.
+//!
+//! Semantics (documented in `docs/architecture.md`):
+//! - windows are `[start, start + size)`, aligned to the epoch;
+//! - a key's watermark is the largest event time it has seen minus the out-of-orderness;
+//! - a window fires (revision 0) once the watermark reaches its end;
+//! - until the watermark reaches `end + allowed_lateness`, a late event updates the
+//!   window and fires it again with the next revision; after that the window is purged
+//!   and events for it are *late* (counted and dead-lettered by the caller);
+//! - a key idle for `idle_timeout` (ingestion time) fires its open windows and closes
+//!   them, so sensors that stop reporting still produce their last results.
+
+use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
+
+use crate::config::{PipelineConfig, millis};
+
+/// Window and watermark settings in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowSpec {
+    pub size_ms: i64,
+    pub out_of_orderness_ms: i64,
+    pub allowed_lateness_ms: i64,
+    pub idle_timeout_ms: i64,
+}
+
+impl WindowSpec {
+    pub fn from_config(pipeline: &PipelineConfig) -> Self {
+        Self {
+            size_ms: millis(pipeline.window).max(1),
+            out_of_orderness_ms: millis(pipeline.max_out_of_orderness),
+            allowed_lateness_ms: millis(pipeline.allowed_lateness),
+            idle_timeout_ms: millis(pipeline.idle_timeout).max(1),
+        }
+    }
+
+    /// Start of the window holding `timestamp_ms`.
+    #[inline]
+    pub fn start_of(&self, timestamp_ms: i64) -> i64 {
+        timestamp_ms - timestamp_ms.rem_euclid(self.size_ms)
+    }
+}
+
+/// Running aggregate of one window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowAcc {
+    pub start_ms: i64,
+    pub count: u64,
+    /// Sum of values, in arrival order: the average is `sum / count`, exactly what a
+    /// straightforward reference computation gives.
+    pub sum: f64,
+    /// Sum of squared deviations from the running mean (Welford), for the stddev.
+    pub m2: f64,
+    pub min: f64,
+    pub max: f64,
+    pub revision: u32,
+    pub fired: bool,
+}
+
+impl WindowAcc {
+    fn new(start_ms: i64) -> Self {
+        Self {
+            start_ms,
+            count: 0,
+            sum: 0.0,
+            m2: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            revision: 0,
+            fired: false,
+        }
+    }
+
+    #[inline]
+    fn add(&mut self, value: f64) {
+        let previous_mean = if self.count == 0 { 0.0 } else { self.sum / self.count as f64 };
+        self.count += 1;
+        self.sum += value;
+        let mean = self.sum / self.count as f64;
+        self.m2 += (value - previous_mean) * (value - mean);
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+    }
+
+    pub fn features(&self, spec: &WindowSpec) -> WindowFeatures {
+        let count = self.count.max(1) as f64;
+        WindowFeatures {
+            start_ms: self.start_ms,
+            end_ms: self.start_ms + spec.size_ms,
+            count: self.count,
+            mean: self.sum / count,
+            min: self.min,
+            max: self.max,
+            stddev: (self.m2 / count).max(0.0).sqrt(),
+        }
+    }
+}
+
+/// What a fired window hands to scoring and the sinks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WindowFeatures {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub count: u64,
+    pub mean: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Population standard deviation of the window's values.
+    pub stddev: f64,
+}
+
+/// A window that fired: first time (revision 0) or updated by a late event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fired {
+    pub features: WindowFeatures,
+    pub revision: u32,
+}
+
+impl Fired {
+    pub fn is_update(&self) -> bool {
+        self.revision > 0
+    }
+}
+
+/// An event that arrived after its window closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Late {
+    pub window_start_ms: i64,
+    pub watermark_ms: i64,
+}
+
+/// Sentinel for "no event seen yet".
+const NO_EVENT: i64 = i64::MIN;
+
+/// Window state of one key `(sensorId, eventType)`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeyWindows {
+    max_event_ms: i64,
+    last_ingest_ms: i64,
+    /// Windows starting before this were closed by an idle flush.
+    closed_before_ms: i64,
+    /// Open windows (fired ones are kept until `end + allowed_lateness`), by start.
+    windows: SmallVec<[WindowAcc; 2]>,
+}
+
+impl Default for KeyWindows {
+    fn default() -> Self {
+        Self {
+            max_event_ms: NO_EVENT,
+            last_ingest_ms: NO_EVENT,
+            closed_before_ms: NO_EVENT,
+            windows: SmallVec::new(),
+        }
+    }
+}
+
+impl KeyWindows {
+    pub fn watermark(&self, spec: &WindowSpec) -> Option<i64> {
+        (self.max_event_ms != NO_EVENT).then(|| self.max_event_ms.saturating_sub(spec.out_of_orderness_ms))
+    }
+
+    pub fn open_windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    pub fn last_ingest_ms(&self) -> i64 {
+        self.last_ingest_ms
+    }
+
+    /// Add one event; windows that fire because of it are appended to `fired` in order.
+    pub fn add(
+        &mut self,
+        spec: &WindowSpec,
+        timestamp_ms: i64,
+        value: f64,
+        ingest_ms: i64,
+        fired: &mut Vec<Fired>,
+    ) -> Result<(), Late> {
+        let start_ms = spec.start_of(timestamp_ms);
+        let watermark = self.watermark(spec);
+        if let Some(watermark_ms) = watermark
+            && start_ms + spec.size_ms + spec.allowed_lateness_ms <= watermark_ms
+        {
+            return Err(Late {
+                window_start_ms: start_ms,
+                watermark_ms,
+            });
+        }
+        if start_ms < self.closed_before_ms {
+            return Err(Late {
+                window_start_ms: start_ms,
+                watermark_ms: watermark.unwrap_or(self.closed_before_ms),
+            });
+        }
+        self.last_ingest_ms = self.last_ingest_ms.max(ingest_ms);
+
+        let index = match self.windows.binary_search_by_key(&start_ms, |acc| acc.start_ms) {
+            Ok(index) => index,
+            Err(index) => {
+                self.windows.insert(index, WindowAcc::new(start_ms));
+                index
+            }
+        };
+        let acc = &mut self.windows[index];
+        acc.add(value);
+        if acc.fired {
+            // Late but within the allowed lateness: fire the updated window again.
+            acc.revision += 1;
+            fired.push(Fired {
+                features: acc.features(spec),
+                revision: acc.revision,
+            });
+        }
+
+        if timestamp_ms > self.max_event_ms {
+            self.max_event_ms = timestamp_ms;
+            self.advance(spec, fired);
+        }
+        Ok(())
+    }
+
+    /// Fire windows the watermark has passed; purge those past their lateness.
+    fn advance(&mut self, spec: &WindowSpec, fired: &mut Vec<Fired>) {
+        let Some(watermark_ms) = self.watermark(spec) else {
+            return;
+        };
+        for acc in self.windows.iter_mut() {
+            let end_ms = acc.start_ms + spec.size_ms;
+            if end_ms > watermark_ms {
+                break; // sorted by start: later windows are not due either
+            }
+            if !acc.fired {
+                acc.fired = true;
+                fired.push(Fired {
+                    features: acc.features(spec),
+                    revision: acc.revision,
+                });
+            }
+        }
+        self.windows
+            .retain(|acc| acc.start_ms + spec.size_ms + spec.allowed_lateness_ms > watermark_ms);
+    }
+
+    /// Whether the key has seen no events for the idle timeout at ingest clock `clock_ms`.
+    pub fn is_idle(&self, spec: &WindowSpec, clock_ms: i64) -> bool {
+        !self.windows.is_empty()
+            && self.last_ingest_ms != NO_EVENT
+            && clock_ms.saturating_sub(self.last_ingest_ms) >= spec.idle_timeout_ms
+    }
+
+    /// Fire every window that has not fired and close them all (idle key, end of input).
+    /// Later events for these windows are late.
+    pub fn flush(&mut self, spec: &WindowSpec, fired: &mut Vec<Fired>) {
+        for acc in self.windows.iter_mut() {
+            if !acc.fired {
+                acc.fired = true;
+                fired.push(Fired {
+                    features: acc.features(spec),
+                    revision: acc.revision,
+                });
+            }
+        }
+        if let Some(last) = self.windows.last() {
+            self.closed_before_ms = self.closed_before_ms.max(last.start_ms + spec.size_ms);
+        }
+        self.windows.clear();
+        self.windows.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: WindowSpec = WindowSpec {
+        size_ms: 30_000,
+        out_of_orderness_ms: 5_000,
+        allowed_lateness_ms: 0,
+        idle_timeout_ms: 60_000,
+    };
+
+    fn feed(key: &mut KeyWindows, spec: &WindowSpec, events: &[(i64, f64)]) -> (Vec<Fired>, Vec<Late>) {
+        let mut fired = Vec::new();
+        let mut late = Vec::new();
+        for &(ts, value) in events {
+            if let Err(l) = key.add(spec, ts, value, 0, &mut fired) {
+                late.push(l);
+            }
+        }
+        (fired, late)
+    }
+
+    #[test]
+    fn windows_align_to_the_epoch() {
+        assert_eq!(SPEC.start_of(0), 0);
+        assert_eq!(SPEC.start_of(29_999), 0);
+        assert_eq!(SPEC.start_of(30_000), 30_000);
+        assert_eq!(SPEC.start_of(-1), -30_000);
+    }
+
+    #[test]
+    fn fires_when_watermark_reaches_the_end() {
+        let mut key = KeyWindows::default();
+        let (fired, _) = feed(&mut key, &SPEC, &[(1_000, 1.0), (10_000, 3.0), (34_999, 7.0)]);
+        assert!(fired.is_empty(), "watermark 29_999 < end 30_000");
+        let (fired, _) = feed(&mut key, &SPEC, &[(35_000, 9.0)]);
+        assert_eq!(fired.len(), 1);
+        let f = fired[0].features;
+        assert_eq!((f.start_ms, f.end_ms, f.count), (0, 30_000, 2));
+        assert_eq!((f.mean, f.min, f.max), (2.0, 1.0, 3.0));
+        assert_eq!(f.stddev, 1.0);
+        assert_eq!(fired[0].revision, 0);
+    }
+
+    #[test]
+    fn out_of_order_within_bound_is_counted_later_is_late() {
+        let mut key = KeyWindows::default();
+        // 31s moves the watermark to 26s; 20s is out of order but its window is open.
+        let (fired, late) = feed(&mut key, &SPEC, &[(31_000, 1.0), (20_000, 2.0), (40_000, 1.0)]);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].features.count, 1);
+        assert_eq!(fired[0].features.mean, 2.0);
+        assert!(late.is_empty());
+        // Watermark is now 35s: the [0, 30s) window is closed.
+        let (_, late) = feed(&mut key, &SPEC, &[(29_000, 5.0)]);
+        assert_eq!(late, vec![Late { window_start_ms: 0, watermark_ms: 35_000 }]);
+    }
+
+    #[test]
+    fn allowed_lateness_refires_with_a_higher_revision() {
+        let spec = WindowSpec { allowed_lateness_ms: 10_000, ..SPEC };
+        let mut key = KeyWindows::default();
+        let (fired, _) = feed(&mut key, &spec, &[(1_000, 1.0), (36_000, 1.0)]);
+        assert_eq!(fired.len(), 1);
+        let (fired, late) = feed(&mut key, &spec, &[(2_000, 3.0)]);
+        assert!(late.is_empty());
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].revision, 1);
+        assert_eq!(fired[0].features.count, 2);
+        // Watermark 40s = end 30s + lateness 10s: closed.
+        let (_, late) = feed(&mut key, &spec, &[(45_000, 1.0), (3_000, 1.0)]);
+        assert_eq!(late.len(), 1);
+    }
+
+    #[test]
+    fn idle_flush_fires_and_closes() {
+        let mut key = KeyWindows::default();
+        let mut fired = Vec::new();
+        key.add(&SPEC, 1_000, 4.0, 100, &mut fired).unwrap();
+        assert!(!key.is_idle(&SPEC, 100 + 59_999));
+        assert!(key.is_idle(&SPEC, 100 + 60_000));
+        key.flush(&SPEC, &mut fired);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(key.open_windows(), 0);
+        assert!(key.add(&SPEC, 2_000, 1.0, 200, &mut fired).is_err(), "closed by the flush");
+        assert!(key.add(&SPEC, 30_000, 1.0, 200, &mut fired).is_ok(), "next window is open");
+    }
+
+    #[test]
+    fn checkpoint_round_trip_preserves_state() {
+        let mut key = KeyWindows::default();
+        feed(&mut key, &SPEC, &[(1_000, 1.5), (31_000, 2.5)]);
+        let bytes = postcard::to_allocvec(&key).unwrap();
+        let restored: KeyWindows = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(restored, key);
+    }
+}
