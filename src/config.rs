@@ -159,6 +159,9 @@ impl fmt::Display for ConfigErrors {
 /// Where configuration comes from, highest priority last.
 #[derive(Clone, Debug, Default)]
 pub struct ConfigSources {
+    /// Settings layered right above the embedded defaults (e.g. `tidemark demo`'s short
+    /// windows), below the file and the environment.
+    pub presets: Vec<(String, toml::Value)>,
     pub file: Option<std::path::PathBuf>,
     /// Read `TIDEMARK__*` from the process environment.
     pub environment: bool,
@@ -168,15 +171,16 @@ pub struct ConfigSources {
 
 impl ConfigSources {
     pub fn from_process(file: Option<std::path::PathBuf>) -> Self {
-        Self {
-            file,
-            environment: true,
-            overrides: Vec::new(),
-        }
+        Self { presets: Vec::new(), file, environment: true, overrides: Vec::new() }
     }
 
     pub fn with(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
         self.overrides.push((key.to_string(), value.into()));
+        self
+    }
+
+    pub fn preset(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.presets.push((key.to_string(), value.into()));
         self
     }
 }
@@ -189,12 +193,12 @@ impl Config {
 
     pub fn load(sources: &ConfigSources) -> Result<Self, ConfigErrors> {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        for (key, value) in &sources.presets {
+            figment = figment.merge(figment::providers::Serialized::global(key, value.clone()));
+        }
         if let Some(path) = &sources.file {
             if !path.exists() {
-                return Err(ConfigErrors(vec![format!(
-                    "config file {} does not exist",
-                    path.display()
-                )]));
+                return Err(ConfigErrors(vec![format!("config file {} does not exist", path.display())]));
             }
             figment = figment.merge(Toml::file_exact(path));
         }
@@ -249,30 +253,10 @@ impl Config {
             Some(shutdown),
             Some(log),
             Some(chaos),
-        ) = (
-            http,
-            ingest,
-            pipeline,
-            scoring,
-            store,
-            checkpoint,
-            supervision,
-            shutdown,
-            log,
-            chaos,
-        ) {
-            let config = Config {
-                http,
-                ingest,
-                pipeline,
-                scoring,
-                store,
-                checkpoint,
-                supervision,
-                shutdown,
-                log,
-                chaos,
-            };
+        ) = (http, ingest, pipeline, scoring, store, checkpoint, supervision, shutdown, log, chaos)
+        {
+            let config =
+                Config { http, ingest, pipeline, scoring, store, checkpoint, supervision, shutdown, log, chaos };
             config.validate(&mut errors);
             if errors.is_empty() {
                 return Ok(config);
@@ -287,19 +271,13 @@ impl Config {
                 errors.push(message.to_string());
             }
         };
-        check(
-            self.http.listen.parse::<SocketAddr>().is_ok(),
-            "http.listen: expected an address like 127.0.0.1:8080",
-        );
+        check(self.http.listen.parse::<SocketAddr>().is_ok(), "http.listen: expected an address like 127.0.0.1:8080");
         check(self.http.max_body_bytes >= 1024, "http.max_body_bytes: must be at least 1024");
         check(
             (1..=4096).contains(&self.ingest.max_string_bytes),
             "ingest.max_string_bytes: must be between 1 and 4096",
         );
-        check(
-            (1..=1024).contains(&self.pipeline.partitions),
-            "pipeline.partitions: must be between 1 and 1024",
-        );
+        check((1..=1024).contains(&self.pipeline.partitions), "pipeline.partitions: must be between 1 and 1024");
         check(
             self.pipeline.window.as_millis() >= 1 && self.pipeline.window.subsec_nanos().is_multiple_of(1_000_000),
             "pipeline.window: must be a whole number of milliseconds, at least 1ms",
@@ -312,10 +290,7 @@ impl Config {
             self.pipeline.allowed_lateness.subsec_nanos().is_multiple_of(1_000_000),
             "pipeline.allowed_lateness: must be a whole number of milliseconds",
         );
-        check(
-            self.pipeline.idle_timeout.as_millis() >= 1,
-            "pipeline.idle_timeout: must be at least 1ms",
-        );
+        check(self.pipeline.idle_timeout.as_millis() >= 1, "pipeline.idle_timeout: must be at least 1ms");
         check(
             self.pipeline.max_buffered_events >= self.pipeline.partitions as usize * 16,
             "pipeline.max_buffered_events: must allow at least 16 events per partition",
@@ -328,10 +303,7 @@ impl Config {
                 crate::scoring::MODELS
             ),
         );
-        check(
-            self.scoring.threshold > 0.0 && self.scoring.threshold <= 1.0,
-            "scoring.threshold: must be in (0, 1]",
-        );
+        check(self.scoring.threshold > 0.0 && self.scoring.threshold <= 1.0, "scoring.threshold: must be in (0, 1]");
         check(self.scoring.ewma_span >= 1.0, "scoring.ewma_span: must be at least 1");
         check(
             self.store.url.starts_with("sqlite:")
@@ -339,27 +311,15 @@ impl Config {
                 || self.store.url.starts_with("postgresql://"),
             "store.url: expected sqlite://PATH or postgres://USER@HOST/DB",
         );
-        check(
-            (1..=10_000).contains(&self.store.batch_size),
-            "store.batch_size: must be between 1 and 10000",
-        );
+        check((1..=10_000).contains(&self.store.batch_size), "store.batch_size: must be between 1 and 10000");
         check(self.store.max_connections >= 1, "store.max_connections: must be at least 1");
-        check(
-            self.checkpoint.interval.as_millis() >= 10,
-            "checkpoint.interval: must be at least 10ms",
-        );
+        check(self.checkpoint.interval.as_millis() >= 10, "checkpoint.interval: must be at least 10ms");
         check(
             self.supervision.backoff_initial <= self.supervision.backoff_max,
             "supervision.backoff_initial: must not exceed supervision.backoff_max",
         );
-        check(
-            self.supervision.max_event_attempts >= 1,
-            "supervision.max_event_attempts: must be at least 1",
-        );
-        check(
-            matches!(self.log.format.as_str(), "text" | "json"),
-            "log.format: expected \"text\" or \"json\"",
-        );
+        check(self.supervision.max_event_attempts >= 1, "supervision.max_event_attempts: must be at least 1");
+        check(matches!(self.log.format.as_str(), "text" | "json"), "log.format: expected \"text\" or \"json\"");
         check(
             (0.0..=1.0).contains(&self.chaos.partition_panic_probability),
             "chaos.partition_panic_probability: must be in [0, 1]",
@@ -379,10 +339,7 @@ impl Config {
 
     pub fn listen_addr(&self) -> SocketAddr {
         // Validated in `validate`; the fallback only guards against misuse of a hand-built Config.
-        self.http
-            .listen
-            .parse()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+        self.http.listen.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
     }
 }
 
@@ -408,11 +365,7 @@ fn find_unknown_keys(
         return; // an open map: any key is allowed
     }
     for (key, value) in supplied {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
         match known.get(key) {
             Some(known_value) => find_unknown_keys(figment, value, known_value, &path, errors),
             None => {
@@ -424,9 +377,7 @@ fn find_unknown_keys(
                     })
                     .unwrap_or_default();
                 let env_name = format!("{ENV_PREFIX}{}", path.replace('.', "__").to_uppercase());
-                errors.push(format!(
-                    "unknown key `{path}`{origin}; as an environment variable it would be {env_name}"
-                ));
+                errors.push(format!("unknown key `{path}`{origin}; as an environment variable it would be {env_name}"));
             }
         }
     }
@@ -438,10 +389,7 @@ pub fn redact_url(url: &str) -> String {
     // Passwords may also travel as a query parameter.
     if let Some(index) = out.find("password=") {
         let value_start = index + "password=".len();
-        let value_end = out[value_start..]
-            .find('&')
-            .map(|offset| value_start + offset)
-            .unwrap_or(out.len());
+        let value_end = out[value_start..].find('&').map(|offset| value_start + offset).unwrap_or(out.len());
         out.replace_range(value_start..value_end, "***");
     }
     out
@@ -474,11 +422,7 @@ pub fn millis(duration: Duration) -> i64 {
 pub fn sqlite_path(url: &str) -> Option<&Path> {
     let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
     let path = path.split('?').next().unwrap_or(path);
-    if path.is_empty() || path == ":memory:" {
-        None
-    } else {
-        Some(Path::new(path))
-    }
+    if path.is_empty() || path == ":memory:" { None } else { Some(Path::new(path)) }
 }
 
 #[cfg(test)]
@@ -496,9 +440,8 @@ mod tests {
 
     #[test]
     fn overrides_win_and_durations_parse() {
-        let sources = ConfigSources::default()
-            .with("pipeline.window", "2s")
-            .with("pipeline.max_out_of_orderness", "500ms");
+        let sources =
+            ConfigSources::default().with("pipeline.window", "2s").with("pipeline.max_out_of_orderness", "500ms");
         let config = Config::load(&sources).expect("valid");
         assert_eq!(config.pipeline.window, Duration::from_secs(2));
         assert_eq!(config.pipeline.max_out_of_orderness, Duration::from_millis(500));
@@ -541,10 +484,8 @@ mod tests {
             redact_url("postgres://db/tidemark?user=a&password=b&x=1"),
             "postgres://db/tidemark?user=a&password=***&x=1"
         );
-        let config = Config::load(
-            &ConfigSources::default().with("store.url", "postgres://app:s3cret@db/tidemark"),
-        )
-        .expect("valid");
+        let config = Config::load(&ConfigSources::default().with("store.url", "postgres://app:s3cret@db/tidemark"))
+            .expect("valid");
         assert!(!config.to_redacted_toml().contains("s3cret"));
         assert!(!format!("{config:?}").contains("s3cret"));
     }

@@ -1,0 +1,160 @@
+//! `tidemark-sim`: a deterministic sensor simulator that posts to tidemark's HTTP API
+//! or writes an NDJSON workload, with ground-truth labels of the injected anomalies.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tidemark::sim::{self, AnomalyKind, Generator, SimConfig};
+
+#[derive(Parser)]
+#[command(name = "tidemark-sim", version, about = "Deterministic sensor simulator and load generator for tidemark")]
+struct Cli {
+    /// tidemark's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    #[arg(long, default_value_t = 20)]
+    sensors: u32,
+    /// Events per second over all sensors.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Stream length, e.g. 60s or 10m; 0 runs until stopped.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Share of events sent with an earlier timestamp (out of order).
+    #[arg(long, default_value_t = 0.0)]
+    disorder: f64,
+    /// Largest timestamp shift of an out-of-order event.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    max_disorder: Duration,
+    /// Number of anomalies to inject.
+    #[arg(long, default_value_t = 4)]
+    anomalies: u32,
+    /// Stream time before the first anomaly.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    anomalies_after: Duration,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    anomaly_duration: Duration,
+    /// Kinds to cycle through: spike, drift, stuck, dropout.
+    #[arg(long, value_delimiter = ',', default_value = "spike,drift,stuck,dropout")]
+    kinds: Vec<String>,
+    /// Write the injected anomalies here (NDJSON).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Write the events as NDJSON to this file instead of posting them.
+    #[arg(long)]
+    write: Option<PathBuf>,
+    /// Event time of the first event: RFC 3339 or "now". Default: now when posting,
+    /// 2026-01-01T00:00:00Z when writing (so files are reproducible).
+    #[arg(long)]
+    start: Option<String>,
+    /// Post as fast as the server accepts instead of in real time.
+    #[arg(long)]
+    no_pace: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut kinds = Vec::new();
+    for name in &cli.kinds {
+        match AnomalyKind::parse(name.trim()) {
+            Some(kind) => kinds.push(kind),
+            None => {
+                eprintln!("--kinds: unknown anomaly kind {name:?} (spike, drift, stuck, dropout)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let start_ms = match cli.start.as_deref() {
+        None if cli.write.is_some() => SimConfig::default().start_ms,
+        None | Some("now") => chrono::Utc::now().timestamp_millis(),
+        Some(text) => match chrono::DateTime::parse_from_rfc3339(text) {
+            Ok(time) => time.timestamp_millis(),
+            Err(error) => {
+                eprintln!("--start: {text:?} is not RFC 3339: {error}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let config = SimConfig {
+        sensors: cli.sensors,
+        rate: cli.rate,
+        duration: (!cli.duration.is_zero()).then_some(cli.duration),
+        seed: cli.seed,
+        start_ms,
+        disorder: cli.disorder,
+        max_disorder: cli.max_disorder,
+        anomalies: cli.anomalies,
+        anomalies_after: cli.anomalies_after,
+        anomaly_spacing: None,
+        anomaly_duration: cli.anomaly_duration,
+        anomaly_kinds: kinds,
+    };
+    if config.duration.is_none() && cli.write.is_some() {
+        eprintln!("--write needs a finite --duration");
+        return ExitCode::from(2);
+    }
+    let generator = Generator::new(config);
+    if let Some(path) = &cli.labels
+        && let Err(error) = std::fs::write(path, sim::labels_ndjson(generator.anomalies()))
+    {
+        eprintln!("cannot write labels to {}: {error}", path.display());
+        return ExitCode::FAILURE;
+    }
+    if let Some(path) = &cli.write {
+        return write_file(path, generator);
+    }
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
+        eprintln!("cannot start the async runtime");
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(async move {
+        let client = reqwest::Client::new();
+        let mut last_report = std::time::Instant::now();
+        let stats =
+            sim::http::post_stream(&client, &cli.url, generator, Duration::from_millis(100), !cli.no_pace, |stats| {
+                if last_report.elapsed() >= Duration::from_secs(5) {
+                    last_report = std::time::Instant::now();
+                    eprintln!(
+                        "sent {} events ({} accepted, {} rejected, {} retries, {} failures)",
+                        stats.events_sent, stats.accepted, stats.rejected, stats.retries, stats.failures
+                    );
+                }
+            })
+            .await;
+        println!("{}", serde_json::to_string_pretty(&stats).unwrap_or_default());
+        if stats.failures > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    })
+}
+
+fn write_file(path: &PathBuf, generator: Generator) -> ExitCode {
+    let file = match std::fs::File::create(path) {
+        Ok(file) => file,
+        Err(error) => {
+            eprintln!("cannot create {}: {error}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut line = String::with_capacity(128);
+    let mut count = 0u64;
+    for event in generator {
+        line.clear();
+        event.write_json(&mut line);
+        if let Err(error) = out.write_all(line.as_bytes()) {
+            eprintln!("cannot write {}: {error}", path.display());
+            return ExitCode::FAILURE;
+        }
+        count += 1;
+    }
+    if let Err(error) = out.flush() {
+        eprintln!("cannot write {}: {error}", path.display());
+        return ExitCode::FAILURE;
+    }
+    eprintln!("wrote {count} events to {}", path.display());
+    ExitCode::SUCCESS
+}
