@@ -133,14 +133,22 @@ impl Metrics {
         };
         registry.register("events_received", "Events received, valid or not", metrics.events_received.clone());
         registry.register("events_accepted", "Events accepted into the pipeline", metrics.events_accepted.clone());
-        registry.register("events_rejected", "Events rejected at ingestion, by reason", metrics.events_rejected.clone());
+        registry.register(
+            "events_rejected",
+            "Events rejected at ingestion, by reason",
+            metrics.events_rejected.clone(),
+        );
         registry.register(
             "ingest_backpressure",
             "Ingestion requests refused with 503 because a partition's replay buffer was full",
             metrics.ingest_backpressure.clone(),
         );
         registry.register("events_processed", "Events processed by partition actors", metrics.events_processed.clone());
-        registry.register("events_late", "Events later than the allowed lateness (dead-lettered)", metrics.events_late.clone());
+        registry.register(
+            "events_late",
+            "Events later than the allowed lateness (dead-lettered)",
+            metrics.events_late.clone(),
+        );
         registry.register("windows_fired", "Windows fired for the first time", metrics.windows_fired.clone());
         registry.register("window_updates", "Windows re-fired by late events", metrics.window_updates.clone());
         registry.register("anomalies", "Anomalous windows, by severity", metrics.anomalies.clone());
@@ -230,11 +238,7 @@ impl Latency {
     /// Observation count and, per quantile, the upper bound of the bucket holding it
     /// (`None` when empty; `+Inf` beyond the last bound).
     pub fn quantiles(&self, quantiles: &[f64]) -> (u64, Vec<Option<f64>>) {
-        let counts: Vec<u64> = self
-            .counts
-            .iter()
-            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-            .collect();
+        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).collect();
         let total: u64 = counts.iter().sum();
         let answers = quantiles
             .iter()

@@ -36,17 +36,17 @@ pub struct SlotProgress {
 
 impl Default for SlotProgress {
     fn default() -> Self {
-        Self {
-            processing: AtomicU64::new(IDLE),
-            processed: AtomicU64::new(0),
-        }
+        Self { processing: AtomicU64::new(IDLE), processed: AtomicU64::new(0) }
     }
 }
 
 enum LogEntry {
     Events(EventBatch),
     /// The ingest clock reached `now_ms` before the event at `position`.
-    Tick { position: Position, now_ms: i64 },
+    Tick {
+        position: Position,
+        now_ms: i64,
+    },
 }
 
 impl LogEntry {
@@ -89,12 +89,7 @@ struct Slot {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
     #[error("partition {partition} has {buffered} events waiting for a checkpoint (limit {limit}); retry later")]
-    Backpressure {
-        partition: PartitionId,
-        buffered: usize,
-        limit: usize,
-        retry_after: Duration,
-    },
+    Backpressure { partition: PartitionId, buffered: usize, limit: usize, retry_after: Duration },
     #[error("tidemark is shutting down")]
     Closed,
 }
@@ -231,10 +226,7 @@ impl PartitionRouter {
             if self.keep_log {
                 guard.buffered += batch.len();
                 guard.log.push_back(LogEntry::Events(batch));
-                self.metrics
-                    .buffered_events
-                    .get_or_create(&PartitionLabels { partition })
-                    .set(guard.buffered as i64);
+                self.metrics.buffered_events.get_or_create(&PartitionLabels { partition }).set(guard.buffered as i64);
                 if guard.buffered * 2 >= self.limit && !guard.pressure_checkpoint_requested {
                     guard.pressure_checkpoint_requested = true;
                     if let Some(actor) = &guard.actor {
@@ -251,9 +243,7 @@ impl PartitionRouter {
         if self.keep_log {
             state.buffered
         } else {
-            state
-                .next_position
-                .saturating_sub(slot.progress.processed.load(Ordering::Acquire)) as usize
+            state.next_position.saturating_sub(slot.progress.processed.load(Ordering::Acquire)) as usize
         }
     }
 
@@ -332,10 +322,7 @@ impl PartitionRouter {
         }
         guard.pressure_checkpoint_requested = false;
         self.metrics.buffered_events.get_or_create(&labels).set(guard.buffered as i64);
-        self.metrics
-            .checkpoint_position
-            .get_or_create(&labels)
-            .set(i64::try_from(next_position).unwrap_or(i64::MAX));
+        self.metrics.checkpoint_position.get_or_create(&labels).set(i64::try_from(next_position).unwrap_or(i64::MAX));
     }
 
     // ---- used by the partition supervisor only ----

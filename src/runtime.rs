@@ -76,9 +76,7 @@ impl Runtime {
             store: Arc::clone(&store),
             sinks: Arc::clone(&sinks),
             metrics: Arc::clone(&metrics),
-            limits: ParseLimits {
-                max_string_bytes: config.ingest.max_string_bytes,
-            },
+            limits: ParseLimits { max_string_bytes: config.ingest.max_string_bytes },
             started_at: Instant::now(),
         });
         let parts = Arc::new(RuntimeParts {
@@ -114,12 +112,7 @@ impl Runtime {
             window = %humantime::format_duration(parts.config.pipeline.window),
             "tidemark is running"
         );
-        Ok(Self {
-            parts,
-            root,
-            root_handle: Some(root_handle),
-            ticker,
-        })
+        Ok(Self { parts, root, root_handle: Some(root_handle), ticker })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -144,6 +137,31 @@ impl Runtime {
 
     pub fn sinks(&self) -> &Arc<Sinks> {
         &self.parts.sinks
+    }
+
+    /// Fire every open window and wait until the store sink has written everything
+    /// (the end of a bounded input: `replay`, tests).
+    pub async fn flush_all(&self, timeout: Duration) -> anyhow::Result<()> {
+        let router = &self.parts.router;
+        for partition in 0..router.partitions() {
+            let actor =
+                router.actor(partition).ok_or_else(|| anyhow::anyhow!("partition {partition} has no running actor"))?;
+            let reply = actor
+                .call(PartitionMsg::FlushAll, Some(timeout))
+                .await
+                .map_err(|error| anyhow::anyhow!("partition {partition}: {error}"))?;
+            anyhow::ensure!(reply.is_success(), "partition {partition} did not flush within {timeout:?}");
+        }
+        self.flush_sinks(timeout).await
+    }
+
+    /// Wait until the store sink has written everything sent to it so far.
+    pub async fn flush_sinks(&self, timeout: Duration) -> anyhow::Result<()> {
+        let sink = self.parts.sinks.store().ok_or_else(|| anyhow::anyhow!("the store sink is not running"))?;
+        let reply =
+            sink.call(StoreMsg::Flush, Some(timeout)).await.map_err(|error| anyhow::anyhow!("store sink: {error}"))?;
+        anyhow::ensure!(reply.is_success(), "store sink did not flush within {timeout:?}");
+        Ok(())
     }
 
     /// Resolves when the supervision tree stopped on its own (a subtree exhausted the
@@ -198,12 +216,8 @@ impl Runtime {
             let _ = tokio::time::timeout(remaining().max(Duration::from_millis(100)), handle).await;
         }
         self.parts.store.close().await;
-        let report = ShutdownReport {
-            partitions_checkpointed: checkpointed,
-            partitions,
-            sink_drained,
-            took: started.elapsed(),
-        };
+        let report =
+            ShutdownReport { partitions_checkpointed: checkpointed, partitions, sink_drained, took: started.elapsed() };
         tracing::info!(
             partitions_checkpointed = report.partitions_checkpointed,
             partitions = report.partitions,

@@ -11,11 +11,7 @@ pub fn init(config: &LogConfig) {
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = if config.format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let result = if config.format == "json" { builder.json().try_init() } else { builder.try_init() };
     if let Err(error) = result {
         eprintln!("logging already initialised: {error}");
     }

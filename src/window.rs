@@ -147,12 +147,7 @@ pub struct KeyWindows {
 
 impl Default for KeyWindows {
     fn default() -> Self {
-        Self {
-            max_event_ms: NO_EVENT,
-            last_ingest_ms: NO_EVENT,
-            closed_before_ms: NO_EVENT,
-            windows: SmallVec::new(),
-        }
+        Self { max_event_ms: NO_EVENT, last_ingest_ms: NO_EVENT, closed_before_ms: NO_EVENT, windows: SmallVec::new() }
     }
 }
 
@@ -183,16 +178,10 @@ impl KeyWindows {
         if let Some(watermark_ms) = watermark
             && start_ms + spec.size_ms + spec.allowed_lateness_ms <= watermark_ms
         {
-            return Err(Late {
-                window_start_ms: start_ms,
-                watermark_ms,
-            });
+            return Err(Late { window_start_ms: start_ms, watermark_ms });
         }
         if start_ms < self.closed_before_ms {
-            return Err(Late {
-                window_start_ms: start_ms,
-                watermark_ms: watermark.unwrap_or(self.closed_before_ms),
-            });
+            return Err(Late { window_start_ms: start_ms, watermark_ms: watermark.unwrap_or(self.closed_before_ms) });
         }
         self.last_ingest_ms = self.last_ingest_ms.max(ingest_ms);
 
@@ -208,10 +197,7 @@ impl KeyWindows {
         if acc.fired {
             // Late but within the allowed lateness: fire the updated window again.
             acc.revision += 1;
-            fired.push(Fired {
-                features: acc.features(spec),
-                revision: acc.revision,
-            });
+            fired.push(Fired { features: acc.features(spec), revision: acc.revision });
         }
 
         if timestamp_ms > self.max_event_ms {
@@ -233,14 +219,10 @@ impl KeyWindows {
             }
             if !acc.fired {
                 acc.fired = true;
-                fired.push(Fired {
-                    features: acc.features(spec),
-                    revision: acc.revision,
-                });
+                fired.push(Fired { features: acc.features(spec), revision: acc.revision });
             }
         }
-        self.windows
-            .retain(|acc| acc.start_ms + spec.size_ms + spec.allowed_lateness_ms > watermark_ms);
+        self.windows.retain(|acc| acc.start_ms + spec.size_ms + spec.allowed_lateness_ms > watermark_ms);
     }
 
     /// Whether the key has seen no events for the idle timeout at ingest clock `clock_ms`.
@@ -256,10 +238,7 @@ impl KeyWindows {
         for acc in self.windows.iter_mut() {
             if !acc.fired {
                 acc.fired = true;
-                fired.push(Fired {
-                    features: acc.features(spec),
-                    revision: acc.revision,
-                });
+                fired.push(Fired { features: acc.features(spec), revision: acc.revision });
             }
         }
         if let Some(last) = self.windows.last() {
@@ -274,12 +253,8 @@ impl KeyWindows {
 mod tests {
     use super::*;
 
-    const SPEC: WindowSpec = WindowSpec {
-        size_ms: 30_000,
-        out_of_orderness_ms: 5_000,
-        allowed_lateness_ms: 0,
-        idle_timeout_ms: 60_000,
-    };
+    const SPEC: WindowSpec =
+        WindowSpec { size_ms: 30_000, out_of_orderness_ms: 5_000, allowed_lateness_ms: 0, idle_timeout_ms: 60_000 };
 
     fn feed(key: &mut KeyWindows, spec: &WindowSpec, events: &[(i64, f64)]) -> (Vec<Fired>, Vec<Late>) {
         let mut fired = Vec::new();
@@ -365,5 +340,42 @@ mod tests {
         let bytes = postcard::to_allocvec(&key).unwrap();
         let restored: KeyWindows = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(restored, key);
+    }
+
+    proptest::proptest! {
+        /// Every event is either counted in exactly one window (its final revision) or
+        /// reported late; out-of-order arrival never loses or duplicates one.
+        #[test]
+        fn counts_add_up(
+            events in proptest::collection::vec((0u8..4, 0i64..200_000, -1000i64..1000), 0..400),
+            lateness in 0i64..20_000,
+        ) {
+            let spec = WindowSpec { allowed_lateness_ms: lateness, ..SPEC };
+            let mut keys: std::collections::HashMap<u8, KeyWindows> = Default::default();
+            let mut latest: std::collections::HashMap<(u8, i64), (u32, u64)> = Default::default();
+            let mut late = 0usize;
+            let mut fired = Vec::new();
+            let mut record = |key: u8, fired: &mut Vec<Fired>| {
+                for f in fired.drain(..) {
+                    let entry = latest.entry((key, f.features.start_ms)).or_insert((0, 0));
+                    proptest::prop_assert!(f.revision >= entry.0, "revisions only grow");
+                    *entry = (f.revision, f.features.count);
+                }
+                Ok(())
+            };
+            for &(key, ts, value) in &events {
+                let windows = keys.entry(key).or_default();
+                if windows.add(&spec, ts, value as f64, 0, &mut fired).is_err() {
+                    late += 1;
+                }
+                record(key, &mut fired)?;
+            }
+            for (key, windows) in keys.iter_mut() {
+                windows.flush(&spec, &mut fired);
+                record(*key, &mut fired)?;
+            }
+            let counted: u64 = latest.values().map(|(_, count)| count).sum();
+            proptest::prop_assert_eq!(counted as usize + late, events.len());
+        }
     }
 }

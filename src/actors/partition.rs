@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::actors::sinks::Sinks;
 use crate::messages::{
-    CheckpointData, DeadLetter, Event, KeyStateBlob, PartitionId, PartitionMsg, PartitionStatus, Position, RejectReason,
-    RestoredPartition, StoreMsg, WindowResult,
+    CheckpointData, DeadLetter, Event, KeyStateBlob, PartitionId, PartitionMsg, PartitionStatus, Position,
+    RejectReason, RestoredPartition, StoreMsg, WindowResult,
 };
 use crate::metrics::{Metrics, PartitionLabels, SeverityLabels};
 use crate::router::{IDLE, SlotProgress};
@@ -68,10 +68,7 @@ fn _assert_hash_compatible() {
         value.hash(&mut hasher);
         hasher.finish()
     }
-    debug_assert_eq!(
-        hash_of((CompactString::from("a"), CompactString::from("b"))),
-        hash_of(KeyRef("a", "b"))
-    );
+    debug_assert_eq!(hash_of((CompactString::from("a"), CompactString::from("b"))), hash_of(KeyRef("a", "b")));
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -120,13 +117,12 @@ impl Actor for PartitionActor {
     type State = PartitionState;
     type Arguments = PartitionArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: PartitionArgs) -> Result<Self::State, ActorProcessingErr> {
-        let PartitionArgs {
-            partition,
-            context,
-            progress,
-            restored,
-        } = args;
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: PartitionArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let PartitionArgs { partition, context, progress, restored } = args;
         let labels = PartitionLabels { partition };
         let metrics = &context.metrics;
         let counters = Counters {
@@ -244,9 +240,7 @@ impl PartitionState {
                         scorer: self.context.scoring.scorer.new_state(),
                         dirty: true,
                     };
-                    self.keys
-                        .entry((event.sensor_id.clone(), event.event_type.clone()))
-                        .or_insert(fresh)
+                    self.keys.entry((event.sensor_id.clone(), event.event_type.clone())).or_insert(fresh)
                 }
             };
             key.dirty = true;
@@ -255,10 +249,7 @@ impl PartitionState {
                 Ok(()) => {
                     if self.fired.len() > before {
                         let now_ms = chrono::Utc::now().timestamp_millis();
-                        self.context
-                            .metrics
-                            .ingest_to_fire
-                            .observe((now_ms - event.ingest_ms) as f64 / 1000.0);
+                        self.context.metrics.ingest_to_fire.observe((now_ms - event.ingest_ms) as f64 / 1000.0);
                         Self::score_fired(
                             &self.context,
                             &event.sensor_id,
@@ -305,16 +296,11 @@ impl PartitionState {
         use rand::Rng;
         let chaos = &self.context.chaos;
         if !chaos.poison_sensor_id.is_empty() && event.sensor_id == chaos.poison_sensor_id {
-            panic!(
-                "chaos: poison event from sensor {} at position {}",
-                event.sensor_id, event.position
-            );
+            panic!("chaos: poison event from sensor {} at position {}", event.sensor_id, event.position);
         }
-        if chaos.partition_panic_probability > 0.0 && self.chaos_rng.random::<f64>() < chaos.partition_panic_probability {
-            panic!(
-                "chaos: injected panic in partition {} at position {}",
-                self.partition, event.position
-            );
+        if chaos.partition_panic_probability > 0.0 && self.chaos_rng.random::<f64>() < chaos.partition_panic_probability
+        {
+            panic!("chaos: injected panic in partition {} at position {}", self.partition, event.position);
         }
     }
 
@@ -423,12 +409,7 @@ impl PartitionState {
                     self.counters.updates.inc();
                 }
                 if result.anomaly && result.revision == 0 {
-                    metrics
-                        .anomalies
-                        .get_or_create(&SeverityLabels {
-                            severity: result.severity.as_str(),
-                        })
-                        .inc();
+                    metrics.anomalies.get_or_create(&SeverityLabels { severity: result.severity.as_str() }).inc();
                 }
             }
             self.context.sinks.publish_live(&results);
@@ -449,11 +430,7 @@ impl PartitionState {
             if key.dirty {
                 let state = postcard::to_allocvec(&*key)
                     .map_err(|error| format!("partition {}: cannot serialize key state: {error}", self.partition))?;
-                upserts.push(KeyStateBlob {
-                    sensor_id: sensor_id.clone(),
-                    event_type: event_type.clone(),
-                    state,
-                });
+                upserts.push(KeyStateBlob { sensor_id: sensor_id.clone(), event_type: event_type.clone(), state });
                 key.dirty = false;
             }
         }

@@ -46,8 +46,11 @@ impl BodyFormat {
         };
         let mime = content_type.split(';').next().unwrap_or("").trim();
         match mime.to_ascii_lowercase().as_str() {
-            "application/x-ndjson" | "application/ndjson" | "application/jsonl"
-            | "application/x-jsonlines" | "application/jsonlines" => Self::Ndjson,
+            "application/x-ndjson"
+            | "application/ndjson"
+            | "application/jsonl"
+            | "application/x-jsonlines"
+            | "application/jsonlines" => Self::Ndjson,
             _ => Self::Json,
         }
     }
@@ -96,11 +99,7 @@ pub struct FieldError {
 
 impl FieldError {
     fn new(field: &'static str, reason: RejectReason, message: impl fmt::Display) -> Self {
-        Self {
-            field: Some(field),
-            reason,
-            message: format!("{field}: {message}"),
-        }
+        Self { field: Some(field), reason, message: format!("{field}: {message}") }
     }
 }
 
@@ -129,10 +128,9 @@ fn parse_json(text: &str, limits: ParseLimits, now_ms: i64) -> Result<Parsed, Bo
                 Ok(parse_ndjson(text, limits, now_ms))
             }
             Err(error) => match field_error_from_json(&error) {
-                Some(field_error) => Ok(Parsed {
-                    events: Vec::new(),
-                    rejected: vec![rejection(0, field_error, text, None)],
-                }),
+                Some(field_error) => {
+                    Ok(Parsed { events: Vec::new(), rejected: vec![rejection(0, field_error, text, None)] })
+                }
                 None => Err(BodyError::InvalidJson(error.to_string())),
             },
         },
@@ -145,10 +143,7 @@ fn parse_array(text: &str, limits: ParseLimits, now_ms: i64) -> Result<Parsed, B
     // Fast path: decode every element in one pass. Elements only fail here on JSON syntax
     // (or a number out of f64 range), which the slow path below sorts out per element.
     if let Ok(raws) = serde_json::from_str::<Vec<RawEvent>>(text) {
-        let mut parsed = Parsed {
-            events: Vec::with_capacity(raws.len()),
-            rejected: Vec::new(),
-        };
+        let mut parsed = Parsed { events: Vec::with_capacity(raws.len()), rejected: Vec::new() };
         let mut raw_texts: Option<Vec<&RawValue>> = None;
         for (index, raw) in raws.into_iter().enumerate() {
             push_validated(&mut parsed, index, raw, limits, now_ms, || {
@@ -169,10 +164,7 @@ fn parse_array(text: &str, limits: ParseLimits, now_ms: i64) -> Result<Parsed, B
 }
 
 fn parse_ndjson(text: &str, limits: ParseLimits, now_ms: i64) -> Parsed {
-    let mut parsed = Parsed {
-        events: Vec::with_capacity(text.len() / 96 + 1),
-        rejected: Vec::new(),
-    };
+    let mut parsed = Parsed { events: Vec::with_capacity(text.len() / 96 + 1), rejected: Vec::new() };
     for (index, line) in text.split('\n').enumerate() {
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
@@ -227,20 +219,16 @@ fn rejection(index: usize, error: FieldError, raw: &str, sensor_id: Option<Compa
     }
 }
 
-/// A JSON error raised inside a known field (see `RawEventVisitor`) names that field.
+/// A number too large for an f64 is a JSON error in serde_json, but for us it is a
+/// non-finite value of one field (named by `FieldSeed`), not a broken body.
 fn field_error_from_json(error: &serde_json::Error) -> Option<FieldError> {
     let text = error.to_string();
     let (field, rest) = text.split_once(": ")?;
     let field = FIELDS.iter().find(|(name, _)| *name == field).map(|(_, canonical)| *canonical)?;
-    let reason = if rest.starts_with("number out of range") {
-        RejectReason::NonFinite
-    } else {
-        RejectReason::Unparsable
-    };
-    Some(FieldError {
+    rest.starts_with("number out of range").then(|| FieldError {
         field: Some(field),
-        reason,
-        message: format!("{field}: {rest}"),
+        reason: RejectReason::NonFinite,
+        message: format!("{field}: non-finite value ({rest})"),
     })
 }
 
@@ -422,15 +410,14 @@ impl<'de> Visitor<'de> for RawEventVisitor {
 
 impl<'a> RawEvent<'a> {
     fn not_object(kind: &'static str) -> Self {
-        Self {
-            not_an_object: Some(kind),
-            ..Self::default()
-        }
+        Self { not_an_object: Some(kind), ..Self::default() }
     }
 
     fn sensor_id_hint(&self) -> Option<CompactString> {
         match &self.sensor_id {
-            Some(Scalar::Str(text)) if !text.is_empty() && text.len() <= 256 => Some(CompactString::from(text.as_ref())),
+            Some(Scalar::Str(text)) if !text.is_empty() && text.len() <= 256 => {
+                Some(CompactString::from(text.as_ref()))
+            }
             _ => None,
         }
     }
@@ -454,18 +441,15 @@ impl<'a> RawEvent<'a> {
         let event_type = required_string("eventType", self.event_type.as_ref(), limits)?;
         let value = number("value", self.value.as_ref())?;
         let timestamp_ms = timestamp("timestamp", self.timestamp.as_ref(), now_ms)?;
-        Ok(Event {
-            sensor_id,
-            event_type,
-            value,
-            timestamp_ms,
-            ingest_ms: now_ms,
-            position: 0,
-        })
+        Ok(Event { sensor_id, event_type, value, timestamp_ms, ingest_ms: now_ms, position: 0 })
     }
 }
 
-fn required_string(field: &'static str, value: Option<&Scalar<'_>>, limits: ParseLimits) -> Result<CompactString, FieldError> {
+fn required_string(
+    field: &'static str,
+    value: Option<&Scalar<'_>>,
+    limits: ParseLimits,
+) -> Result<CompactString, FieldError> {
     match value {
         None | Some(Scalar::Null) => Err(FieldError::new(field, RejectReason::MissingField, "missing")),
         Some(Scalar::Str(text)) => {
@@ -495,7 +479,9 @@ fn number(field: &'static str, value: Option<&Scalar<'_>>) -> Result<f64, FieldE
     match value {
         None | Some(Scalar::Null) => Err(FieldError::new(field, RejectReason::MissingField, "missing")),
         Some(Scalar::Float(v)) if v.is_finite() => Ok(*v),
-        Some(Scalar::Float(v)) => Err(FieldError::new(field, RejectReason::NonFinite, format_args!("non-finite number {v}"))),
+        Some(Scalar::Float(v)) => {
+            Err(FieldError::new(field, RejectReason::NonFinite, format_args!("non-finite number {v}")))
+        }
         Some(Scalar::Int(v)) => Ok(*v as f64),
         Some(Scalar::UInt(v)) => Ok(*v as f64),
         Some(Scalar::Str(text)) => {
@@ -530,7 +516,9 @@ fn timestamp(field: &'static str, value: Option<&Scalar<'_>>, now_ms: i64) -> Re
                 return Err(FieldError::new(
                     field,
                     RejectReason::InvalidTimestamp,
-                    format_args!("{text:?} is not RFC 3339 ({error}); send e.g. \"2026-01-31T12:00:00Z\" or epoch milliseconds"),
+                    format_args!(
+                        "{text:?} is not RFC 3339 ({error}); send e.g. \"2026-01-31T12:00:00Z\" or epoch milliseconds"
+                    ),
                 ));
             }
         },
@@ -636,7 +624,9 @@ mod tests {
 
     #[test]
     fn newline_separated_objects_without_ndjson_content_type() {
-        let parsed = json("{\"sensorId\":\"a\",\"eventType\":\"t\",\"value\":1}\n{\"sensorId\":\"b\",\"eventType\":\"t\",\"value\":2}");
+        let parsed = json(
+            "{\"sensorId\":\"a\",\"eventType\":\"t\",\"value\":1}\n{\"sensorId\":\"b\",\"eventType\":\"t\",\"value\":2}",
+        );
         assert_eq!(parsed.events.len(), 2);
     }
 
@@ -666,7 +656,10 @@ mod tests {
         assert_eq!(parse_body(b"", BodyFormat::Json, limits, NOW).unwrap_err(), BodyError::Empty);
         assert_eq!(parse_body(b"42", BodyFormat::Json, limits, NOW).unwrap_err(), BodyError::NotObjectOrArray);
         assert!(matches!(parse_body(b"[{", BodyFormat::Json, limits, NOW).unwrap_err(), BodyError::InvalidJson(_)));
-        assert!(matches!(parse_body(b"{\"a\":", BodyFormat::Json, limits, NOW).unwrap_err(), BodyError::InvalidJson(_)));
+        assert!(matches!(
+            parse_body(b"{\"a\":", BodyFormat::Json, limits, NOW).unwrap_err(),
+            BodyError::InvalidJson(_)
+        ));
         assert!(matches!(parse_body(&[0xff, 0xfe], BodyFormat::Json, limits, NOW).unwrap_err(), BodyError::NotUtf8(0)));
     }
 

@@ -48,9 +48,7 @@ impl Severity {
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|severity| severity.as_str().eq_ignore_ascii_case(text))
+        Self::ALL.into_iter().find(|severity| severity.as_str().eq_ignore_ascii_case(text))
     }
 
     /// Non-anomalous windows are LOW; anomalous ones split the range from the threshold

@@ -23,7 +23,9 @@ pub enum PartitionMsg {
     Events(EventBatch),
     /// The ingest clock advanced with no events for this partition. Ticks are kept in the
     /// replay log, so a replay flushes idle keys at the same points.
-    Tick { now_ms: i64 },
+    Tick {
+        now_ms: i64,
+    },
     /// Take a checkpoint now (timer, buffer pressure, shutdown).
     Checkpoint,
     /// Fire every open window (end of a bounded input); replies once the results are

@@ -1,4 +1,7 @@
-//! The baseline scorer: an exponentially weighted mean and variance of window means.
+//! The baseline scorer: exponentially weighted mean and variance of two window
+//! features, the mean (level shifts, spikes, drift) and the log of the spread (a stuck
+//! sensor's spread collapses, a failing one's explodes). The window's score is the more
+//! unusual of the two.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,11 +13,24 @@ use crate::window::WindowFeatures;
 /// lasting level shift is still followed within a few spans.
 const LEARN_CLIP_SIGMAS: f64 = 3.0;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EwmaState {
+/// Running mean and variance of one feature.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
     pub mean: f64,
     pub variance: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EwmaState {
+    pub level: Baseline,
+    pub spread: Baseline,
     pub windows: u32,
+}
+
+/// log of the window's standard deviation, with a floor relative to the level so a
+/// perfectly flat window is finite (and far below any noisy one).
+fn log_spread(window: &WindowFeatures) -> f64 {
+    (window.stddev + 1e-6 * window.mean.abs() + 1e-9).ln()
 }
 
 pub struct EwmaScorer {
@@ -25,10 +41,7 @@ pub struct EwmaScorer {
 impl EwmaScorer {
     /// `span` in windows: alpha = 2 / (span + 1), as pandas' `ewm(span=…)`.
     pub fn new(span: f64, warmup_windows: u32) -> Self {
-        Self {
-            alpha: 2.0 / (span.max(1.0) + 1.0),
-            warmup_windows: warmup_windows.max(2),
-        }
+        Self { alpha: 2.0 / (span.max(1.0) + 1.0), warmup_windows: warmup_windows.max(2) }
     }
 
     fn state(state: &ScorerState) -> &EwmaState {
@@ -37,33 +50,66 @@ impl EwmaScorer {
         }
     }
 
-    /// Standard deviation with a floor, so a perfectly flat history does not turn the
-    /// smallest wobble into an infinite deviation.
-    fn sigma(state: &EwmaState) -> f64 {
-        state.variance.max(0.0).sqrt().max(1e-3 * state.mean.abs()).max(1e-9)
+    /// Standard deviation with floors, inflated while few windows are known (a small
+    /// sample underestimates the spread; this stands in for Student's t).
+    fn sigma(baseline: &Baseline, windows: u32, floor: f64) -> f64 {
+        let inflation = 1.0 + 3.0 / f64::from(windows.max(1));
+        baseline.variance.max(0.0).sqrt().max(floor).max(1e-9) * inflation
     }
 
     fn evaluate(&self, state: &EwmaState, window: &WindowFeatures) -> Score {
         if state.windows < self.warmup_windows {
             return Score {
                 value: 0.0,
-                explanation: format!(
-                    "warming up: {} of {} windows seen",
-                    state.windows, self.warmup_windows
-                ),
+                explanation: format!("warming up: {} of {} windows seen", state.windows, self.warmup_windows),
             };
         }
-        let sigma = Self::sigma(state);
-        let z = (window.mean - state.mean) / sigma;
-        let direction = if z >= 0.0 { "above" } else { "below" };
-        Score {
-            value: tail_score(z),
-            explanation: format!(
-                "mean {:.1}σ {direction} baseline {:.3} (σ {:.3})",
-                z.abs(),
-                state.mean,
-                sigma
-            ),
+        let level_sigma = Self::sigma(&state.level, state.windows, 1e-3 * state.level.mean.abs());
+        let level_z = (window.mean - state.level.mean) / level_sigma;
+        let spread_sigma = Self::sigma(&state.spread, state.windows, 0.05);
+        let spread_z = (log_spread(window) - state.spread.mean) / spread_sigma;
+        let direction = |z: f64| if z >= 0.0 { "above" } else { "below" };
+        if spread_z.abs() > level_z.abs() && window.count > 1 {
+            let hint = if spread_z < 0.0 { " (stuck sensor?)" } else { "" };
+            Score {
+                value: tail_score(spread_z),
+                explanation: format!(
+                    "spread {:.1}σ {} baseline: stddev {:.3} vs usual {:.3}{hint}",
+                    spread_z.abs(),
+                    direction(spread_z),
+                    window.stddev,
+                    state.spread.mean.exp()
+                ),
+            }
+        } else {
+            Score {
+                value: tail_score(level_z),
+                explanation: format!(
+                    "mean {:.1}σ {} baseline {:.3} (σ {:.3})",
+                    level_z.abs(),
+                    direction(level_z),
+                    state.level.mean,
+                    level_sigma
+                ),
+            }
+        }
+    }
+
+    fn learn(&self, baseline: &mut Baseline, x: f64, windows: u32, floor: f64) {
+        if windows == 0 {
+            *baseline = Baseline { mean: x, variance: 0.0 };
+        } else if windows < self.warmup_windows {
+            // Plain running mean and variance while warming up: the first windows count equally.
+            let n = f64::from(windows) + 1.0;
+            let delta = x - baseline.mean;
+            baseline.mean += delta / n;
+            baseline.variance += (delta * (x - baseline.mean) - baseline.variance) / n;
+        } else {
+            let limit = LEARN_CLIP_SIGMAS * Self::sigma(baseline, windows, floor);
+            let delta = (x - baseline.mean).clamp(-limit, limit);
+            let increment = self.alpha * delta;
+            baseline.mean += increment;
+            baseline.variance = (1.0 - self.alpha) * (baseline.variance + delta * increment);
         }
     }
 }
@@ -74,33 +120,16 @@ impl Scorer for EwmaScorer {
     }
 
     fn new_state(&self) -> ScorerState {
-        ScorerState::Ewma(EwmaState {
-            mean: 0.0,
-            variance: 0.0,
-            windows: 0,
-        })
+        ScorerState::Ewma(EwmaState { level: Baseline::default(), spread: Baseline::default(), windows: 0 })
     }
 
     fn score(&self, state: &mut ScorerState, window: &WindowFeatures) -> Score {
         let ScorerState::Ewma(state) = state;
         let score = self.evaluate(state, window);
-        let x = window.mean;
-        if state.windows == 0 {
-            state.mean = x;
-            state.variance = 0.0;
-        } else if state.windows < self.warmup_windows {
-            // Plain running mean and variance while warming up: the first windows count equally.
-            let n = f64::from(state.windows) + 1.0;
-            let delta = x - state.mean;
-            state.mean += delta / n;
-            state.variance += (delta * (x - state.mean) - state.variance) / n;
-        } else {
-            let sigma = Self::sigma(state);
-            let limit = LEARN_CLIP_SIGMAS * sigma;
-            let delta = (x - state.mean).clamp(-limit, limit);
-            let increment = self.alpha * delta;
-            state.mean += increment;
-            state.variance = (1.0 - self.alpha) * (state.variance + delta * increment);
+        let level_floor = 1e-3 * state.level.mean.abs();
+        self.learn(&mut state.level, window.mean, state.windows, level_floor);
+        if window.count > 1 {
+            self.learn(&mut state.spread, log_spread(window), state.windows, 0.05);
         }
         state.windows = state.windows.saturating_add(1);
         score
@@ -116,15 +145,11 @@ mod tests {
     use super::*;
 
     fn window(mean: f64) -> WindowFeatures {
-        WindowFeatures {
-            start_ms: 0,
-            end_ms: 30_000,
-            count: 10,
-            mean,
-            min: mean,
-            max: mean,
-            stddev: 0.0,
-        }
+        window_with_spread(mean, 1.0)
+    }
+
+    fn window_with_spread(mean: f64, stddev: f64) -> WindowFeatures {
+        WindowFeatures { start_ms: 0, end_ms: 30_000, count: 10, mean, min: mean - stddev, max: mean + stddev, stddev }
     }
 
     #[test]
@@ -143,6 +168,19 @@ mod tests {
         assert!(spike.explanation.contains("above baseline"), "{}", spike.explanation);
         let after = scorer.score(&mut state, &window(20.0));
         assert!(after.value < 0.8, "one spike does not poison the baseline: {after:?}");
+    }
+
+    #[test]
+    fn a_collapsed_spread_is_flagged() {
+        let scorer = EwmaScorer::new(20.0, 5);
+        let mut state = scorer.new_state();
+        for i in 0..40 {
+            let stddev = 1.0 + 0.1 * f64::from(i % 3);
+            scorer.score(&mut state, &window_with_spread(20.0 + 0.1 * f64::from(i % 2), stddev));
+        }
+        let stuck = scorer.score(&mut state, &window_with_spread(20.0, 0.0));
+        assert!(stuck.value > 0.95, "{stuck:?}");
+        assert!(stuck.explanation.contains("stuck"), "{}", stuck.explanation);
     }
 
     #[test]

@@ -57,10 +57,7 @@ impl Scoring {
     pub fn from_config(config: &ScoringConfig) -> Self {
         // `Config::validate` admits only names in MODELS; "ewma" is the only one so far.
         let scorer: Box<dyn Scorer> = Box::new(EwmaScorer::new(config.ewma_span, config.warmup_windows));
-        Self {
-            scorer,
-            threshold: config.threshold,
-        }
+        Self { scorer, threshold: config.threshold }
     }
 
     pub fn classify(&self, score: f64) -> (bool, Severity) {

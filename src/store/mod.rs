@@ -15,7 +15,9 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::config::StoreConfig;
-use crate::messages::{CheckpointData, DeadLetter, PartitionId, RejectReason, RestoredPartition, Severity, WindowResult};
+use crate::messages::{
+    CheckpointData, DeadLetter, PartitionId, RejectReason, RestoredPartition, Severity, WindowResult,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -28,13 +30,14 @@ pub enum StoreError {
     /// Stored state does not fit this configuration (e.g. another partition count).
     #[error("{0}")]
     Incompatible(String),
+    /// A bug or a schema mismatch (e.g. a column that cannot be decoded).
     #[error("store error: {0}")]
-    Other(String),
+    Internal(String),
 }
 
 impl StoreError {
     pub fn is_retriable(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::Other(_))
+        matches!(self, Self::Unavailable(_))
     }
 }
 
@@ -52,20 +55,24 @@ impl From<sqlx::Error> for StoreError {
                 // SQLite: 5 BUSY, 6 LOCKED, 10 IOERR, 13 FULL.
                 let transient = ["08", "40", "53", "57"].iter().any(|class| code.starts_with(class))
                     || matches!(code.as_str(), "5" | "6" | "10" | "13" | "261" | "262" | "517");
-                if transient {
-                    Self::Unavailable(error.to_string())
-                } else {
-                    Self::Rejected(error.to_string())
-                }
+                if transient { Self::Unavailable(error.to_string()) } else { Self::Rejected(error.to_string()) }
             }
-            _ => Self::Other(error.to_string()),
+            E::ColumnDecode { .. }
+            | E::Decode(_)
+            | E::ColumnNotFound(_)
+            | E::ColumnIndexOutOfBounds { .. }
+            | E::TypeNotFound { .. }
+            | E::RowNotFound
+            | E::Configuration(_)
+            | E::Encode(_) => Self::Internal(error.to_string()),
+            _ => Self::Unavailable(error.to_string()),
         }
     }
 }
 
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(error: sqlx::migrate::MigrateError) -> Self {
-        Self::Other(format!("migration failed: {error}"))
+        Self::Internal(format!("migration failed: {error}"))
     }
 }
 
@@ -233,7 +240,11 @@ pub trait Store: Send + Sync {
 
     /// The partition's last complete checkpoint, if any. Fails with `Incompatible` when it
     /// was taken with another partition count.
-    async fn load_checkpoint(&self, partition: PartitionId, partitions: u32) -> Result<Option<RestoredPartition>, StoreError>;
+    async fn load_checkpoint(
+        &self,
+        partition: PartitionId,
+        partitions: u32,
+    ) -> Result<Option<RestoredPartition>, StoreError>;
 
     async fn predictions(&self, query: &PredictionQuery) -> Result<Page<Prediction>, StoreError>;
     async fn top_sensors(&self, query: &TopQuery) -> Result<Vec<TopSensor>, StoreError>;

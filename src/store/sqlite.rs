@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
@@ -59,10 +61,7 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         migrator().run(&pool).await?;
-        Ok(Self {
-            pool,
-            timeout: config.statement_timeout,
-        })
+        Ok(Self { pool, timeout: config.statement_timeout })
     }
 
     async fn timed<T>(&self, work: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
@@ -201,7 +200,7 @@ fn top_measure(by: TopBy) -> &'static str {
     match by {
         TopBy::AvgValue => "SUM(avg_value * event_count) / SUM(event_count)",
         TopBy::MaxValue => "MAX(max_value)",
-        TopBy::EventCount => "SUM(event_count)",
+        TopBy::EventCount => "CAST(SUM(event_count) AS REAL)",
         TopBy::PredictionScore => "MAX(prediction_score)",
     }
 }
@@ -219,7 +218,11 @@ impl Store for SqliteStore {
         self.timed(self.write_inner(batch)).await
     }
 
-    async fn load_checkpoint(&self, partition: PartitionId, partitions: u32) -> Result<Option<RestoredPartition>, StoreError> {
+    async fn load_checkpoint(
+        &self,
+        partition: PartitionId,
+        partitions: u32,
+    ) -> Result<Option<RestoredPartition>, StoreError> {
         self.timed(async {
             let row = sqlx::query(
                 "SELECT partitions, next_position, clock_ms, checkpoint_id FROM checkpoints WHERE partition = ?",
@@ -299,17 +302,12 @@ impl Store for SqliteStore {
                     .push_bind(cursor.id)
                     .push("))");
             }
-            builder
-                .push(" ORDER BY window_start DESC, id DESC LIMIT ")
-                .push_bind(i64::from(query.limit) + 1);
+            builder.push(" ORDER BY window_start DESC, id DESC LIMIT ").push_bind(i64::from(query.limit) + 1);
             let rows = builder.build().fetch_all(&self.pool).await?;
             let mut items = rows.iter().map(prediction_from_row).collect::<Result<Vec<_>, _>>()?;
             let next = if items.len() > query.limit as usize {
                 items.truncate(query.limit as usize);
-                items.last().map(|last| Cursor {
-                    window_start_ms: last.window_start,
-                    id: last.id,
-                })
+                items.last().map(|last| Cursor { window_start_ms: last.window_start, id: last.id })
             } else {
                 None
             };

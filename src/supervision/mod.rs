@@ -172,15 +172,14 @@ impl Actor for RootSupervisor {
     type State = RootState;
     type Arguments = Arc<RuntimeParts>;
 
-    async fn pre_start(&self, myself: ActorRef<RootMsg>, parts: Arc<RuntimeParts>) -> Result<RootState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RootMsg>,
+        parts: Arc<RuntimeParts>,
+    ) -> Result<RootState, ActorProcessingErr> {
         let budget = RestartBudget::from_config(&parts.config.supervision);
-        let mut state = RootState {
-            parts,
-            children: Vec::new(),
-            trackers: Default::default(),
-            budget,
-            shutting_down: false,
-        };
+        let mut state =
+            RootState { parts, children: Vec::new(), trackers: Default::default(), budget, shutting_down: false };
         // Sinks first: partitions emit into them; the gateway last: it feeds partitions.
         for child in [Child::Sinks, Child::Partitions, Child::Gateway] {
             state.spawn(&myself, child).await?;
@@ -188,7 +187,12 @@ impl Actor for RootSupervisor {
         Ok(state)
     }
 
-    async fn handle(&self, myself: ActorRef<RootMsg>, message: RootMsg, state: &mut RootState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<RootMsg>,
+        message: RootMsg,
+        state: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
         match message {
             RootMsg::Restart(child) => {
                 if !state.shutting_down {
@@ -225,12 +229,7 @@ impl Actor for RootSupervisor {
         let tracker = state.trackers.entry(child).or_default();
         match tracker.decide(Instant::now(), &status, RestartPolicy::Permanent, &state.budget) {
             Decision::Restart { after, .. } => {
-                state
-                    .parts
-                    .metrics
-                    .actor_restarts
-                    .get_or_create(&ActorLabels { actor: child.name().into() })
-                    .inc();
+                state.parts.metrics.actor_restarts.get_or_create(&ActorLabels { actor: child.name().into() }).inc();
                 myself.send_after(after, move || RootMsg::Restart(child));
                 Ok(())
             }

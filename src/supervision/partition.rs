@@ -149,7 +149,8 @@ impl Actor for PartitionSupervisor {
         if let (ExitStatus::Failed(message), Some(position)) = (&status, failed_at) {
             state.count_attempt(partition, position, message);
         }
-        let decision = state.trackers[index].decide(Instant::now(), &status, RestartPolicy::Permanent, &state.args.budget);
+        let decision =
+            state.trackers[index].decide(Instant::now(), &status, RestartPolicy::Permanent, &state.args.budget);
         match decision {
             Decision::Restart { after, attempt } => {
                 state
@@ -157,9 +158,7 @@ impl Actor for PartitionSupervisor {
                     .context
                     .metrics
                     .actor_restarts
-                    .get_or_create(&ActorLabels {
-                        actor: format!("partition-{partition}"),
-                    })
+                    .get_or_create(&ActorLabels { actor: format!("partition-{partition}") })
                     .inc();
                 tracing::warn!(partition, attempt, delay_ms = after.as_millis() as u64, "restarting partition");
                 myself.send_after(after, move || PartitionSupervisorMsg::Restart(partition));
@@ -221,12 +220,7 @@ impl PartitionSupervisorState {
             return;
         };
         tracing::error!(partition, position, sensor_id = %event.sensor_id, "quarantining poison event");
-        self.args
-            .context
-            .metrics
-            .events_quarantined
-            .get_or_create(&PartitionLabels { partition })
-            .inc();
+        self.args.context.metrics.events_quarantined.get_or_create(&PartitionLabels { partition }).inc();
         let letter = DeadLetter::for_event(
             &event,
             RejectReason::Poison,

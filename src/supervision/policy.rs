@@ -101,7 +101,13 @@ impl RestartTracker {
         self.total
     }
 
-    pub fn decide(&mut self, now: Instant, status: &ExitStatus, policy: RestartPolicy, budget: &RestartBudget) -> Decision {
+    pub fn decide(
+        &mut self,
+        now: Instant,
+        status: &ExitStatus,
+        policy: RestartPolicy,
+        budget: &RestartBudget,
+    ) -> Decision {
         if policy == RestartPolicy::Transient && !status.is_abnormal() {
             return Decision::Ignore;
         }
@@ -113,10 +119,7 @@ impl RestartTracker {
             }
         }
         if self.recent.len() >= budget.max_restarts as usize {
-            return Decision::Escalate {
-                restarts: self.recent.len(),
-                window: budget.window,
-            };
+            return Decision::Escalate { restarts: self.recent.len(), window: budget.window };
         }
         // Backoff doubles with each restart still inside the window: a child that failed
         // once long ago restarts at once-ish, one that keeps failing waits up to the cap.
@@ -128,10 +131,7 @@ impl RestartTracker {
             .min(budget.backoff_max);
         self.recent.push_back(now);
         self.total += 1;
-        Decision::Restart {
-            after,
-            attempt: attempt + 1,
-        }
+        Decision::Restart { after, attempt: attempt + 1 }
     }
 }
 
@@ -150,11 +150,7 @@ impl RetryBackoff {
 
     /// The next delay: uniform in [cap/2, cap], cap = min(max, initial · 2^attempt).
     pub fn next_delay(&mut self) -> Duration {
-        let cap = self
-            .initial
-            .checked_mul(1u32 << self.attempt.min(20))
-            .unwrap_or(self.max)
-            .min(self.max);
+        let cap = self.initial.checked_mul(1u32 << self.attempt.min(20)).unwrap_or(self.max).min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         let half = cap / 2;
         half + cap.mul_f64(rand::random::<f64>() * 0.5)
@@ -185,9 +181,8 @@ mod tests {
         let mut tracker = RestartTracker::default();
         let failed = ExitStatus::Failed("boom".into());
         let start = Instant::now();
-        let delays: Vec<_> = (0..3)
-            .map(|_| tracker.decide(start, &failed, RestartPolicy::Permanent, &BUDGET))
-            .collect();
+        let delays: Vec<_> =
+            (0..3).map(|_| tracker.decide(start, &failed, RestartPolicy::Permanent, &BUDGET)).collect();
         assert_eq!(
             delays,
             vec![

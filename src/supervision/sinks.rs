@@ -60,17 +60,22 @@ impl Actor for SinkSupervisor {
     type State = SinkSupervisorState;
     type Arguments = SinkSupervisorArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: SinkSupervisorArgs) -> Result<Self::State, ActorProcessingErr> {
-        let state = SinkSupervisorState {
-            args,
-            store_tracker: RestartTracker::default(),
-            shutting_down: false,
-        };
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SinkSupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let state = SinkSupervisorState { args, store_tracker: RestartTracker::default(), shutting_down: false };
         state.spawn_store(&myself).await?;
         Ok(state)
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match message {
             SinkSupervisorMsg::RestartStore => {
                 if !state.shutting_down {
@@ -98,17 +103,9 @@ impl Actor for SinkSupervisor {
             return Ok(());
         }
         tracing::error!(sink = "store", reason = status.message(), "sink actor exited");
-        match state
-            .store_tracker
-            .decide(Instant::now(), &status, RestartPolicy::Permanent, &state.args.budget)
-        {
+        match state.store_tracker.decide(Instant::now(), &status, RestartPolicy::Permanent, &state.args.budget) {
             Decision::Restart { after, .. } => {
-                state
-                    .args
-                    .metrics
-                    .actor_restarts
-                    .get_or_create(&ActorLabels { actor: "sink-store".into() })
-                    .inc();
+                state.args.metrics.actor_restarts.get_or_create(&ActorLabels { actor: "sink-store".into() }).inc();
                 myself.send_after(after, || SinkSupervisorMsg::RestartStore);
                 Ok(())
             }

@@ -60,7 +60,11 @@ pub async fn post_events(
         }
     })?;
     if app.router.is_closed() {
-        return Err(ApiError::unavailable("shutting_down", "tidemark is shutting down; retry against another instance", 5));
+        return Err(ApiError::unavailable(
+            "shutting_down",
+            "tidemark is shutting down; retry against another instance",
+            5,
+        ));
     }
     if app.sinks.store().is_none() {
         return Err(ApiError::unavailable("store_sink_restarting", "the store sink is restarting; retry shortly", 1));
@@ -114,10 +118,7 @@ pub async fn post_events(
             return Err(ApiError::unavailable("shutting_down", "tidemark is shutting down", 5));
         }
     }
-    app.metrics
-        .events_received
-        .get_or_create(&source)
-        .inc_by((accepted + rejected.len()) as u64);
+    app.metrics.events_received.get_or_create(&source).inc_by((accepted + rejected.len()) as u64);
     app.metrics.events_accepted.get_or_create(&source).inc_by(accepted as u64);
     let response = respond(&app, accepted, &rejected);
     if !rejected.is_empty() {
@@ -150,13 +151,7 @@ fn respond(app: &AppContext, accepted: usize, rejected: &[Rejection]) -> IngestR
 }
 
 fn count_rejection(app: &AppContext, reason: RejectReason) {
-    app.metrics
-        .events_rejected
-        .get_or_create(&RejectLabels {
-            source: "http",
-            reason: reason.as_str(),
-        })
-        .inc();
+    app.metrics.events_rejected.get_or_create(&RejectLabels { source: "http", reason: reason.as_str() }).inc();
 }
 
 fn dead_letter(rejection: Rejection, now_ms: i64) -> DeadLetter {

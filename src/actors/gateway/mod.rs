@@ -82,18 +82,8 @@ async fn track_requests(State(app): State<Arc<AppContext>>, request: Request, ne
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16();
-    app.metrics
-        .http_requests
-        .get_or_create(&HttpLabels {
-            method,
-            route: route.clone(),
-            status,
-        })
-        .inc();
-    app.metrics
-        .http_request_seconds
-        .get_or_create(&RouteLabels { route })
-        .observe(started.elapsed().as_secs_f64());
+    app.metrics.http_requests.get_or_create(&HttpLabels { method, route: route.clone(), status }).inc();
+    app.metrics.http_request_seconds.get_or_create(&RouteLabels { route }).observe(started.elapsed().as_secs_f64());
     response
 }
 
@@ -121,7 +111,11 @@ impl Actor for GatewayActor {
     type State = GatewayState;
     type Arguments = GatewayArgs;
 
-    async fn pre_start(&self, myself: ActorRef<GatewayMsg>, args: GatewayArgs) -> Result<GatewayState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<GatewayMsg>,
+        args: GatewayArgs,
+    ) -> Result<GatewayState, ActorProcessingErr> {
         let listener = match args.listener {
             Some(listener) => listener,
             None => tokio::net::TcpListener::bind(args.addr)
@@ -143,13 +137,15 @@ impl Actor for GatewayActor {
             // Only reaches a live actor if nobody asked the server to stop.
             let _ = myself.send_message(GatewayMsg::ServerExited(reason));
         });
-        Ok(GatewayState {
-            shutdown: Some(shutdown),
-            server: Some(server),
-        })
+        Ok(GatewayState { shutdown: Some(shutdown), server: Some(server) })
     }
 
-    async fn handle(&self, _myself: ActorRef<GatewayMsg>, message: GatewayMsg, state: &mut GatewayState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<GatewayMsg>,
+        message: GatewayMsg,
+        state: &mut GatewayState,
+    ) -> Result<(), ActorProcessingErr> {
         match message {
             GatewayMsg::ServerExited(reason) => {
                 if state.shutdown.is_some() {
@@ -160,7 +156,11 @@ impl Actor for GatewayActor {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<GatewayMsg>, state: &mut GatewayState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<GatewayMsg>,
+        state: &mut GatewayState,
+    ) -> Result<(), ActorProcessingErr> {
         if let Some(shutdown) = state.shutdown.take() {
             let _ = shutdown.send(());
         }

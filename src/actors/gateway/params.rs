@@ -44,16 +44,17 @@ impl Params {
     pub fn finish(self, allowed: &[&str]) -> Result<(), ApiError> {
         match self.pairs.first() {
             None => Ok(()),
-            Some((name, _)) => Err(ApiError::parameter(
-                name,
-                format!("unknown parameter; this endpoint takes {}", allowed.join(", ")),
-            )),
+            Some((name, _)) => {
+                Err(ApiError::parameter(name, format!("unknown parameter; this endpoint takes {}", allowed.join(", "))))
+            }
         }
     }
 
     pub fn string(&mut self, names: &[&str], max_len: usize) -> Result<Option<String>, ApiError> {
         match self.take(names)? {
-            Some(value) if value.len() > max_len => Err(ApiError::parameter(names[0], format!("longer than {max_len} bytes"))),
+            Some(value) if value.len() > max_len => {
+                Err(ApiError::parameter(names[0], format!("longer than {max_len} bytes")))
+            }
             other => Ok(other),
         }
     }
@@ -63,7 +64,10 @@ impl Params {
             None => Ok(default),
             Some(value) => match value.parse::<u32>() {
                 Ok(n) if (min..=max).contains(&n) => Ok(n),
-                _ => Err(ApiError::parameter(names[0], format!("expected a whole number from {min} to {max}, got {value:?}"))),
+                _ => Err(ApiError::parameter(
+                    names[0],
+                    format!("expected a whole number from {min} to {max}, got {value:?}"),
+                )),
             },
         }
     }
@@ -81,9 +85,9 @@ impl Params {
     pub fn time(&mut self, names: &[&str]) -> Result<Option<i64>, ApiError> {
         match self.take(names)? {
             None => Ok(None),
-            Some(value) => parse_time(&value)
-                .map(Some)
-                .ok_or_else(|| ApiError::parameter(names[0], format!("expected RFC 3339 or epoch milliseconds, got {value:?}"))),
+            Some(value) => parse_time(&value).map(Some).ok_or_else(|| {
+                ApiError::parameter(names[0], format!("expected RFC 3339 or epoch milliseconds, got {value:?}"))
+            }),
         }
     }
 
@@ -112,10 +116,7 @@ pub fn decode_cursor(text: &str) -> Option<Cursor> {
     let bytes = URL_SAFE_NO_PAD.decode(text).ok()?;
     let text = String::from_utf8(bytes).ok()?;
     let (start, id) = text.split_once('.')?;
-    Some(Cursor {
-        window_start_ms: start.parse().ok()?,
-        id: id.parse().ok()?,
-    })
+    Some(Cursor { window_start_ms: start.parse().ok()?, id: id.parse().ok()? })
 }
 
 #[cfg(test)]

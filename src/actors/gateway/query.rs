@@ -60,7 +60,10 @@ fn prediction_query(params: &mut Params) -> Result<PredictionQuery, ApiError> {
             .split(',')
             .map(|name| {
                 Severity::parse(name.trim()).ok_or_else(|| {
-                    ApiError::parameter("severity", format!("unknown severity {name:?}; use LOW, MEDIUM, HIGH or CRITICAL"))
+                    ApiError::parameter(
+                        "severity",
+                        format!("unknown severity {name:?}; use LOW, MEDIUM, HIGH or CRITICAL"),
+                    )
                 })
             })
             .collect::<Result<Vec<_>, _>>()?,
@@ -85,11 +88,7 @@ fn prediction_query(params: &mut Params) -> Result<PredictionQuery, ApiError> {
 
 async fn page(app: &AppContext, query: &PredictionQuery) -> Result<Json<PageBody<Prediction>>, ApiError> {
     let page = app.store.predictions(query).await?;
-    Ok(Json(PageBody {
-        count: page.items.len(),
-        items: page.items,
-        next_cursor: page.next.map(encode_cursor),
-    }))
+    Ok(Json(PageBody { count: page.items.len(), items: page.items, next_cursor: page.next.map(encode_cursor) }))
 }
 
 fn minutes(params: &mut Params) -> Result<u32, ApiError> {
@@ -106,20 +105,13 @@ pub async fn top_sensors(State(app): State<Arc<AppContext>>, RawQuery(raw): RawQ
     let mut params = Params::parse(raw.as_deref())?;
     let minutes = minutes(&mut params)?;
     let by_name = params.take(&["by"])?.unwrap_or_else(|| "avgValue".to_string());
-    let by = TopBy::parse(&by_name)
-        .ok_or_else(|| ApiError::parameter("by", format!("expected one of {}, got {by_name:?}", TopBy::NAMES.join(", "))))?;
+    let by = TopBy::parse(&by_name).ok_or_else(|| {
+        ApiError::parameter("by", format!("expected one of {}, got {by_name:?}", TopBy::NAMES.join(", ")))
+    })?;
     let n = params.number(&["n", "limit"], 1, 100, 5)?;
     let event_type = params.string(&["eventType", "event_type"], MAX_ID_LEN)?;
     params.finish(&["minutes", "by", "n", "eventType"])?;
-    let items = app
-        .store
-        .top_sensors(&TopQuery {
-            since_ms: since(minutes),
-            by,
-            n,
-            event_type,
-        })
-        .await?;
+    let items = app.store.top_sensors(&TopQuery { since_ms: since(minutes), by, n, event_type }).await?;
     Ok(Json(json!({"minutes": minutes, "by": by_name, "items": items})))
 }
 
@@ -139,7 +131,10 @@ pub async fn summary(State(app): State<Arc<AppContext>>, RawQuery(raw): RawQuery
 
 /// `GET /api/dead-letters?reason=&sensorId=&limit=&cursor=` — rejected, late and poison
 /// events, newest first.
-pub async fn dead_letters(State(app): State<Arc<AppContext>>, RawQuery(raw): RawQuery) -> Result<Json<Value>, ApiError> {
+pub async fn dead_letters(
+    State(app): State<Arc<AppContext>>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
     let mut params = Params::parse(raw.as_deref())?;
     let reason = match params.take(&["reason"])? {
         None => None,
@@ -153,25 +148,13 @@ pub async fn dead_letters(State(app): State<Arc<AppContext>>, RawQuery(raw): Raw
     let before_id = match params.take(&["cursor"])? {
         None => None,
         Some(cursor) => Some(
-            cursor
-                .parse::<i64>()
-                .map_err(|_| ApiError::parameter("cursor", "not a cursor returned by this API"))?,
+            cursor.parse::<i64>().map_err(|_| ApiError::parameter("cursor", "not a cursor returned by this API"))?,
         ),
     };
     params.finish(&["reason", "sensorId", "limit", "cursor"])?;
-    let items = app
-        .store
-        .dead_letters(&DeadLetterQuery {
-            reason,
-            sensor_id,
-            limit,
-            before_id,
-        })
-        .await?;
+    let items = app.store.dead_letters(&DeadLetterQuery { reason, sensor_id, limit, before_id }).await?;
     let counts: BTreeMap<String, i64> = app.store.dead_letter_counts().await?.into_iter().collect();
-    let next_cursor = (items.len() == limit as usize)
-        .then(|| items.last().map(|row| row.id.to_string()))
-        .flatten();
+    let next_cursor = (items.len() == limit as usize).then(|| items.last().map(|row| row.id.to_string())).flatten();
     Ok(Json(json!({
         "count": items.len(),
         "items": items,

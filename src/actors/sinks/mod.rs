@@ -100,11 +100,7 @@ pub struct Sinks {
 impl Sinks {
     pub fn new(live_capacity: usize) -> Self {
         let (live, _) = broadcast::channel(live_capacity.max(16));
-        Self {
-            store: RwLock::new(None),
-            store_health: Arc::new(SinkHealth::default()),
-            live,
-        }
+        Self { store: RwLock::new(None), store_health: Arc::new(SinkHealth::default()), live }
     }
 
     pub fn set_store(&self, actor: Option<ActorRef<StoreMsg>>) {

@@ -55,7 +55,11 @@ impl Actor for StoreSink {
     type State = StoreSinkState;
     type Arguments = StoreSinkArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<StoreMsg>, args: StoreSinkArgs) -> Result<StoreSinkState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<StoreMsg>,
+        args: StoreSinkArgs,
+    ) -> Result<StoreSinkState, ActorProcessingErr> {
         args.metrics.sink_up.get_or_create(&SinkLabels { sink: SINK }).set(1);
         #[cfg(feature = "chaos")]
         let chaos_rng = {
@@ -75,7 +79,12 @@ impl Actor for StoreSink {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<StoreMsg>, message: StoreMsg, state: &mut StoreSinkState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<StoreMsg>,
+        message: StoreMsg,
+        state: &mut StoreSinkState,
+    ) -> Result<(), ActorProcessingErr> {
         match message {
             StoreMsg::Results(results) => {
                 for result in results {
@@ -219,10 +228,7 @@ impl StoreSinkState {
 
     fn record_failure(&self, error: &str) {
         let metrics = &self.args.metrics;
-        metrics
-            .sink_batches
-            .get_or_create(&SinkResultLabels { sink: SINK, result: "error" })
-            .inc();
+        metrics.sink_batches.get_or_create(&SinkResultLabels { sink: SINK, result: "error" }).inc();
         metrics.sink_up.get_or_create(&SinkLabels { sink: SINK }).set(0);
         self.args.health.record_failure(error.to_string());
     }
@@ -230,25 +236,16 @@ impl StoreSinkState {
     fn on_written(&mut self, took: Duration) {
         let metrics = &self.args.metrics;
         let rows = (self.results.len() + self.dead_letters.len()) as u64;
-        metrics
-            .sink_batches
-            .get_or_create(&SinkResultLabels { sink: SINK, result: "ok" })
-            .inc();
+        metrics.sink_batches.get_or_create(&SinkResultLabels { sink: SINK, result: "ok" }).inc();
         metrics.sink_up.get_or_create(&SinkLabels { sink: SINK }).set(1);
-        metrics
-            .sink_write_seconds
-            .get_or_create(&SinkLabels { sink: SINK })
-            .observe(took.as_secs_f64());
+        metrics.sink_write_seconds.get_or_create(&SinkLabels { sink: SINK }).observe(took.as_secs_f64());
         for (kind, count) in [
             ("result", self.results.len()),
             ("dead_letter", self.dead_letters.len()),
             ("checkpoint", self.checkpoints.len()),
         ] {
             if count > 0 {
-                metrics
-                    .sink_rows
-                    .get_or_create(&SinkRowLabels { sink: SINK, kind })
-                    .inc_by(count as u64);
+                metrics.sink_rows.get_or_create(&SinkRowLabels { sink: SINK, kind }).inc_by(count as u64);
             }
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
@@ -258,9 +255,11 @@ impl StoreSinkState {
         self.args.health.record_success(rows);
         self.backoff.reset();
         for checkpoint in self.checkpoints.drain(..) {
-            self.args
-                .listener
-                .checkpoint_complete(checkpoint.partition, checkpoint.next_position, checkpoint.checkpoint_id);
+            self.args.listener.checkpoint_complete(
+                checkpoint.partition,
+                checkpoint.next_position,
+                checkpoint.checkpoint_id,
+            );
         }
         self.results.clear();
         self.result_index.clear();
@@ -274,10 +273,7 @@ impl StoreSinkState {
         self.result_index.clear();
         for result in results {
             loop {
-                let batch = WriteBatch {
-                    results: std::slice::from_ref(&result),
-                    ..WriteBatch::default()
-                };
+                let batch = WriteBatch { results: std::slice::from_ref(&result), ..WriteBatch::default() };
                 match self.args.store.write(&batch).await {
                     Ok(()) => break,
                     Err(error) if error.is_retriable() => self.wait_before_retry(&error).await,

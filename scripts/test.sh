@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The project's test command: sets up what the tests need on loopback, then runs the
+# format check, clippy and the whole test suite.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh api        # only tests whose name matches "api"
+#
+# Services (installed from Debian packages if missing, started on loopback with
+# throw-away data directories, reused when already running):
+#   PostgreSQL 15  TIDEMARK_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:55432/postgres)
+#   Mosquitto      TIDEMARK_TEST_MQTT_URL     (default mqtt://127.0.0.1:51883)
+# Kafka tests use librdkafka's in-process mock cluster and need no service.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+state_dir="${TIDEMARK_TEST_STATE:-/tmp/tidemark-test-services}"
+mkdir -p "$state_dir"
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "need root (or sudo) to run: $*" >&2; return 1; fi
+}
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing ${missing[*]}" >&2
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+start_postgres() {
+  export TIDEMARK_TEST_DATABASE_URL="${TIDEMARK_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:55432/postgres}"
+  local port=55432
+  if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p "$port"; then return; fi
+  apt_install postgresql postgresql-contrib
+  local bin; bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)"
+  local data="$state_dir/pg"
+  local run=()
+  if [ "$(id -u)" = 0 ]; then
+    run=(runuser -u postgres --)
+    chown postgres "$state_dir" 2>/dev/null || true
+  fi
+  if [ ! -s "$data/PG_VERSION" ]; then
+    rm -rf "$data"; mkdir -p "$data"
+    [ "$(id -u)" = 0 ] && chown postgres "$data"
+    "${run[@]}" "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >/dev/null
+  fi
+  "${run[@]}" "$bin/pg_ctl" -D "$data" -l "$state_dir/pg.log" -w \
+    -o "-c listen_addresses=127.0.0.1 -p $port -k $state_dir -c fsync=off -c max_connections=400" start >/dev/null
+  pg_isready -q -h 127.0.0.1 -p "$port" -t 30
+  echo "postgresql on 127.0.0.1:$port (log $state_dir/pg.log)" >&2
+}
+
+start_mosquitto() {
+  export TIDEMARK_TEST_MQTT_URL="${TIDEMARK_TEST_MQTT_URL:-mqtt://127.0.0.1:51883}"
+  local port=51883
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return; fi
+  apt_install mosquitto
+  printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port" >"$state_dir/mosquitto.conf"
+  mosquitto -c "$state_dir/mosquitto.conf" -d
+  for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  echo "mosquitto on 127.0.0.1:$port" >&2
+}
+
+start_postgres
+start_mosquitto
+
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+cargo clippy --all-targets --features chaos -- -D warnings
+
+# The suite runs with the `chaos` feature so fault-injection tests are included; with
+# every chaos setting at its default (0) the build behaves exactly like a release.
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --features chaos --no-fail-fast "$@"
+else
+  cargo test --features chaos --no-fail-fast -- "$@"
+fi

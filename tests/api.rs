@@ -1,0 +1,305 @@
+//! End-to-end through the HTTP API: ingestion of every body shape, exact window
+//! aggregates, late and invalid events in the dead-letter store, query parameters, and
+//! the process still serving after bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, eventually, sources, start};
+use serde_json::{Value, json};
+
+/// 2026-01-01T00:00:00Z: event times far from the wall clock, windows aligned to it.
+const T0: i64 = 1_767_225_600_000;
+
+fn event(sensor: &str, value: f64, offset_ms: i64) -> Value {
+    json!({"sensorId": sensor, "eventType": "temperature", "value": value, "timestamp": T0 + offset_ms})
+}
+
+async fn predictions_of(client: &Client, sensor: &str, expected: usize) -> Vec<Value> {
+    eventually(Duration::from_secs(15), &format!("{expected} windows of {sensor}"), || async {
+        let page = client.get_ok(&format!("/api/predictions?sensorId={sensor}")).await;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        (items.len() >= expected).then_some(items)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_with_out_of_order_late_and_invalid_events() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(
+        sources(dir.path())
+            .with("pipeline.window", "10s")
+            .with("pipeline.max_out_of_orderness", "2s")
+            .with("pipeline.partitions", 2)
+            .with("pipeline.idle_timeout", "1h"),
+    )
+    .await;
+    let client = Client::new(&runtime);
+
+    // In order, then out of order within the 2 s bound (2000 after 3000), one request.
+    let (status, body) = client
+        .post_json(&json!([
+            event("a", 1.0, 1_000),
+            event("a", 5.0, 3_000),
+            event("a", 3.0, 2_000),
+            event("a", 2.0, 9_000)
+        ]))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"], 4);
+    assert_eq!(body["rejected"], 0);
+
+    // NDJSON: the watermark passes 10 s (12.5 s − 2 s) and fires [0, 10 s); then an event
+    // for that closed window is late; an unparsable line in between is rejected alone.
+    let ndjson = format!("{}\n{{not json\n{}\n", event("a", 10.0, 12_500), event("a", 100.0, 5_000));
+    let (status, body) = client.post("/api/events", "application/x-ndjson", ndjson).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"], 2, "{body}");
+    assert_eq!(body["rejected"], 1, "{body}");
+    assert_eq!(body["errors"][0]["index"], 1);
+    assert_eq!(body["errors"][0]["reason"], "unparsable");
+
+    // A single object, snake_case, RFC 3339 timestamp: fires [10 s, 20 s).
+    let (status, body) = client
+        .post_json(&json!({"sensor_id": "a", "event_type": "temperature", "value": 20.0, "timestamp": "2026-01-01T00:00:22.500Z"}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"], 1);
+
+    // Invalid events, each naming its field and reason.
+    let long = "x".repeat(300);
+    let (status, body) = client
+        .post_json(&json!([
+            {"eventType": "temperature", "value": 1.0},
+            {"sensorId": "b", "eventType": "temperature", "value": "hot"},
+            {"sensorId": "b", "eventType": "temperature", "value": "NaN"},
+            {"sensorId": long, "eventType": "temperature", "value": 1.0},
+            {"sensorId": "b", "eventType": "temperature", "value": 1.0, "timestamp": "soon"},
+            event("b", 7.0, 1_000),
+        ]))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"], 1);
+    assert_eq!(body["rejected"], 5);
+    let reasons: Vec<(u64, &str, &str)> = body["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| {
+            (e["index"].as_u64().unwrap_or(99), e["field"].as_str().unwrap_or(""), e["reason"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (0, "sensorId", "missing_field"),
+            (1, "value", "wrong_type"),
+            (2, "value", "non_finite"),
+            (3, "sensorId", "oversize"),
+            (4, "timestamp", "invalid_timestamp"),
+        ]
+    );
+    assert!(body["errors"][1]["error"].as_str().unwrap_or("").starts_with("value:"), "{body}");
+
+    // Exact aggregates of the two fired windows, newest first.
+    let windows = predictions_of(&client, "a", 2).await;
+    assert_eq!(windows.len(), 2, "{windows:?}");
+    let (second, first) = (&windows[0], &windows[1]);
+    assert_eq!(first["windowStart"], "2026-01-01T00:00:00.000Z");
+    assert_eq!(first["windowEnd"], "2026-01-01T00:00:10.000Z");
+    assert_eq!(first["eventCount"], 4);
+    assert_eq!(first["avgValue"], 2.75);
+    assert_eq!(first["minValue"], 1.0);
+    assert_eq!(first["maxValue"], 5.0);
+    assert_eq!(first["revision"], 0);
+    assert_eq!(first["sensorId"], "a");
+    assert_eq!(first["eventType"], "temperature");
+    assert_eq!(second["windowStart"], "2026-01-01T00:00:10.000Z");
+    assert_eq!(second["eventCount"], 1);
+    assert_eq!(second["avgValue"], 10.0);
+    assert_eq!((second["minValue"].clone(), second["maxValue"].clone()), (json!(10.0), json!(10.0)));
+    for window in &windows {
+        let score = window["predictionScore"].as_f64().expect("score");
+        assert!((0.0..=1.0).contains(&score));
+        assert!(["LOW", "MEDIUM", "HIGH", "CRITICAL"].contains(&window["severity"].as_str().unwrap_or("")));
+    }
+
+    // The late event and the six rejected inputs are in the dead-letter store.
+    let letters = eventually(Duration::from_secs(10), "dead letters", || async {
+        let body = client.get_ok("/api/dead-letters?limit=100").await;
+        (body["count"].as_u64() == Some(7)).then_some(body)
+    })
+    .await;
+    let late = client.get_ok("/api/dead-letters?reason=late").await;
+    assert_eq!(late["count"], 1, "{late}");
+    let late_row = &late["items"][0];
+    assert_eq!(late_row["sensorId"], "a");
+    assert_eq!(late_row["eventTime"], "2026-01-01T00:00:05.000Z");
+    assert!(late_row["error"].as_str().unwrap_or("").contains("watermark"), "{late_row}");
+    assert_eq!(letters["totalsByReason"]["late"], 1);
+    assert_eq!(letters["totalsByReason"]["unparsable"], 1);
+    assert_eq!(letters["totalsByReason"]["missing_field"], 1);
+    assert_eq!(letters["totalsByReason"]["wrong_type"], 1);
+    assert_eq!(letters["totalsByReason"]["non_finite"], 1);
+    assert_eq!(letters["totalsByReason"]["oversize"], 1);
+    assert_eq!(letters["totalsByReason"]["invalid_timestamp"], 1);
+    let unparsable = client.get_ok("/api/dead-letters?reason=unparsable").await;
+    assert_eq!(unparsable["items"][0]["payload"], "{not json");
+
+    // Still serving.
+    assert_eq!(client.get_ok("/health").await["status"], "ok");
+    assert_eq!(client.get_ok("/ready").await["status"], "ready");
+    let metrics = reqwest::get(format!("{}/metrics", client.base)).await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains("tidemark_events_rejected_total{source=\"http\",reason=\"oversize\"} 1"), "{metrics}");
+    assert!(metrics.contains("tidemark_events_late_total"), "{metrics}");
+    runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_body_errors_and_limits() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(sources(dir.path()).with("http.max_body_bytes", 4096)).await;
+    let client = Client::new(&runtime);
+
+    let (status, body) = client.post("/api/events", "application/json", "{\"sensorId\": ").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_body");
+
+    let (status, body) = client.post("/api/events", "application/json", "42").await;
+    assert_eq!(status, 400, "{body}");
+
+    let big = format!("[{}]", vec![event("a", 1.0, 0).to_string(); 100].join(","));
+    let (status, body) = client.post("/api/events", "application/json", big).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "payload_too_large");
+
+    let (status, body) =
+        client.post("/api/events", "application/json", vec!['\u{0}'; 10].into_iter().collect::<String>()).await;
+    assert_eq!(status, 400, "{body}");
+
+    // Unknown routes and bad parameters get JSON errors naming what is wrong.
+    let (status, body) = client.get("/api/nope").await;
+    assert_eq!(status, 404, "{body}");
+    for (path, parameter) in [
+        ("/api/predictions?limit=0", "limit"),
+        ("/api/predictions?limit=5000", "limit"),
+        ("/api/predictions?from=yesterday", "from"),
+        ("/api/predictions?anomaly=maybe", "anomaly"),
+        ("/api/predictions?sensorid=a", "sensorid"),
+        ("/api/predictions?cursor=zzz", "cursor"),
+        ("/api/alerts?severity=SEVERE", "severity"),
+        ("/api/sensors/top?by=loudness", "by"),
+        ("/api/sensors/top?n=1000", "n"),
+        ("/api/summary?minutes=-1", "minutes"),
+        ("/api/dead-letters?reason=bored", "reason"),
+    ] {
+        let (status, body) = client.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_parameter", "{path}");
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        assert!(message.starts_with(&format!("{parameter}:")), "{path}: {message}");
+    }
+    assert_eq!(client.get_ok("/health").await["status"], "ok");
+    runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_filter_paginate_and_aggregate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(
+        sources(dir.path())
+            .with("pipeline.window", "1s")
+            .with("pipeline.max_out_of_orderness", "0s")
+            .with("scoring.warmup_windows", 3),
+    )
+    .await;
+    let client = Client::new(&runtime);
+    // Recent event times, so the minute-based queries see them: 3 sensors × 12 windows,
+    // sensor "hot" jumps in its last window.
+    let base = chrono::Utc::now().timestamp_millis() / 1000 * 1000 - 60_000;
+    let mut events = Vec::new();
+    for window in 0..12 {
+        for (sensor, level) in [("cold", 5.0), ("warm", 20.0), ("hot", 30.0)] {
+            let jump = if sensor == "hot" && window == 11 { 50.0 } else { 0.0 };
+            for i in 0..4 {
+                let wobble = f64::from(i % 2) * 0.5;
+                events.push(json!({"sensorId": sensor, "eventType": "temperature", "value": level + wobble + jump,
+                    "timestamp": base + window * 1000 + i64::from(i) * 200}));
+            }
+        }
+    }
+    events.push(json!({"sensorId": "humid", "eventType": "humidity", "value": 40.0, "timestamp": base}));
+    // A last event per sensor moves every watermark past the 12th window.
+    for sensor in ["cold", "warm", "hot"] {
+        events.push(json!({"sensorId": sensor, "eventType": "temperature", "value": 0.0, "timestamp": base + 13_000}));
+    }
+    let (status, body) = client.post_json(&Value::Array(events)).await;
+    assert_eq!(status, 202, "{body}");
+    runtime.flush_all(Duration::from_secs(10)).await.expect("flush");
+
+    let all = common::all_predictions(&client).await;
+    assert_eq!(all.len(), 3 * 13 + 1, "12 windows + the flushed last one per sensor, and humid's");
+
+    // Pagination: pages of 7 cover every row once, newest first.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = client.get_ok(&format!("/api/predictions?limit=7{cursor}")).await;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        assert!(items.len() <= 7);
+        seen.extend(items.iter().map(|row| row["id"].as_i64().unwrap_or(-1)));
+        match page["nextCursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => break,
+        }
+    }
+    let mut unique = seen.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!((seen.len(), unique.len()), (all.len(), all.len()));
+
+    // Filters.
+    let hot = client.get_ok("/api/predictions?sensorId=hot&eventType=temperature&limit=1000").await;
+    assert_eq!(hot["count"], 13);
+    let from = chrono::DateTime::from_timestamp_millis(base + 5_000).map(|t| t.to_rfc3339()).unwrap_or_default();
+    let to = base + 8_000;
+    let ranged =
+        client.get_ok(&format!("/api/predictions?sensorId=cold&from={}&to={to}", from.replace('+', "%2B"))).await;
+    assert_eq!(ranged["count"], 3, "{ranged}");
+
+    // The jump is an alert, with an explanation.
+    let alerts = client.get_ok("/api/alerts?sensorId=hot").await;
+    let jump_start = chrono::DateTime::from_timestamp_millis(base + 11_000)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default();
+    let jump = alerts["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|a| a["windowStart"] == jump_start.as_str()))
+        .unwrap_or_else(|| panic!("jump window {jump_start} not in alerts: {alerts}"));
+    assert_eq!(jump["anomaly"], true);
+    assert!(jump["explanation"].as_str().unwrap_or("").contains("above baseline"), "{jump}");
+    let anomalies = client.get_ok("/api/predictions?anomaly=true&limit=1000").await;
+    let hot_anomalies = client.get_ok("/api/predictions?anomaly=true&sensorId=hot").await;
+    assert_eq!(hot_anomalies["count"], alerts["count"]);
+    assert!(anomalies["count"].as_u64().unwrap_or(0) >= 1);
+
+    // Top sensors and summary.
+    let top = client.get_ok("/api/sensors/top?minutes=10&by=maxValue&n=2&eventType=temperature").await;
+    let names: Vec<&str> =
+        top["items"].as_array().expect("items").iter().filter_map(|t| t["sensorId"].as_str()).collect();
+    assert_eq!(names, vec!["hot", "warm"]);
+    assert_eq!(top["items"][0]["value"], 80.5);
+    let by_count = client.get_ok("/api/sensors/top?minutes=10&by=eventCount&n=1").await;
+    assert_eq!(by_count["items"][0]["value"], 49.0);
+    let summary = client.get_ok("/api/summary?minutes=10").await;
+    let types = summary["eventTypes"].as_array().expect("eventTypes");
+    assert_eq!(types.len(), 2);
+    let temperature = types.iter().find(|t| t["eventType"] == "temperature").expect("temperature");
+    assert_eq!(temperature["windows"], 39);
+    assert_eq!(temperature["events"], 3 * 49);
+    assert_eq!(temperature["sensors"], 3);
+    assert!(temperature["anomalies"].as_i64().unwrap_or(0) >= 1);
+    runtime.shutdown().await;
+}
