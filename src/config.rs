@@ -103,6 +103,7 @@ impl fmt::Debug for StoreConfig {
 pub struct CheckpointConfig {
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    pub max_events: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

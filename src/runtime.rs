@@ -62,6 +62,7 @@ impl Runtime {
             spec: WindowSpec::from_config(&config.pipeline),
             scoring: Scoring::from_config(&config.scoring),
             checkpoint_interval: config.checkpoint.interval,
+            checkpoint_max_events: config.checkpoint.max_events,
             metrics: Arc::clone(&metrics),
             sinks: Arc::clone(&sinks),
             chaos: config.chaos.clone(),

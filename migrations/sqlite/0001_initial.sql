@@ -49,6 +49,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 
 CREATE INDEX IF NOT EXISTS dead_letters_by_reason ON dead_letters (reason, id DESC);
+-- An event dead-lettered by the pipeline (late, poison) is kept once, however often a
+-- replay meets it again.
+CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_by_position ON dead_letters (partition, position)
+    WHERE position IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS checkpoints (
     partition     INTEGER PRIMARY KEY,

@@ -34,6 +34,8 @@ pub struct PartitionContext {
     pub spec: WindowSpec,
     pub scoring: Scoring,
     pub checkpoint_interval: Duration,
+    /// Checkpoint after this many events as well (0: interval only).
+    pub checkpoint_max_events: u64,
     pub metrics: Arc<Metrics>,
     pub sinks: Arc<Sinks>,
     pub chaos: crate::config::ChaosConfig,
@@ -96,6 +98,9 @@ pub struct PartitionState {
     next_position: Position,
     clock_ms: i64,
     checkpoint_id: u64,
+    /// `next_position` of the last checkpoint sent (complete or not).
+    last_checkpoint_position: Option<Position>,
+    events_since_checkpoint: u64,
     fired: Vec<Fired>,
     results: Vec<WindowResult>,
     dead_letters: Vec<DeadLetter>,
@@ -170,6 +175,8 @@ impl Actor for PartitionActor {
             next_position,
             clock_ms,
             checkpoint_id,
+            last_checkpoint_position: None,
+            events_since_checkpoint: 0,
             fired: Vec::new(),
             results: Vec::new(),
             dead_letters: Vec::new(),
@@ -192,6 +199,10 @@ impl Actor for PartitionActor {
             PartitionMsg::Events(batch) => {
                 state.process(&batch);
                 state.emit()?;
+                let every = state.context.checkpoint_max_events;
+                if every > 0 && state.events_since_checkpoint >= every {
+                    state.checkpoint()?;
+                }
             }
             PartitionMsg::Tick { now_ms } => {
                 state.advance_clock(now_ms);
@@ -284,6 +295,7 @@ impl PartitionState {
             processed += 1;
         }
         self.events_processed += processed;
+        self.events_since_checkpoint += processed;
         self.progress.processing.store(IDLE, Ordering::Relaxed);
         self.progress.processed.store(self.next_position, Ordering::Release);
         self.counters.processed.inc_by(processed);
@@ -425,6 +437,14 @@ impl PartitionState {
     /// Send an incremental checkpoint (keys changed since the last one) to the store
     /// sink, behind every result emitted so far.
     fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
+        let unchanged = self.last_checkpoint_position == Some(self.next_position)
+            && self.deleted.is_empty()
+            && !self.keys.values().any(|key| key.dirty);
+        if unchanged {
+            // The previous checkpoint already covers everything; do not queue another
+            // behind it (a failing sink would otherwise collect one per interval).
+            return Ok(());
+        }
         let mut upserts = Vec::new();
         for ((sensor_id, event_type), key) in self.keys.iter_mut() {
             if key.dirty {
@@ -446,6 +466,8 @@ impl PartitionState {
             deletes: std::mem::take(&mut self.deleted),
         };
         self.context.sinks.send_store(StoreMsg::Checkpoint(Box::new(checkpoint)))?;
+        self.last_checkpoint_position = Some(self.next_position);
+        self.events_since_checkpoint = 0;
         Ok(())
     }
 

@@ -130,6 +130,7 @@ impl SqliteStore {
                     .push_bind(letter.position.map(|p| i64::try_from(p).unwrap_or(i64::MAX)))
                     .push_bind(letter.payload.as_str());
             });
+            builder.push(" ON CONFLICT (partition, position) WHERE position IS NOT NULL DO NOTHING");
             builder.build().execute(&mut *tx).await?;
         }
         for checkpoint in batch.checkpoints {

@@ -117,3 +117,154 @@ pub async fn all_predictions(client: &Client) -> Vec<Value> {
     rows.reverse();
     rows
 }
+
+/// Post NDJSON `lines` in batches, retrying a batch the server refuses with 503 (after
+/// its `Retry-After`, capped at `max_wait`). Returns the number of events accepted.
+pub async fn post_batches(client: &Client, lines: &[String], batch: usize, max_wait: Duration) -> u64 {
+    let mut accepted = 0;
+    for chunk in lines.chunks(batch) {
+        let body = chunk.join("\n");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, answer) = client.post("/api/events", "application/x-ndjson", body.clone()).await;
+            if status == 202 {
+                accepted += answer["accepted"].as_u64().unwrap_or(0);
+                break;
+            }
+            assert_eq!(status, 503, "unexpected answer: {answer}");
+            assert!(tokio::time::Instant::now() < deadline, "still refused after 60 s: {answer}");
+            tokio::time::sleep(max_wait).await;
+        }
+    }
+    accepted
+}
+
+/// The simulator's events as NDJSON lines.
+pub fn workload(config: tidemark::sim::SimConfig) -> Vec<String> {
+    tidemark::sim::Generator::new(config)
+        .map(|event| {
+            let mut line = String::new();
+            event.write_json(&mut line);
+            line.trim_end().to_string()
+        })
+        .collect()
+}
+
+/// Window results on the fields that must not change with faults or restarts.
+pub fn comparable(rows: &[Value]) -> Vec<String> {
+    let mut rows: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            serde_json::json!([
+                row["sensorId"],
+                row["eventType"],
+                row["windowStart"],
+                row["windowEnd"],
+                row["eventCount"],
+                row["avgValue"],
+                row["minValue"],
+                row["maxValue"],
+                row["stddev"],
+                row["predictionScore"],
+                row["anomaly"],
+                row["severity"],
+                row["revision"]
+            ])
+            .to_string()
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// A `tidemark` process started from the built binary, for tests where a restart or a
+/// signal must be real.
+pub struct Process {
+    pub child: std::process::Child,
+    pub addr: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// `tidemark run` with `TIDEMARK__…` settings in `env`; waits until it serves.
+    pub fn start(env: &[(&str, String)]) -> Self {
+        use std::io::BufRead;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tidemark"));
+        command
+            .arg("run")
+            .env("TIDEMARK__HTTP__LISTEN", "127.0.0.1:0")
+            .env("TIDEMARK__LOG__FORMAT", "json")
+            .env("TIDEMARK__LOG__LEVEL", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("tidemark binary starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let sink = std::sync::Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("tidemark is running")
+                    && let Ok(entry) = serde_json::from_str::<Value>(&line)
+                    && let Some(addr) = entry["fields"]["addr"].as_str()
+                {
+                    let _ = addr_tx.send(addr.to_string());
+                }
+                if let Ok(mut log) = sink.lock() {
+                    log.push(line);
+                }
+            }
+        });
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let log = log.lock().map(|l| l.join("\n")).unwrap_or_default();
+                panic!("tidemark did not start within 30 s; its log:\n{log}");
+            }
+        };
+        Self { child, addr, log }
+    }
+
+    pub fn client(&self) -> Client {
+        Client { base: format!("http://{}", self.addr), http: reqwest::Client::new() }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Wait for the process to exit, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("tidemark did not exit within {timeout:?}; its log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

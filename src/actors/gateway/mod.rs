@@ -106,6 +106,15 @@ pub struct GatewayState {
     server: Option<JoinHandle<()>>,
 }
 
+impl Drop for GatewayState {
+    /// A killed actor skips `post_stop`; its server must not outlive it.
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
 impl Actor for GatewayActor {
     type Msg = GatewayMsg;
     type State = GatewayState;
