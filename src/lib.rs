@@ -15,6 +15,7 @@
 //! | [`actors`]      | partition actors, sinks, the HTTP gateway                             |
 //! | [`supervision`] | supervisors, restart policy and budget, backoff                       |
 //! | [`runtime`]     | assembling an instance, graceful shutdown                             |
+//! | [`replay`]      | `tidemark replay`: a file through the pipeline, as fast as it goes    |
 //! | [`metrics`]     | Prometheus metrics of one instance                                    |
 //! | [`sim`]         | deterministic sensor simulator and load generator                     |
 //! | [`telemetry`]   | logging setup                                                         |
@@ -28,6 +29,7 @@ pub mod config;
 pub mod ingest;
 pub mod messages;
 pub mod metrics;
+pub mod replay;
 pub mod router;
 pub mod routing;
 pub mod runtime;

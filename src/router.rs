@@ -213,29 +213,41 @@ impl PartitionRouter {
             guards.push((partition as PartitionId, guard));
         }
         for (partition, mut guard) in guards {
-            let mut group = std::mem::take(&mut groups[partition as usize]);
-            for event in &mut group {
-                event.position = guard.next_position;
-                guard.next_position += 1;
-            }
-            let batch: EventBatch = Arc::new(group);
-            if let Some(actor) = &guard.actor {
-                // A failed send means the actor just died: the supervisor replays the log.
-                let _ = actor.send_message(PartitionMsg::Events(Arc::clone(&batch)));
-            }
-            if self.keep_log {
-                guard.buffered += batch.len();
-                guard.log.push_back(LogEntry::Events(batch));
-                self.metrics.buffered_events.get_or_create(&PartitionLabels { partition }).set(guard.buffered as i64);
-                if guard.buffered * 2 >= self.limit && !guard.pressure_checkpoint_requested {
-                    guard.pressure_checkpoint_requested = true;
-                    if let Some(actor) = &guard.actor {
-                        let _ = actor.send_message(PartitionMsg::Checkpoint);
-                    }
+            let group = std::mem::take(&mut groups[partition as usize]);
+            self.append(partition, &mut guard, group);
+        }
+        Ok(total)
+    }
+
+    /// Accept events already known to belong to `partition` (a file replay, which
+    /// waits for [`Self::has_room`] itself).
+    pub fn submit_to(&self, partition: PartitionId, events: Vec<Event>) {
+        let mut guard = self.slot(partition).state.lock();
+        self.append(partition, &mut guard, events);
+    }
+
+    /// Assign positions, deliver to the live actor, keep for replay.
+    fn append(&self, partition: PartitionId, guard: &mut SlotState, mut group: Vec<Event>) {
+        for event in &mut group {
+            event.position = guard.next_position;
+            guard.next_position += 1;
+        }
+        let batch: EventBatch = Arc::new(group);
+        if let Some(actor) = &guard.actor {
+            // A failed send means the actor just died: the supervisor replays the log.
+            let _ = actor.send_message(PartitionMsg::Events(Arc::clone(&batch)));
+        }
+        if self.keep_log {
+            guard.buffered += batch.len();
+            guard.log.push_back(LogEntry::Events(batch));
+            self.metrics.buffered_events.get_or_create(&PartitionLabels { partition }).set(guard.buffered as i64);
+            if guard.buffered * 2 >= self.limit && !guard.pressure_checkpoint_requested {
+                guard.pressure_checkpoint_requested = true;
+                if let Some(actor) = &guard.actor {
+                    let _ = actor.send_message(PartitionMsg::Checkpoint);
                 }
             }
         }
-        Ok(total)
     }
 
     /// Events accepted and not yet released: buffered for replay, or (without a log) in flight.

@@ -461,7 +461,7 @@ fn required_string(
                     RejectReason::Oversize,
                     format_args!("{} bytes, longer than the limit of {}", text.len(), limits.max_string_bytes),
                 ))
-            } else if text.chars().any(char::is_control) {
+            } else if has_control_character(text) {
                 Err(FieldError::new(field, RejectReason::InvalidValue, "must not contain control characters"))
             } else {
                 Ok(CompactString::from(text.as_ref()))
@@ -473,6 +473,15 @@ fn required_string(
             format_args!("expected a string, found {}", other.kind()),
         )),
     }
+}
+
+/// Whether `text` holds a Unicode control character (C0, DEL or C1), checked on bytes:
+/// C1 controls U+0080..U+009F are encoded as 0xC2 0x80..0x9F in UTF-8.
+fn has_control_character(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b < 0x20 || b == 0x7f || (b == 0xc2 && bytes.get(i + 1).is_some_and(|&next| (0x80..=0x9f).contains(&next)))
+    })
 }
 
 fn number(field: &'static str, value: Option<&Scalar<'_>>) -> Result<f64, FieldError> {
@@ -661,6 +670,14 @@ mod tests {
             BodyError::InvalidJson(_)
         ));
         assert!(matches!(parse_body(&[0xff, 0xfe], BodyFormat::Json, limits, NOW).unwrap_err(), BodyError::NotUtf8(0)));
+    }
+
+    #[test]
+    fn control_characters_match_char_is_control() {
+        for c in ['\u{0}', '\n', '\u{1f}', '\u{7f}', '\u{80}', '\u{9f}', 'a', 'é', '\u{a0}', '€', '\u{2028}'] {
+            let text = format!("x{c}y");
+            assert_eq!(has_control_character(&text), text.chars().any(char::is_control), "{c:?}");
+        }
     }
 
     #[test]

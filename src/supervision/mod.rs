@@ -141,7 +141,7 @@ impl RootState {
                 let args = PartitionSupervisorArgs {
                     context: Arc::clone(&parts.context),
                     router: Arc::clone(&parts.router),
-                    store: Arc::clone(&parts.store),
+                    store: Some(Arc::clone(&parts.store)),
                     budget,
                     max_event_attempts: parts.config.supervision.max_event_attempts,
                 };

@@ -22,7 +22,8 @@ pub struct PartitionSupervisor;
 pub struct PartitionSupervisorArgs {
     pub context: Arc<PartitionContext>,
     pub router: Arc<PartitionRouter>,
-    pub store: Arc<dyn Store>,
+    /// Where checkpoints are restored from; `None` (a file replay) starts empty.
+    pub store: Option<Arc<dyn Store>>,
     pub budget: RestartBudget,
     pub max_event_attempts: u32,
 }
@@ -178,7 +179,10 @@ impl Actor for PartitionSupervisor {
 impl PartitionSupervisorState {
     async fn load(&self, partition: PartitionId) -> Result<Option<RestoredPartition>, ActorProcessingErr> {
         let partitions = self.args.router.partitions();
-        Ok(self.args.store.load_checkpoint(partition, partitions).await?)
+        match &self.args.store {
+            Some(store) => Ok(store.load_checkpoint(partition, partitions).await?),
+            None => Ok(None),
+        }
     }
 
     async fn spawn(

@@ -3,6 +3,7 @@
 //! [`Sinks`] is the routing table of the sink actors (owned by the sink supervisor, read
 //! by partitions and the gateway) plus the in-process live feed.
 
+pub mod file;
 pub mod store;
 
 use std::sync::Arc;
