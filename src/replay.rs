@@ -73,9 +73,12 @@ pub struct ReplayReport {
     pub parsers: usize,
     /// Resident set when all events were processed and before the windows were flushed
     /// (what the open keys hold), and the peak over the run.
+    pub rss_before_input_bytes: u64,
     pub rss_after_input_bytes: u64,
     pub peak_rss_bytes: u64,
     pub open_keys: u64,
+    /// (RSS after input − RSS before input) / open keys: what one key's state costs.
+    pub bytes_per_open_key: f64,
 }
 
 struct Block {
@@ -152,6 +155,7 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
         std::fs::File::open(&options.input).with_context(|| format!("cannot open {}", options.input.display()))?;
     let limits = ParseLimits { max_string_bytes: config.ingest.max_string_bytes };
     let parsers = options.parsers.max(1);
+    let rss_before_input = resident_bytes();
     let feed_router = Arc::clone(&router);
     let feed_sinks = Arc::clone(&sinks);
     let reading = Instant::now();
@@ -215,9 +219,11 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
         events_per_second: events as f64 / wall.as_secs_f64().max(1e-9),
         partitions,
         parsers,
+        rss_before_input_bytes: rss_before_input,
         rss_after_input_bytes: rss_after_input,
         peak_rss_bytes: peak_resident_bytes(),
         open_keys,
+        bytes_per_open_key: rss_after_input.saturating_sub(rss_before_input) as f64 / open_keys.max(1) as f64,
     })
 }
 

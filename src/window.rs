@@ -43,11 +43,10 @@ impl WindowSpec {
     }
 }
 
-/// Running aggregate of one window.
+/// Running aggregate of one window (48 bytes: a partition may hold millions).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WindowAcc {
     pub start_ms: i64,
-    pub count: u64,
     /// Sum of values, in arrival order: the average is `sum / count`, exactly what a
     /// straightforward reference computation gives.
     pub sum: f64,
@@ -55,7 +54,9 @@ pub struct WindowAcc {
     pub m2: f64,
     pub min: f64,
     pub max: f64,
-    pub revision: u32,
+    pub count: u32,
+    /// Late updates so far (saturates at 65,535).
+    pub revision: u16,
     pub fired: bool,
 }
 
@@ -63,11 +64,11 @@ impl WindowAcc {
     fn new(start_ms: i64) -> Self {
         Self {
             start_ms,
-            count: 0,
             sum: 0.0,
             m2: 0.0,
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
+            count: 0,
             revision: 0,
             fired: false,
         }
@@ -75,21 +76,21 @@ impl WindowAcc {
 
     #[inline]
     fn add(&mut self, value: f64) {
-        let previous_mean = if self.count == 0 { 0.0 } else { self.sum / self.count as f64 };
-        self.count += 1;
+        let previous_mean = if self.count == 0 { 0.0 } else { self.sum / f64::from(self.count) };
+        self.count = self.count.saturating_add(1);
         self.sum += value;
-        let mean = self.sum / self.count as f64;
+        let mean = self.sum / f64::from(self.count);
         self.m2 += (value - previous_mean) * (value - mean);
         self.min = self.min.min(value);
         self.max = self.max.max(value);
     }
 
     pub fn features(&self, spec: &WindowSpec) -> WindowFeatures {
-        let count = self.count.max(1) as f64;
+        let count = f64::from(self.count.max(1));
         WindowFeatures {
             start_ms: self.start_ms,
             end_ms: self.start_ms + spec.size_ms,
-            count: self.count,
+            count: u64::from(self.count),
             mean: self.sum / count,
             min: self.min,
             max: self.max,
@@ -141,8 +142,9 @@ pub struct KeyWindows {
     last_ingest_ms: i64,
     /// Windows starting before this were closed by an idle flush.
     closed_before_ms: i64,
-    /// Open windows (fired ones are kept until `end + allowed_lateness`), by start.
-    windows: SmallVec<[WindowAcc; 2]>,
+    /// Open windows (fired ones are kept until `end + allowed_lateness`), by start. One
+    /// inline: a second one is open only during the out-of-orderness after a boundary.
+    windows: SmallVec<[WindowAcc; 1]>,
 }
 
 impl Default for KeyWindows {
@@ -196,8 +198,8 @@ impl KeyWindows {
         acc.add(value);
         if acc.fired {
             // Late but within the allowed lateness: fire the updated window again.
-            acc.revision += 1;
-            fired.push(Fired { features: acc.features(spec), revision: acc.revision });
+            acc.revision = acc.revision.saturating_add(1);
+            fired.push(Fired { features: acc.features(spec), revision: u32::from(acc.revision) });
         }
 
         if timestamp_ms > self.max_event_ms {
@@ -219,7 +221,7 @@ impl KeyWindows {
             }
             if !acc.fired {
                 acc.fired = true;
-                fired.push(Fired { features: acc.features(spec), revision: acc.revision });
+                fired.push(Fired { features: acc.features(spec), revision: u32::from(acc.revision) });
             }
         }
         self.windows.retain(|acc| acc.start_ms + spec.size_ms + spec.allowed_lateness_ms > watermark_ms);
@@ -238,7 +240,7 @@ impl KeyWindows {
         for acc in self.windows.iter_mut() {
             if !acc.fired {
                 acc.fired = true;
-                fired.push(Fired { features: acc.features(spec), revision: acc.revision });
+                fired.push(Fired { features: acc.features(spec), revision: u32::from(acc.revision) });
             }
         }
         if let Some(last) = self.windows.last() {
@@ -265,6 +267,12 @@ mod tests {
             }
         }
         (fired, late)
+    }
+
+    #[test]
+    fn state_stays_small() {
+        assert_eq!(std::mem::size_of::<WindowAcc>(), 48);
+        assert!(std::mem::size_of::<KeyWindows>() <= 80, "{}", std::mem::size_of::<KeyWindows>());
     }
 
     #[test]

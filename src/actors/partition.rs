@@ -5,20 +5,18 @@
 //! ticks) and the checkpoint it started from, which is what makes a restart with replay
 //! produce exactly the results an uninterrupted run produces.
 
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use compact_str::CompactString;
-use hashbrown::{Equivalent, HashMap};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
 
 use crate::actors::sinks::Sinks;
+use crate::keys::KeyTable;
 use crate::messages::{
     CheckpointData, DeadLetter, Event, KeyStateBlob, PartitionId, PartitionMsg, PartitionStatus, Position,
     RejectReason, RestoredPartition, StoreMsg, WindowResult,
@@ -51,28 +49,6 @@ pub struct PartitionArgs {
 /// The actor: stateless; everything lives in [`PartitionState`].
 pub struct PartitionActor;
 
-type Key = (CompactString, CompactString);
-
-/// Borrowed form of a key, for lookups without building a `Key`.
-#[derive(Hash)]
-struct KeyRef<'a>(&'a str, &'a str);
-
-impl Equivalent<Key> for KeyRef<'_> {
-    fn equivalent(&self, key: &Key) -> bool {
-        self.0 == key.0.as_str() && self.1 == key.1.as_str()
-    }
-}
-
-/// `Key` must hash like `KeyRef`: both hash two `str`s in order.
-fn _assert_hash_compatible() {
-    fn hash_of(value: impl Hash) -> u64 {
-        let mut hasher = rustc_hash::FxHasher::default();
-        value.hash(&mut hasher);
-        hasher.finish()
-    }
-    debug_assert_eq!(hash_of((CompactString::from("a"), CompactString::from("b"))), hash_of(KeyRef("a", "b")));
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct KeyState {
     windows: KeyWindows,
@@ -93,8 +69,8 @@ pub struct PartitionState {
     partition: PartitionId,
     context: Arc<PartitionContext>,
     progress: Arc<SlotProgress>,
-    keys: HashMap<Key, KeyState, FxBuildHasher>,
-    deleted: Vec<Key>,
+    keys: KeyTable<KeyState>,
+    deleted: Vec<(CompactString, CompactString)>,
     next_position: Position,
     clock_ms: i64,
     checkpoint_id: u64,
@@ -137,7 +113,7 @@ impl Actor for PartitionActor {
             updates: metrics.window_updates.get_or_create(&labels).clone(),
             open_keys: metrics.open_keys.get_or_create(&labels).clone(),
         };
-        let mut keys: HashMap<Key, KeyState, FxBuildHasher> = HashMap::default();
+        let mut keys: KeyTable<KeyState> = KeyTable::default();
         let (next_position, clock_ms, checkpoint_id) = match restored {
             Some(restored) => {
                 keys.reserve(restored.keys.len());
@@ -148,7 +124,7 @@ impl Actor for PartitionActor {
                             blob.sensor_id, blob.event_type
                         )
                     })?;
-                    keys.insert((blob.sensor_id, blob.event_type), state);
+                    keys.insert(&blob.sensor_id, &blob.event_type, state);
                 }
                 (restored.next_position, restored.clock_ms, restored.checkpoint_id)
             }
@@ -243,17 +219,12 @@ impl PartitionState {
             #[cfg(feature = "chaos")]
             self.chaos(event);
             self.clock_ms = self.clock_ms.max(event.ingest_ms);
-            let key = match self.keys.get_mut(&KeyRef(&event.sensor_id, &event.event_type)) {
-                Some(key) => key,
-                None => {
-                    let fresh = KeyState {
-                        windows: KeyWindows::default(),
-                        scorer: self.context.scoring.scorer.new_state(),
-                        dirty: true,
-                    };
-                    self.keys.entry((event.sensor_id.clone(), event.event_type.clone())).or_insert(fresh)
-                }
-            };
+            let scoring = &self.context.scoring;
+            let key = self.keys.get_or_insert_with(&event.sensor_id, &event.event_type, || KeyState {
+                windows: KeyWindows::default(),
+                scorer: scoring.scorer.new_state(),
+                dirty: true,
+            });
             key.dirty = true;
             let before = self.fired.len();
             match key.windows.add(&spec, event.timestamp_ms, event.value, event.ingest_ms, &mut self.fired) {
@@ -369,7 +340,7 @@ impl PartitionState {
         let spec = self.context.spec;
         let clock_ms = self.clock_ms;
         let now_ms = chrono::Utc::now().timestamp_millis();
-        for ((sensor_id, event_type), key) in self.keys.iter_mut() {
+        for (sensor_id, event_type, key) in self.keys.iter_mut() {
             if key.windows.is_idle(&spec, clock_ms) {
                 key.windows.flush(&spec, &mut self.fired);
                 key.dirty = true;
@@ -390,7 +361,7 @@ impl PartitionState {
     fn flush_all(&mut self) {
         let spec = self.context.spec;
         let now_ms = chrono::Utc::now().timestamp_millis();
-        for ((sensor_id, event_type), key) in self.keys.iter_mut() {
+        for (sensor_id, event_type, key) in self.keys.iter_mut() {
             if key.windows.open_windows() > 0 {
                 key.windows.flush(&spec, &mut self.fired);
                 key.dirty = true;
@@ -446,7 +417,7 @@ impl PartitionState {
             return Ok(());
         }
         let mut upserts = Vec::new();
-        for ((sensor_id, event_type), key) in self.keys.iter_mut() {
+        for (sensor_id, event_type, key) in self.keys.iter_mut() {
             if key.dirty {
                 let state = postcard::to_allocvec(&*key)
                     .map_err(|error| format!("partition {}: cannot serialize key state: {error}", self.partition))?;
@@ -482,19 +453,5 @@ impl PartitionState {
             windows_fired: self.windows_fired,
             last_checkpoint_id: self.checkpoint_id,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn key_ref_hashes_like_key() {
-        _assert_hash_compatible();
-        let mut map: HashMap<Key, u32, FxBuildHasher> = HashMap::default();
-        map.insert(("s-1".into(), "temperature".into()), 7);
-        assert_eq!(map.get(&KeyRef("s-1", "temperature")), Some(&7));
-        assert_eq!(map.get(&KeyRef("s-1", "humidity")), None);
     }
 }
