@@ -21,9 +21,9 @@ CREATE TABLE IF NOT EXISTS predictions (
     UNIQUE (sensor_id, event_type, window_start)
 );
 
+-- The unique key serves per-sensor queries (its prefix); time-range queries and the
+-- summaries use the time index. Each extra index costs every upsert.
 CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (window_start DESC, id DESC);
-CREATE INDEX IF NOT EXISTS predictions_by_sensor ON predictions (sensor_id, window_start DESC);
-CREATE INDEX IF NOT EXISTS predictions_by_type ON predictions (event_type, window_start DESC);
 CREATE INDEX IF NOT EXISTS predictions_anomalies ON predictions (window_start DESC, id DESC) WHERE anomaly = 1;
 
 -- Alerts are the anomalous windows; a view keeps them in step with late revisions.
