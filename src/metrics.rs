@@ -204,21 +204,21 @@ fn latency_bounds() -> impl Iterator<Item = f64> {
     exponential_buckets(0.0001, 2.0, 19)
 }
 
-/// A latency histogram exported to Prometheus that can also answer quantiles for
-/// `/api/status` (prometheus-client does not expose its buckets).
+/// A latency histogram exported to Prometheus (coarse buckets) that also keeps an HDR
+/// histogram (3 significant digits) for the quantiles `/api/status` reports.
 pub struct Latency {
     histogram: Histogram,
-    bounds: Vec<f64>,
-    counts: Vec<std::sync::atomic::AtomicU64>,
+    precise: parking_lot::Mutex<hdrhistogram::Histogram<u64>>,
 }
 
 impl Default for Latency {
     fn default() -> Self {
-        let bounds: Vec<f64> = latency_bounds().collect();
         Self {
-            histogram: Histogram::new(bounds.iter().copied()),
-            counts: (0..=bounds.len()).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
-            bounds,
+            histogram: latency_histogram(),
+            // microseconds, 1 µs .. 1 h
+            precise: parking_lot::Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds are valid"),
+            ),
         }
     }
 }
@@ -227,37 +227,26 @@ impl Latency {
     pub fn observe(&self, seconds: f64) {
         let seconds = seconds.max(0.0);
         self.histogram.observe(seconds);
-        let index = self.bounds.partition_point(|&upper| upper < seconds);
-        self.counts[index].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let micros = (seconds * 1e6) as u64;
+        self.precise.lock().saturating_record(micros.max(1));
     }
 
     pub fn histogram(&self) -> Histogram {
         self.histogram.clone()
     }
 
-    /// Observation count and, per quantile, the upper bound of the bucket holding it
-    /// (`None` when empty; `+Inf` beyond the last bound).
+    /// Observation count and the value (seconds) at each quantile (`None` when empty).
     pub fn quantiles(&self, quantiles: &[f64]) -> (u64, Vec<Option<f64>>) {
-        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).collect();
-        let total: u64 = counts.iter().sum();
-        let answers = quantiles
-            .iter()
-            .map(|&q| {
-                if total == 0 {
-                    return None;
-                }
-                let rank = ((q * total as f64).ceil() as u64).max(1);
-                let mut seen = 0;
-                for (index, n) in counts.iter().enumerate() {
-                    seen += n;
-                    if seen >= rank {
-                        return Some(self.bounds.get(index).copied().unwrap_or(f64::INFINITY));
-                    }
-                }
-                Some(f64::INFINITY)
-            })
-            .collect();
-        (total, answers)
+        let precise = self.precise.lock();
+        let count = precise.len();
+        let answers =
+            quantiles.iter().map(|&q| (count > 0).then(|| precise.value_at_quantile(q) as f64 / 1e6)).collect();
+        (count, answers)
+    }
+
+    /// Forget the recorded quantiles (benchmarks measure a phase at a time).
+    pub fn reset(&self) {
+        self.precise.lock().reset();
     }
 }
 
@@ -277,8 +266,8 @@ mod tests {
         }
         let (count, q) = latency.quantiles(&[0.5, 0.99]);
         assert_eq!(count, 100);
-        assert_eq!(q[0], Some(0.0001));
-        assert!(q[1].unwrap() >= 0.05 && q[1].unwrap() < 0.11, "{q:?}");
+        assert!((q[0].unwrap() - 0.00005).abs() < 1e-6, "{q:?}");
+        assert!((q[1].unwrap() - 0.05).abs() < 0.0001, "{q:?}");
     }
 
     #[test]
