@@ -6,12 +6,57 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
+use tidemark::sim::load::{LoadMode, LoadOptions};
 use tidemark::sim::{self, AnomalyKind, Generator, SimConfig};
 
 #[derive(Parser)]
-#[command(name = "tidemark-sim", version, about = "Deterministic sensor simulator and load generator for tidemark")]
+#[command(
+    name = "tidemark-sim",
+    version,
+    about = "Deterministic sensor simulator and load generator for tidemark",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<SimCommand>,
+    #[command(flatten)]
+    simulate: Simulate,
+}
+
+#[derive(Subcommand)]
+enum SimCommand {
+    /// Drive load against the HTTP API and report events/s and request latency.
+    Load(Load),
+}
+
+#[derive(Args)]
+struct Load {
+    /// tidemark's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// `ndjson`: --batch-size events per request; `single`: one event per request.
+    #[arg(long, default_value = "ndjson", value_parser = ["ndjson", "single"])]
+    mode: String,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1000)]
+    sensors: u32,
+    /// Target events/s over all connections (default: as fast as the server answers).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// No progress bar (for scripts).
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct Simulate {
     /// tidemark's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
@@ -59,6 +104,50 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        Some(SimCommand::Load(load)) => run_load(load),
+        None => simulate(cli.simulate),
+    }
+}
+
+fn run_load(load: Load) -> ExitCode {
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
+        eprintln!("cannot start the async runtime");
+        return ExitCode::FAILURE;
+    };
+    let options = LoadOptions {
+        url: load.url,
+        mode: if load.mode == "single" { LoadMode::Single } else { LoadMode::Ndjson },
+        concurrency: load.concurrency.max(1),
+        duration: load.duration,
+        batch_size: load.batch_size.max(1),
+        sensors: load.sensors,
+        rate: load.rate,
+        progress: !load.quiet,
+    };
+    match runtime.block_on(sim::load::run(options)) {
+        Ok(report) => {
+            eprintln!(
+                "{} events/s ({} requests/s), latency p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms; {} refused (503), {} errors",
+                report.events_per_second as u64,
+                report.requests_per_second as u64,
+                report.latency_p50_ms,
+                report.latency_p95_ms,
+                report.latency_p99_ms,
+                report.refused_503,
+                report.errors
+            );
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            if report.errors > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+        }
+        Err(error) => {
+            eprintln!("tidemark-sim load: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn simulate(cli: Simulate) -> ExitCode {
     let mut kinds = Vec::new();
     for name in &cli.kinds {
         match AnomalyKind::parse(name.trim()) {

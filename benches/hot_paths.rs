@@ -1,0 +1,161 @@
+//! criterion benches of the hot pieces: parsing, routing, window update, scoring, store
+//! batch writes. `cargo bench --bench hot_paths`; figures in docs/benchmarks.md.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tidemark::config::{Config, ConfigSources};
+use tidemark::ingest::{BodyFormat, ParseLimits, parse_body};
+use tidemark::messages::{Severity, WindowResult};
+use tidemark::routing::partition_for;
+use tidemark::scoring::Scoring;
+use tidemark::sim::{Generator, SimConfig};
+use tidemark::store::WriteBatch;
+use tidemark::window::{KeyWindows, WindowSpec};
+
+fn ndjson(events: usize) -> String {
+    let config = SimConfig {
+        sensors: 1000,
+        rate: 10_000.0,
+        duration: Some(Duration::from_millis(events as u64 / 10)),
+        anomalies: 0,
+        ..SimConfig::default()
+    };
+    let mut out = String::new();
+    for event in Generator::new(config) {
+        event.write_json(&mut out);
+    }
+    out
+}
+
+fn parsing(c: &mut Criterion) {
+    let body = ndjson(10_000);
+    let lines = body.lines().count() as u64;
+    let array = format!("[{}]", body.lines().collect::<Vec<_>>().join(","));
+    let mut group = c.benchmark_group("parse");
+    group.throughput(Throughput::Elements(lines));
+    group.bench_function("ndjson_10k_events", |b| {
+        b.iter(|| parse_body(black_box(body.as_bytes()), BodyFormat::Ndjson, ParseLimits::default(), 0))
+    });
+    group.bench_function("json_array_10k_events", |b| {
+        b.iter(|| parse_body(black_box(array.as_bytes()), BodyFormat::Json, ParseLimits::default(), 0))
+    });
+    group.finish();
+}
+
+fn routing(c: &mut Criterion) {
+    let ids: Vec<String> = (0..1000).map(|i| format!("sensor-{i:04}")).collect();
+    let mut group = c.benchmark_group("route");
+    group.throughput(Throughput::Elements(ids.len() as u64));
+    group.bench_function("murmur2_partition_1k_ids", |b| {
+        b.iter(|| ids.iter().map(|id| partition_for(black_box(id), 8)).sum::<u32>())
+    });
+    group.finish();
+}
+
+fn windows(c: &mut Criterion) {
+    let spec =
+        WindowSpec { size_ms: 30_000, out_of_orderness_ms: 5_000, allowed_lateness_ms: 0, idle_timeout_ms: 60_000 };
+    let mut group = c.benchmark_group("window");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("add_in_order", |b| {
+        let mut key = KeyWindows::default();
+        let mut fired = Vec::new();
+        let mut t = 0i64;
+        b.iter(|| {
+            t += 100;
+            let _ = key.add(&spec, black_box(t), 21.5, t, &mut fired);
+            fired.clear();
+        })
+    });
+    group.bench_function("add_out_of_order", |b| {
+        let mut key = KeyWindows::default();
+        let mut fired = Vec::new();
+        let mut t = 0i64;
+        b.iter(|| {
+            t += 100;
+            let jitter = (t * 7919) % 4000;
+            let _ = key.add(&spec, black_box(t - jitter), 21.5, t, &mut fired);
+            fired.clear();
+        })
+    });
+    group.finish();
+}
+
+fn scoring(c: &mut Criterion) {
+    let config = Config::embedded().expect("defaults");
+    let scoring = Scoring::from_config(&config.scoring);
+    let mut state = scoring.scorer.new_state();
+    let mut i = 0u32;
+    let mut group = c.benchmark_group("score");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function(format!("{}_per_window", scoring.scorer.name()), |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            let mean = 20.0 + f64::from(i % 17) * 0.1;
+            let features = tidemark::window::WindowFeatures {
+                start_ms: 0,
+                end_ms: 30_000,
+                count: 300,
+                mean,
+                min: mean - 1.0,
+                max: mean + 1.0,
+                stddev: 0.4 + f64::from(i % 5) * 0.01,
+            };
+            black_box(scoring.scorer.score(&mut state, black_box(&features)))
+        })
+    });
+    group.finish();
+}
+
+fn result(i: usize, window: i64) -> WindowResult {
+    WindowResult {
+        sensor_id: format!("sensor-{i:05}").into(),
+        event_type: "temperature".into(),
+        window_start_ms: window,
+        window_end_ms: window + 30_000,
+        event_count: 300,
+        avg_value: 21.5,
+        min_value: 20.0,
+        max_value: 23.0,
+        stddev: 0.5,
+        prediction_score: 0.1,
+        anomaly: false,
+        severity: Severity::Low,
+        revision: 0,
+        explanation: "mean 0.3σ above baseline 21.4 (σ 0.1)".into(),
+        fired_at_ms: 0,
+    }
+}
+
+fn store_writes(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().expect("tokio");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let config = Config::load(&ConfigSources::default().with("store.url", url)).expect("config");
+    let store = runtime.block_on(tidemark::store::open(&config.store)).expect("store");
+    let mut group = c.benchmark_group("store_upsert_sqlite");
+    for rows in [1usize, 100, 1000] {
+        group.throughput(Throughput::Elements(rows as u64));
+        let mut window = 0i64;
+        group.bench_with_input(BenchmarkId::from_parameter(rows), &rows, |b, &rows| {
+            b.to_async(&runtime).iter(|| {
+                window += 30_000;
+                let results: Vec<WindowResult> = (0..rows).map(|i| result(i, window)).collect();
+                let store = &store;
+                async move {
+                    store.write(&WriteBatch { results: &results, ..WriteBatch::default() }).await.expect("write");
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = parsing, routing, windows, scoring, store_writes
+}
+criterion_main!(benches);
