@@ -5,8 +5,11 @@
 //! a window is keyed by `(sensor_id, event_type, window_start)` and a re-emitted window
 //! overwrites its row, never adding one.
 
+mod postgres;
+mod sql;
 mod sqlite;
 
+pub use postgres::{PostgresStore, WriteMethod};
 pub use sqlite::SqliteStore;
 
 use std::sync::Arc;
@@ -168,7 +171,7 @@ impl TopBy {
 
 #[derive(Clone, Debug)]
 pub struct TopQuery {
-    /// Windows ending at or after (epoch ms).
+    /// Windows starting at or after (epoch ms).
     pub since_ms: i64,
     pub by: TopBy,
     pub n: u32,
@@ -262,12 +265,63 @@ pub trait Store: Send + Sync {
 pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     if config.url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::open(config).await?))
+    } else if config.url.starts_with("postgres://") || config.url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::open(config).await?))
     } else {
         Err(StoreError::Incompatible(format!(
-            "store.url: backend of {} is not supported by this build",
+            "store.url: unsupported scheme in {}; use sqlite:// or postgres://",
             crate::config::redact_url(&config.url)
         )))
     }
+}
+
+/// Trim the extra row a page query fetched, and make the cursor of the next page.
+fn paginate(mut items: Vec<Prediction>, limit: u32) -> Page<Prediction> {
+    let next = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|last| Cursor { window_start_ms: last.window_start, id: last.id })
+    } else {
+        None
+    };
+    Page { items, next }
+}
+
+fn top_sensor_from_row<R: sqlx::Row>(row: &R) -> Result<TopSensor, sqlx::Error>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(TopSensor {
+        sensor_id: row.try_get("sensor_id")?,
+        event_type: row.try_get("event_type")?,
+        value: row.try_get("measure")?,
+        windows: row.try_get("windows")?,
+        event_count: row.try_get("events")?,
+        avg_value: row.try_get("avg_value")?,
+        max_value: row.try_get("max_value")?,
+        max_prediction_score: row.try_get("max_score")?,
+    })
+}
+
+fn summary_from_row<R: sqlx::Row>(row: &R) -> Result<TypeSummary, sqlx::Error>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(TypeSummary {
+        event_type: row.try_get("event_type")?,
+        windows: row.try_get("windows")?,
+        events: row.try_get("events")?,
+        sensors: row.try_get("sensors")?,
+        avg_value: row.try_get("avg_value")?,
+        min_value: row.try_get("min_value")?,
+        max_value: row.try_get("max_value")?,
+        anomalies: row.try_get("anomalies")?,
+    })
 }
 
 /// Serde helpers rendering epoch milliseconds as RFC 3339.

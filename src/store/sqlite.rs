@@ -12,8 +12,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
-    Cursor, DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, Store, StoreError, TopBy, TopQuery,
-    TopSensor, TypeSummary, WriteBatch,
+    DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, Store, StoreError, TopQuery, TopSensor,
+    TypeSummary, WriteBatch, sql,
 };
 use crate::config::{StoreConfig, sqlite_path};
 use crate::messages::{KeyStateBlob, PartitionId, RestoredPartition};
@@ -22,13 +22,36 @@ use crate::messages::{KeyStateBlob, PartitionId, RestoredPartition};
 const ROWS_PER_STATEMENT: usize = 500;
 
 pub struct SqliteStore {
-    /// Queries.
+    /// Queries (and the background WAL checkpoints).
     pool: SqlitePool,
     /// Writes: SQLite has one writer at a time, and a connection's page cache is
     /// invalidated whenever another connection wrote, so all writes share one
     /// connection whose cache stays warm.
     writer: SqlitePool,
     timeout: Duration,
+    checkpointer: tokio::task::JoinHandle<()>,
+}
+
+/// How often the WAL is copied back into the database file.
+const WAL_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Copy the WAL into the database every second with a PASSIVE checkpoint, which never
+/// blocks the writer (pages still being read are left for the next round), so the WAL
+/// stays small without any commit paying for it.
+fn spawn_checkpointer(pool: SqlitePool) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(WAL_CHECKPOINT_EVERY);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if pool.is_closed() {
+                break;
+            }
+            if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+                tracing::debug!(error = %error, "wal checkpoint skipped");
+            }
+        }
+    })
 }
 
 fn migrator() -> Migrator {
@@ -40,9 +63,6 @@ fn migrator() -> Migrator {
         false,
     )])
 }
-
-const PREDICTION_COLUMNS: &str = "id, sensor_id, event_type, window_start, window_end, event_count, avg_value, \
-     min_value, max_value, stddev, prediction_score, anomaly, severity, revision, explanation, created_at, updated_at";
 
 impl SqliteStore {
     pub async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
@@ -65,9 +85,9 @@ impl SqliteStore {
             .pragma("cache_size", "-65536")
             .pragma("mmap_size", "268435456")
             .pragma("temp_store", "memory")
-            // Checkpoint the WAL every ~40 MiB rather than every 4 MiB: a page rewritten by
-            // many batches is copied to the database once per checkpoint.
-            .pragma("wal_autocheckpoint", "10000");
+            // Commits never checkpoint the WAL themselves (that stalled the write path,
+            // the fire -> ack p99); a background task does it, see `spawn_checkpointer`.
+            .pragma("wal_autocheckpoint", "0");
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(config.statement_timeout)
@@ -79,7 +99,8 @@ impl SqliteStore {
             .acquire_timeout(config.statement_timeout)
             .connect_with(options)
             .await?;
-        Ok(Self { pool, writer, timeout: config.statement_timeout })
+        let checkpointer = spawn_checkpointer(pool.clone());
+        Ok(Self { pool, writer, timeout: config.statement_timeout, checkpointer })
     }
 
     async fn timed<T>(&self, work: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
@@ -119,16 +140,7 @@ impl SqliteStore {
                     .push_bind(now_ms)
                     .push_bind(now_ms);
             });
-            // A replay re-emits identical values; an older revision never overwrites a newer one.
-            builder.push(
-                " ON CONFLICT (sensor_id, event_type, window_start) DO UPDATE SET \
-                 window_end = excluded.window_end, event_count = excluded.event_count, \
-                 avg_value = excluded.avg_value, min_value = excluded.min_value, max_value = excluded.max_value, \
-                 stddev = excluded.stddev, prediction_score = excluded.prediction_score, anomaly = excluded.anomaly, \
-                 severity = excluded.severity, revision = excluded.revision, explanation = excluded.explanation, \
-                 updated_at = excluded.updated_at \
-                 WHERE excluded.revision >= predictions.revision",
-            );
+            builder.push(sql::UPSERT_PREDICTION);
             builder.build().execute(&mut *tx).await?;
         }
         for chunk in batch.dead_letters.chunks(ROWS_PER_STATEMENT) {
@@ -215,15 +227,6 @@ fn prediction_from_row(row: &SqliteRow) -> Result<Prediction, sqlx::Error> {
     })
 }
 
-fn top_measure(by: TopBy) -> &'static str {
-    match by {
-        TopBy::AvgValue => "SUM(avg_value * event_count) / SUM(event_count)",
-        TopBy::MaxValue => "MAX(max_value)",
-        TopBy::EventCount => "CAST(SUM(event_count) AS REAL)",
-        TopBy::PredictionScore => "MAX(prediction_score)",
-    }
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
@@ -286,138 +289,32 @@ impl Store for SqliteStore {
 
     async fn predictions(&self, query: &PredictionQuery) -> Result<Page<Prediction>, StoreError> {
         self.timed(async {
-            let mut builder: QueryBuilder<Sqlite> =
-                QueryBuilder::new(format!("SELECT {PREDICTION_COLUMNS} FROM predictions WHERE 1 = 1"));
-            if let Some(sensor_id) = &query.sensor_id {
-                builder.push(" AND sensor_id = ").push_bind(sensor_id.as_str());
-            }
-            if let Some(event_type) = &query.event_type {
-                builder.push(" AND event_type = ").push_bind(event_type.as_str());
-            }
-            if let Some(from_ms) = query.from_ms {
-                builder.push(" AND window_start >= ").push_bind(from_ms);
-            }
-            if let Some(to_ms) = query.to_ms {
-                builder.push(" AND window_start < ").push_bind(to_ms);
-            }
-            if let Some(anomaly) = query.anomaly {
-                builder.push(" AND anomaly = ").push_bind(anomaly);
-            }
-            if !query.severities.is_empty() {
-                builder.push(" AND severity IN (");
-                let mut separated = builder.separated(", ");
-                for severity in &query.severities {
-                    separated.push_bind(severity.as_str());
-                }
-                builder.push(")");
-            }
-            if let Some(cursor) = query.cursor {
-                builder
-                    .push(" AND (window_start < ")
-                    .push_bind(cursor.window_start_ms)
-                    .push(" OR (window_start = ")
-                    .push_bind(cursor.window_start_ms)
-                    .push(" AND id < ")
-                    .push_bind(cursor.id)
-                    .push("))");
-            }
-            builder.push(" ORDER BY window_start DESC, id DESC LIMIT ").push_bind(i64::from(query.limit) + 1);
-            let rows = builder.build().fetch_all(&self.pool).await?;
-            let mut items = rows.iter().map(prediction_from_row).collect::<Result<Vec<_>, _>>()?;
-            let next = if items.len() > query.limit as usize {
-                items.truncate(query.limit as usize);
-                items.last().map(|last| Cursor { window_start_ms: last.window_start, id: last.id })
-            } else {
-                None
-            };
-            Ok(Page { items, next })
+            let rows = sql::predictions::<Sqlite, i64>(query, |ms| ms).build().fetch_all(&self.pool).await?;
+            let items = rows.iter().map(prediction_from_row).collect::<Result<Vec<_>, _>>()?;
+            Ok(super::paginate(items, query.limit))
         })
         .await
     }
 
     async fn top_sensors(&self, query: &TopQuery) -> Result<Vec<TopSensor>, StoreError> {
         self.timed(async {
-            let measure = top_measure(query.by);
-            let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
-                "SELECT sensor_id, event_type, {measure} AS measure, COUNT(*) AS windows, \
-                 SUM(event_count) AS events, SUM(avg_value * event_count) / SUM(event_count) AS avg_value, \
-                 MAX(max_value) AS max_value, MAX(prediction_score) AS max_score \
-                 FROM predictions WHERE window_end >= "
-            ));
-            builder.push_bind(query.since_ms);
-            if let Some(event_type) = &query.event_type {
-                builder.push(" AND event_type = ").push_bind(event_type.as_str());
-            }
-            builder
-                .push(" GROUP BY sensor_id, event_type ORDER BY measure DESC, sensor_id, event_type LIMIT ")
-                .push_bind(i64::from(query.n));
-            let rows = builder.build().fetch_all(&self.pool).await?;
-            rows.iter()
-                .map(|row| {
-                    Ok(TopSensor {
-                        sensor_id: row.try_get("sensor_id")?,
-                        event_type: row.try_get("event_type")?,
-                        value: row.try_get("measure")?,
-                        windows: row.try_get("windows")?,
-                        event_count: row.try_get("events")?,
-                        avg_value: row.try_get("avg_value")?,
-                        max_value: row.try_get("max_value")?,
-                        max_prediction_score: row.try_get("max_score")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-                .map_err(StoreError::from)
+            let rows = sql::top_sensors::<Sqlite, i64>(query, |ms| ms).build().fetch_all(&self.pool).await?;
+            Ok(rows.iter().map(super::top_sensor_from_row).collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }
 
     async fn summary(&self, since_ms: i64) -> Result<Vec<TypeSummary>, StoreError> {
         self.timed(async {
-            let rows = sqlx::query(
-                "SELECT event_type, COUNT(*) AS windows, SUM(event_count) AS events, \
-                 COUNT(DISTINCT sensor_id) AS sensors, SUM(avg_value * event_count) / SUM(event_count) AS avg_value, \
-                 MIN(min_value) AS min_value, MAX(max_value) AS max_value, SUM(anomaly) AS anomalies \
-                 FROM predictions WHERE window_end >= ? GROUP BY event_type ORDER BY event_type",
-            )
-            .bind(since_ms)
-            .fetch_all(&self.pool)
-            .await?;
-            rows.iter()
-                .map(|row| {
-                    Ok(TypeSummary {
-                        event_type: row.try_get("event_type")?,
-                        windows: row.try_get("windows")?,
-                        events: row.try_get("events")?,
-                        sensors: row.try_get("sensors")?,
-                        avg_value: row.try_get("avg_value")?,
-                        min_value: row.try_get("min_value")?,
-                        max_value: row.try_get("max_value")?,
-                        anomalies: row.try_get("anomalies")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-                .map_err(StoreError::from)
+            let rows = sql::summary::<Sqlite, i64>(since_ms).build().fetch_all(&self.pool).await?;
+            Ok(rows.iter().map(super::summary_from_row).collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }
 
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetterRow>, StoreError> {
         self.timed(async {
-            let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT id, received_at, source, reason, error, sensor_id, event_type, event_time, partition, \
-                 position, payload FROM dead_letters WHERE 1 = 1",
-            );
-            if let Some(reason) = query.reason {
-                builder.push(" AND reason = ").push_bind(reason.as_str());
-            }
-            if let Some(sensor_id) = &query.sensor_id {
-                builder.push(" AND sensor_id = ").push_bind(sensor_id.as_str());
-            }
-            if let Some(before_id) = query.before_id {
-                builder.push(" AND id < ").push_bind(before_id);
-            }
-            builder.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
-            let rows = builder.build().fetch_all(&self.pool).await?;
+            let rows = sql::dead_letters::<Sqlite>(query).build().fetch_all(&self.pool).await?;
             rows.iter()
                 .map(|row| {
                     Ok(DeadLetterRow {
@@ -442,9 +339,7 @@ impl Store for SqliteStore {
 
     async fn dead_letter_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         self.timed(async {
-            let rows = sqlx::query("SELECT reason, COUNT(*) AS n FROM dead_letters GROUP BY reason ORDER BY reason")
-                .fetch_all(&self.pool)
-                .await?;
+            let rows = sqlx::query(sql::DEAD_LETTER_COUNTS).fetch_all(&self.pool).await?;
             rows.iter()
                 .map(|row| Ok((row.try_get("reason")?, row.try_get("n")?)))
                 .collect::<Result<Vec<_>, sqlx::Error>>()
@@ -462,6 +357,9 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        self.checkpointer.abort();
+        // A last full checkpoint leaves a compact database file behind.
+        let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&self.writer).await;
         self.pool.close().await;
         self.writer.close().await;
     }

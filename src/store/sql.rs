@@ -1,0 +1,146 @@
+//! The query side's SQL, written once for both backends. The SQL is portable (casts both
+//! dialects accept); a backend supplies how an instant is bound (epoch milliseconds in
+//! SQLite, `TIMESTAMPTZ` in PostgreSQL) and decodes the rows.
+
+use sqlx::{Database, Encode, QueryBuilder, Type};
+
+use super::{DeadLetterQuery, PredictionQuery, TopBy, TopQuery};
+
+pub const PREDICTION_COLUMNS: &str = "id, sensor_id, event_type, window_start, window_end, event_count, \
+     avg_value, min_value, max_value, stddev, prediction_score, anomaly, severity, revision, explanation, \
+     created_at, updated_at";
+
+pub const DEAD_LETTER_COLUMNS: &str =
+    "id, received_at, source, reason, error, sensor_id, event_type, event_time, partition, position, payload";
+
+/// `SELECT … FROM predictions` with the query's filters, newest first, one row more
+/// than the limit (to know whether there is a next page).
+pub fn predictions<DB, T>(query: &PredictionQuery, time: impl Fn(i64) -> T) -> QueryBuilder<DB>
+where
+    DB: Database,
+    T: for<'t> Encode<'t, DB> + Type<DB>,
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    bool: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let mut builder = QueryBuilder::new(format!("SELECT {PREDICTION_COLUMNS} FROM predictions WHERE 1 = 1"));
+    if let Some(sensor_id) = &query.sensor_id {
+        builder.push(" AND sensor_id = ").push_bind(sensor_id.as_str());
+    }
+    if let Some(event_type) = &query.event_type {
+        builder.push(" AND event_type = ").push_bind(event_type.as_str());
+    }
+    if let Some(from_ms) = query.from_ms {
+        builder.push(" AND window_start >= ").push_bind(time(from_ms));
+    }
+    if let Some(to_ms) = query.to_ms {
+        builder.push(" AND window_start < ").push_bind(time(to_ms));
+    }
+    if let Some(anomaly) = query.anomaly {
+        builder.push(" AND anomaly = ").push_bind(anomaly);
+    }
+    if !query.severities.is_empty() {
+        builder.push(" AND severity IN (");
+        let mut separated = builder.separated(", ");
+        for severity in &query.severities {
+            separated.push_bind(severity.as_str());
+        }
+        builder.push(")");
+    }
+    if let Some(cursor) = query.cursor {
+        builder
+            .push(" AND (window_start < ")
+            .push_bind(time(cursor.window_start_ms))
+            .push(" OR (window_start = ")
+            .push_bind(time(cursor.window_start_ms))
+            .push(" AND id < ")
+            .push_bind(cursor.id)
+            .push("))");
+    }
+    builder.push(" ORDER BY window_start DESC, id DESC LIMIT ").push_bind(i64::from(query.limit) + 1);
+    builder
+}
+
+fn top_measure(by: TopBy) -> &'static str {
+    match by {
+        TopBy::AvgValue => "SUM(avg_value * event_count) / SUM(event_count)",
+        TopBy::MaxValue => "MAX(max_value)",
+        TopBy::EventCount => "CAST(SUM(event_count) AS DOUBLE PRECISION)",
+        TopBy::PredictionScore => "MAX(prediction_score)",
+    }
+}
+
+/// Per `(sensor_id, event_type)` over the windows started since `since_ms`, ranked.
+pub fn top_sensors<DB, T>(query: &TopQuery, time: impl Fn(i64) -> T) -> QueryBuilder<DB>
+where
+    DB: Database,
+    T: for<'t> Encode<'t, DB> + Type<DB>,
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let measure = top_measure(query.by);
+    let mut builder = QueryBuilder::new(format!(
+        "SELECT sensor_id, event_type, {measure} AS measure, COUNT(*) AS windows, \
+         CAST(SUM(event_count) AS BIGINT) AS events, \
+         SUM(avg_value * event_count) / SUM(event_count) AS avg_value, \
+         MAX(max_value) AS max_value, MAX(prediction_score) AS max_score \
+         FROM predictions WHERE window_start >= "
+    ));
+    builder.push_bind(time(query.since_ms));
+    if let Some(event_type) = &query.event_type {
+        builder.push(" AND event_type = ").push_bind(event_type.as_str());
+    }
+    builder
+        .push(" GROUP BY sensor_id, event_type ORDER BY measure DESC, sensor_id, event_type LIMIT ")
+        .push_bind(i64::from(query.n));
+    builder
+}
+
+/// Per event type over the windows started since `since_ms`.
+pub fn summary<DB, T>(since: T) -> QueryBuilder<DB>
+where
+    DB: Database,
+    T: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let mut builder = QueryBuilder::new(
+        "SELECT event_type, COUNT(*) AS windows, CAST(SUM(event_count) AS BIGINT) AS events, \
+         COUNT(DISTINCT sensor_id) AS sensors, SUM(avg_value * event_count) / SUM(event_count) AS avg_value, \
+         MIN(min_value) AS min_value, MAX(max_value) AS max_value, \
+         CAST(SUM(CASE WHEN anomaly THEN 1 ELSE 0 END) AS BIGINT) AS anomalies \
+         FROM predictions WHERE window_start >= ",
+    );
+    builder.push_bind(since).push(" GROUP BY event_type ORDER BY event_type");
+    builder
+}
+
+pub fn dead_letters<DB>(query: &DeadLetterQuery) -> QueryBuilder<DB>
+where
+    DB: Database,
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let mut builder = QueryBuilder::new(format!("SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE 1 = 1"));
+    if let Some(reason) = query.reason {
+        builder.push(" AND reason = ").push_bind(reason.as_str());
+    }
+    if let Some(sensor_id) = &query.sensor_id {
+        builder.push(" AND sensor_id = ").push_bind(sensor_id.as_str());
+    }
+    if let Some(before_id) = query.before_id {
+        builder.push(" AND id < ").push_bind(before_id);
+    }
+    builder.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
+    builder
+}
+
+pub const DEAD_LETTER_COUNTS: &str = "SELECT reason, COUNT(*) AS n FROM dead_letters GROUP BY reason ORDER BY reason";
+
+/// The upsert's conflict clause: a replay re-emits identical values, and an older
+/// revision never overwrites a newer one.
+pub const UPSERT_PREDICTION: &str = " ON CONFLICT (sensor_id, event_type, window_start) DO UPDATE SET \
+     window_end = excluded.window_end, event_count = excluded.event_count, \
+     avg_value = excluded.avg_value, min_value = excluded.min_value, max_value = excluded.max_value, \
+     stddev = excluded.stddev, prediction_score = excluded.prediction_score, anomaly = excluded.anomaly, \
+     severity = excluded.severity, revision = excluded.revision, explanation = excluded.explanation, \
+     updated_at = excluded.updated_at \
+     WHERE excluded.revision >= predictions.revision";
