@@ -153,9 +153,64 @@ fn store_writes(c: &mut Criterion) {
     group.finish();
 }
 
+/// Needs a server: `TIDEMARK_BENCH_DATABASE_URL` (or `TIDEMARK_TEST_DATABASE_URL`, which
+/// scripts/test.sh starts) naming a role that may create databases. Each run writes into a
+/// new, empty database (`tidemark_bench_<time>`) and drops it afterwards.
+fn postgres_writes(c: &mut Criterion) {
+    use sqlx::Connection;
+    use tidemark::store::{PostgresStore, WriteMethod};
+    let Some(server) =
+        std::env::var("TIDEMARK_BENCH_DATABASE_URL").or_else(|_| std::env::var("TIDEMARK_TEST_DATABASE_URL")).ok()
+    else {
+        eprintln!("store_upsert_postgres: not run; set TIDEMARK_BENCH_DATABASE_URL to a PostgreSQL server");
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio");
+    let name = format!("tidemark_bench_{}", chrono::Utc::now().timestamp_millis());
+    let admin_sql = |statement: String| {
+        let server = server.clone();
+        runtime.block_on(async move {
+            let mut admin = sqlx::PgConnection::connect(&server).await.expect("connect to the bench server");
+            sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut admin).await.expect("admin statement");
+        })
+    };
+    admin_sql(format!("CREATE DATABASE {name}"));
+    let base = server.split('?').next().unwrap_or(&server);
+    let url = format!("{}/{name}", &base[..base.rfind('/').unwrap_or(base.len())]);
+    let config = Config::load(&ConfigSources::default().with("store.url", url)).expect("config");
+    for (name, method) in [("unnest", WriteMethod::Unnest), ("copy", WriteMethod::Copy)] {
+        let store = runtime.block_on(PostgresStore::open_with(&config.store, method)).expect("postgres");
+        let mut group = c.benchmark_group(format!("store_upsert_postgres_{name}"));
+        let mut window = rand_start();
+        for rows in [1usize, 100, 1000] {
+            group.throughput(Throughput::Elements(rows as u64));
+            group.bench_with_input(BenchmarkId::from_parameter(rows), &rows, |b, &rows| {
+                b.to_async(&runtime).iter(|| {
+                    window += 30_000;
+                    let results: Vec<WindowResult> = (0..rows).map(|i| result(i, window)).collect();
+                    let store = &store;
+                    async move {
+                        use tidemark::store::Store;
+                        store.write(&WriteBatch { results: &results, ..WriteBatch::default() }).await.expect("write");
+                    }
+                })
+            });
+        }
+        group.finish();
+        runtime.block_on(async { tidemark::store::Store::close(&store).await });
+    }
+    admin_sql(format!("DROP DATABASE {name}"));
+}
+
+/// A window origin after earlier runs' first windows, so iterations insert new rows.
+fn rand_start() -> i64 {
+    let now = chrono::Utc::now().timestamp_millis();
+    now - now % 30_000
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = parsing, routing, windows, scoring, store_writes
+    targets = parsing, routing, windows, scoring, store_writes, postgres_writes
 }
 criterion_main!(benches);

@@ -1,16 +1,36 @@
 //! End-to-end through the HTTP API: ingestion of every body shape, exact window
 //! aggregates, late and invalid events in the dead-letter store, query parameters, and
-//! the process still serving after bad input.
+//! the process still serving after bad input. Every test runs on SQLite and on
+//! PostgreSQL: the API answers the same on both.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Client, eventually, sources, start};
+use common::{Backend, Client, eventually, sources_on, start};
 use serde_json::{Value, json};
 
 /// 2026-01-01T00:00:00Z: event times far from the wall clock, windows aligned to it.
 const T0: i64 = 1_767_225_600_000;
+
+backend_tests!(
+    sqlite,
+    Backend::Sqlite,
+    [
+        scenario_with_out_of_order_late_and_invalid_events,
+        whole_body_errors_and_limits,
+        queries_filter_paginate_and_aggregate,
+    ]
+);
+backend_tests!(
+    postgres,
+    Backend::Postgres,
+    [
+        scenario_with_out_of_order_late_and_invalid_events,
+        whole_body_errors_and_limits,
+        queries_filter_paginate_and_aggregate,
+    ]
+);
 
 fn event(sensor: &str, value: f64, offset_ms: i64) -> Value {
     json!({"sensorId": sensor, "eventType": "temperature", "value": value, "timestamp": T0 + offset_ms})
@@ -25,11 +45,11 @@ async fn predictions_of(client: &Client, sensor: &str, expected: usize) -> Vec<V
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scenario_with_out_of_order_late_and_invalid_events() {
+async fn scenario_with_out_of_order_late_and_invalid_events(backend: Backend) {
     let dir = tempfile::tempdir().expect("temp dir");
     let runtime = start(
-        sources(dir.path())
+        sources_on(backend, dir.path())
+            .await
             .with("pipeline.window", "10s")
             .with("pipeline.max_out_of_orderness", "2s")
             .with("pipeline.partitions", 2)
@@ -157,10 +177,9 @@ async fn scenario_with_out_of_order_late_and_invalid_events() {
     runtime.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn whole_body_errors_and_limits() {
+async fn whole_body_errors_and_limits(backend: Backend) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let runtime = start(sources(dir.path()).with("http.max_body_bytes", 4096)).await;
+    let runtime = start(sources_on(backend, dir.path()).await.with("http.max_body_bytes", 4096)).await;
     let client = Client::new(&runtime);
 
     let (status, body) = client.post("/api/events", "application/json", "{\"sensorId\": ").await;
@@ -205,11 +224,11 @@ async fn whole_body_errors_and_limits() {
     runtime.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queries_filter_paginate_and_aggregate() {
+async fn queries_filter_paginate_and_aggregate(backend: Backend) {
     let dir = tempfile::tempdir().expect("temp dir");
     let runtime = start(
-        sources(dir.path())
+        sources_on(backend, dir.path())
+            .await
             .with("pipeline.window", "1s")
             .with("pipeline.max_out_of_orderness", "0s")
             .with("scoring.warmup_windows", 3),

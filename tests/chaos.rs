@@ -15,7 +15,10 @@ mod common;
 mod with_chaos {
     use std::time::Duration;
 
-    use super::common::{Client, all_predictions, comparable, eventually, post_batches, sources, start, workload};
+    use super::common::{
+        Client, all_predictions, comparable, eventually, fresh_postgres_database, post_batches, sources, start,
+        workload,
+    };
     use serde_json::json;
     use tidemark::config::ConfigSources;
     use tidemark::sim::SimConfig;
@@ -81,15 +84,29 @@ mod with_chaos {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn panics_and_store_failures_do_not_change_results() {
+        panics_and_store_failures(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn panics_and_store_failures_do_not_change_results_on_postgres() {
+        panics_and_store_failures(true).await;
+    }
+
+    async fn panics_and_store_failures(postgres: bool) {
         let lines = chaos_workload();
+        let pipeline = |dir: &std::path::Path, url: Option<String>| match url {
+            Some(url) => pipeline(dir).with("store.url", url),
+            None => pipeline(dir),
+        };
+        let url = || async move { if postgres { Some(fresh_postgres_database().await) } else { None } };
         assert!(lines.len() >= 30_000);
         let clean_dir = tempfile::tempdir().expect("temp dir");
-        let (clean, clean_late, clean_restarts, _) = run(pipeline(clean_dir.path()), &lines).await;
+        let (clean, clean_late, clean_restarts, _) = run(pipeline(clean_dir.path(), url().await), &lines).await;
         assert_eq!(clean_restarts, 0);
         assert!(clean_late > 0, "the workload has late events");
 
         let chaos_dir = tempfile::tempdir().expect("temp dir");
-        let chaos = pipeline(chaos_dir.path())
+        let chaos = pipeline(chaos_dir.path(), url().await)
             .with("chaos.partition_panic_probability", 0.001)
             .with("chaos.store_batch_failure_rate", 0.2)
             .with("chaos.seed", 11);

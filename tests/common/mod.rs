@@ -268,3 +268,160 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// The store backends the API suite runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// `sources(dir)` with the store on `backend`: SQLite in `dir`, or a fresh database on
+/// the PostgreSQL server at `TIDEMARK_TEST_DATABASE_URL`.
+pub async fn sources_on(backend: Backend, dir: &Path) -> ConfigSources {
+    match backend {
+        Backend::Sqlite => sources(dir),
+        Backend::Postgres => sources(dir).with("store.url", fresh_postgres_database().await),
+    }
+}
+
+/// Create an empty database on the test server and return its URL.
+pub async fn fresh_postgres_database() -> String {
+    use sqlx::Connection;
+    let Ok(server) = std::env::var("TIDEMARK_TEST_DATABASE_URL") else {
+        panic!(
+            "TIDEMARK_TEST_DATABASE_URL is not set: the PostgreSQL tests need a server. \
+             Run scripts/test.sh (it starts one on 127.0.0.1:55432), or start PostgreSQL and set \
+             TIDEMARK_TEST_DATABASE_URL=postgres://USER@HOST:PORT/postgres"
+        );
+    };
+    let mut admin = match sqlx::PgConnection::connect(&server).await {
+        Ok(connection) => connection,
+        Err(error) => panic!(
+            "cannot reach PostgreSQL at TIDEMARK_TEST_DATABASE_URL ({server}): {error}. \
+             Start it (scripts/test.sh does) or point the variable at a running server"
+        ),
+    };
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = format!(
+        "tidemark_test_{}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        rand::random::<u32>()
+    );
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .expect("CREATE DATABASE");
+    let _ = admin.close().await;
+    // Replace the database path of the server URL.
+    let (base, query) = match server.split_once('?') {
+        Some((base, query)) => (base.to_string(), format!("?{query}")),
+        None => (server.clone(), String::new()),
+    };
+    let authority_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let root = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base.as_str(),
+    };
+    format!("{root}/{name}{query}")
+}
+
+/// `backend_tests!(postgres, Backend::Postgres, [a, b])` defines tests `postgres::a` and
+/// `postgres::b` that run `a(backend)` and `b(backend)`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($module:ident, $backend:expr, [$($test:ident),* $(,)?]) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test($backend).await
+                }
+            )*
+        }
+    };
+}
+
+/// A PostgreSQL server of the test's own (initdb in a temp directory, on a free
+/// loopback port), so the test may stop and start it.
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
+        let path = self.bin.join(program);
+        let mut command = if is_root() {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(&path);
+            command
+        } else {
+            std::process::Command::new(&path)
+        };
+        command.args(args).output().unwrap_or_else(|error| panic!("cannot run {}: {error}", path.display()))
+    }
+
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|dirs| dirs.filter_map(Result::ok).map(|d| d.path().join("bin")).filter(|p| p.join("initdb").exists()).max())
+            .unwrap_or_else(|| panic!("PostgreSQL server binaries not found under /usr/lib/postgresql: install the postgresql package (scripts/test.sh does)"));
+        let dir = tempfile::tempdir().expect("temp dir");
+        if is_root() {
+            let status = std::process::Command::new("chown").args(["-R", "postgres"]).arg(dir.path()).status();
+            assert!(status.map(|s| s.success()).unwrap_or(false), "chown of the data directory to postgres failed");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let server = Self { dir, bin, port };
+        let data = server.data();
+        let output = server.run("initdb", &["-D", &data, "-U", "postgres", "--auth=trust", "-E", "UTF8"]);
+        assert!(output.status.success(), "initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+        server.resume();
+        server
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Start (again) and wait until it accepts connections.
+    pub fn resume(&self) {
+        let options =
+            format!("-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off", self.port, self.dir.path().display());
+        let log = self.dir.path().join("server.log").display().to_string();
+        let output = self.run("pg_ctl", &["-D", &self.data(), "-l", &log, "-w", "-o", &options, "start"]);
+        assert!(output.status.success(), "pg_ctl start failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// Stop it (fast shutdown: open connections are cut).
+    pub fn stop(&self) {
+        let output = self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+        assert!(output.status.success(), "pg_ctl stop failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.run("pg_ctl", &["-D", &self.data(), "-m", "immediate", "stop"]);
+    }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
+        .unwrap_or(false)
+}
