@@ -16,20 +16,7 @@ cd "$(dirname "$0")/.."
 state_dir="${TIDEMARK_TEST_STATE:-/tmp/tidemark-test-services}"
 mkdir -p "$state_dir"
 
-as_root() {
-  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
-    echo "need root (or sudo) to run: $*" >&2; return 1; fi
-}
-
-apt_install() {
-  local missing=()
-  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
-  if [ "${#missing[@]}" -gt 0 ]; then
-    echo "installing ${missing[*]}" >&2
-    as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
-}
+. scripts/lib.sh
 
 start_postgres() {
   export TIDEMARK_TEST_DATABASE_URL="${TIDEMARK_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:55432/postgres}"
@@ -65,6 +52,7 @@ start_mosquitto() {
   echo "mosquitto on 127.0.0.1:$port" >&2
 }
 
+build_prerequisites
 start_postgres
 start_mosquitto
 
