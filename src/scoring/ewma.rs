@@ -64,7 +64,10 @@ impl EwmaScorer {
                 explanation: format!("warming up: {} of {} windows seen", state.windows, self.warmup_windows),
             };
         }
-        let level_sigma = Self::sigma(&state.level, state.windows, 1e-3 * state.level.mean.abs());
+        // A window mean varies at least by its own sampling error (stddev / √count):
+        // a baseline estimated tighter than that would flag ordinary noise.
+        let sampling_error = window.stddev / (window.count.max(1) as f64).sqrt();
+        let level_sigma = Self::sigma(&state.level, state.windows, (1e-3 * state.level.mean.abs()).max(sampling_error));
         let level_z = (window.mean - state.level.mean) / level_sigma;
         let spread_sigma = Self::sigma(&state.spread, state.windows, 0.05);
         let spread_z = (log_spread(window) - state.spread.mean) / spread_sigma;
