@@ -3,21 +3,48 @@
 //! logged after that checkpoint. It owns the routing table (in the router), quarantines
 //! poison events, and escalates when a partition exhausts its restart budget.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::time::Instant;
 
 use super::policy::{Decision, ExitStatus, RestartBudget, RestartPolicy, RestartTracker, RetryBackoff};
 use crate::actors::partition::{PartitionActor, PartitionArgs, PartitionContext};
-use crate::messages::{DeadLetter, PartitionId, Position, RejectReason, RestoredPartition, StoreMsg};
+use crate::messages::{DeadLetter, PartitionId, PartitionMsg, Position, RejectReason, RestoredPartition, StoreMsg};
 use crate::metrics::{ActorLabels, PartitionLabels};
 use crate::router::PartitionRouter;
 use crate::store::Store;
 
 pub struct PartitionSupervisor;
+
+/// How a partition's (re)started actor gets its events from its checkpoint on.
+pub trait PartitionFeed: Send + Sync {
+    /// Make `actor` the partition's actor, fed from position `from`. `restart` is true
+    /// when the actor replaces one that failed (its events must be read again).
+    fn attach(&self, partition: PartitionId, actor: ActorRef<PartitionMsg>, from: Position, restart: bool);
+}
+
+/// Embedded mode: the router replays its in-memory log.
+impl PartitionFeed for PartitionRouter {
+    fn attach(&self, partition: PartitionId, actor: ActorRef<PartitionMsg>, from: Position, _restart: bool) {
+        let replayed = PartitionRouter::attach(self, partition, actor, from);
+        if replayed > 0 {
+            tracing::info!(partition, from, replayed, "partition restored from checkpoint and replaying");
+        }
+    }
+}
+
+/// Which partitions the supervisor runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Assignment {
+    /// Every partition, from start-up (embedded ingestion, file replay).
+    All,
+    /// Those a source asks for with `Start` and releases with `Stop` (Kafka partitions
+    /// assigned to this instance by the consumer group).
+    Dynamic,
+}
 
 pub struct PartitionSupervisorArgs {
     pub context: Arc<PartitionContext>,
@@ -26,9 +53,16 @@ pub struct PartitionSupervisorArgs {
     pub store: Option<Arc<dyn Store>>,
     pub budget: RestartBudget,
     pub max_event_attempts: u32,
+    pub feed: Arc<dyn PartitionFeed>,
+    pub assignment: Assignment,
 }
 
 pub enum PartitionSupervisorMsg {
+    /// Run `partition` from this checkpoint (a Kafka partition was assigned).
+    Start { partition: PartitionId, restored: Option<RestoredPartition>, reply: RpcReplyPort<Result<(), String>> },
+    /// Stop `partition`'s actor and do not restart it (its Kafka partition was revoked).
+    /// The caller checkpoints it first.
+    Stop { partition: PartitionId, reply: RpcReplyPort<()> },
     /// Start (again) the actor of a partition from its checkpoint.
     Restart(PartitionId),
     /// Rewind every partition to its last complete checkpoint: a sink lost data it had
@@ -46,6 +80,8 @@ pub struct PartitionSupervisorState {
     attempts: Vec<HashMap<Position, u32>>,
     /// Partitions being rewound on purpose: their exit does not count as a failure.
     rewinding: Vec<bool>,
+    /// Partitions stopped on purpose: not restarted.
+    released: HashSet<PartitionId>,
     load_backoff: Vec<RetryBackoff>,
     shutting_down: bool,
 }
@@ -67,6 +103,7 @@ impl Actor for PartitionSupervisor {
             trackers: vec![RestartTracker::default(); partitions],
             attempts: vec![HashMap::new(); partitions],
             rewinding: vec![false; partitions],
+            released: HashSet::new(),
             load_backoff: (0..partitions)
                 .map(|_| RetryBackoff::new(Duration::from_millis(100), Duration::from_secs(5)))
                 .collect(),
@@ -74,12 +111,16 @@ impl Actor for PartitionSupervisor {
         };
         for partition in 0..partitions as PartitionId {
             state.args.router.clear_actor(partition);
-            // At start-up a store that cannot be read is an error the operator must see.
-            let restored = state.load(partition).await?;
-            if let Some(restored) = &restored {
-                state.args.router.start_at(partition, restored.next_position);
+        }
+        if state.args.assignment == Assignment::All {
+            for partition in 0..partitions as PartitionId {
+                // At start-up a store that cannot be read is an error the operator must see.
+                let restored = state.load(partition).await?;
+                if let Some(restored) = &restored {
+                    state.args.router.start_at(partition, restored.next_position);
+                }
+                state.spawn(&myself, partition, restored, false).await?;
             }
-            state.spawn(&myself, partition, restored).await?;
         }
         Ok(state)
     }
@@ -91,14 +132,47 @@ impl Actor for PartitionSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
+            PartitionSupervisorMsg::Start { partition, restored, reply } => {
+                let outcome = if partition as usize >= state.trackers.len() {
+                    Err(format!("partition {partition} is outside pipeline.partitions = {}", state.trackers.len()))
+                } else {
+                    state.released.remove(&partition);
+                    if let Some(old) = state.args.router.actor(partition) {
+                        // Still running from an earlier assignment: replace it.
+                        state.released.insert(partition);
+                        let _ = old.stop_and_wait(None, Some(Duration::from_secs(10))).await;
+                        state.released.remove(&partition);
+                    }
+                    state.spawn(&myself, partition, restored, false).await.map_err(|error| error.to_string())
+                };
+                let _ = reply.send(outcome);
+            }
+            PartitionSupervisorMsg::Stop { partition, reply } => {
+                state.released.insert(partition);
+                if let Some(actor) = state.args.router.actor(partition) {
+                    let _ = actor.stop_and_wait(None, Some(Duration::from_secs(10))).await;
+                }
+                state.args.router.clear_actor(partition);
+                let _ = reply.send(());
+            }
             PartitionSupervisorMsg::Restart(partition) => {
-                if state.shutting_down || state.args.router.actor(partition).is_some() {
+                if state.shutting_down
+                    || state.released.contains(&partition)
+                    || state.args.router.actor(partition).is_some()
+                {
                     return Ok(());
                 }
-                match state.load(partition).await {
+                // The failed actor may have sent a checkpoint that is still queued in the
+                // sinks: let it land first, or it would commit after the restore and no
+                // longer match the state the new actor rebuilds.
+                let restored = match state.drain_sinks().await {
+                    Ok(()) => state.load(partition).await,
+                    Err(error) => Err(error),
+                };
+                match restored {
                     Ok(restored) => {
                         state.load_backoff[partition as usize].reset();
-                        state.spawn(&myself, partition, restored).await?;
+                        state.spawn(&myself, partition, restored, true).await?;
                     }
                     Err(error) => {
                         let delay = state.load_backoff[partition as usize].next_delay();
@@ -137,10 +211,10 @@ impl Actor for PartitionSupervisor {
         let Some(partition) = state.children.remove(&cell.get_id()) else {
             return Ok(());
         };
-        let failed_at = state.args.router.detach(partition);
-        if state.shutting_down {
+        if state.shutting_down || state.released.contains(&partition) {
             return Ok(());
         }
+        let failed_at = state.args.router.detach(partition);
         let index = partition as usize;
         if std::mem::take(&mut state.rewinding[index]) {
             myself.send_message(PartitionSupervisorMsg::Restart(partition))?;
@@ -177,6 +251,26 @@ impl Actor for PartitionSupervisor {
 }
 
 impl PartitionSupervisorState {
+    /// Wait until the sinks wrote everything sent to them so far (the Kafka sink first:
+    /// it forwards checkpoints to the store sink).
+    async fn drain_sinks(&self) -> Result<(), ActorProcessingErr> {
+        let sinks = &self.args.context.sinks;
+        let timeout = Some(Duration::from_secs(10));
+        if sinks.kafka_configured() {
+            let kafka = sinks.kafka().ok_or("the kafka sink is restarting")?;
+            let reply = kafka.call(crate::actors::sinks::kafka::KafkaSinkMsg::Flush, timeout).await?;
+            if !reply.is_success() {
+                return Err("the kafka sink did not drain in time".into());
+            }
+        }
+        let store = sinks.store().ok_or("the store sink is restarting")?;
+        let reply = store.call(StoreMsg::Flush, timeout).await?;
+        if !reply.is_success() {
+            return Err("the store sink did not drain in time".into());
+        }
+        Ok(())
+    }
+
     async fn load(&self, partition: PartitionId) -> Result<Option<RestoredPartition>, ActorProcessingErr> {
         let partitions = self.args.router.partitions();
         match &self.args.store {
@@ -190,6 +284,7 @@ impl PartitionSupervisorState {
         myself: &ActorRef<PartitionSupervisorMsg>,
         partition: PartitionId,
         restored: Option<RestoredPartition>,
+        restart: bool,
     ) -> Result<(), ActorProcessingErr> {
         let from = restored.as_ref().map_or(0, |r| r.next_position);
         let args = PartitionArgs {
@@ -200,10 +295,7 @@ impl PartitionSupervisorState {
         };
         let (actor, _) = Actor::spawn_linked(None, PartitionActor, args, myself.get_cell()).await?;
         self.children.insert(actor.get_id(), partition);
-        let replayed = self.args.router.attach(partition, actor, from);
-        if replayed > 0 {
-            tracing::info!(partition, from, replayed, "partition restored from checkpoint and replaying");
-        }
+        self.args.feed.attach(partition, actor, from, restart);
         Ok(())
     }
 
