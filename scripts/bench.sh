@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The benchmark figures of docs/benchmarks.md, reproduced. Loopback only; every load is
+# bounded in time. Run on an otherwise idle machine.
+#
+#   scripts/bench.sh replay     # 5M-event file through the pipeline (sink none), 3 runs
+#   scripts/bench.sh keys       # resident bytes per open key with 1,000,000 keys
+#   scripts/bench.sh startup    # process start-up: replay of 1,000 events; server to /health
+#   scripts/bench.sh http       # ingestion: batched NDJSON and single-event POSTs
+#   scripts/bench.sh latency    # window fire -> store ack at 100,000 events/s for 3 min
+#   scripts/bench.sh all
+#
+# Workloads are written to $BENCH_DIR (default /tmp/tidemark-bench) once and reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir="${BENCH_DIR:-/tmp/tidemark-bench}"
+mkdir -p "$dir"
+bin=target/release
+cargo build --release --bins -q
+
+workload() {
+  # 1,000 sensors, 10,000 events/s of event time for 500 s, 10 % out of order by up to
+  # 4 s (inside the 5 s bound), 20 injected anomalies: 4,997,000 events.
+  [ -s "$dir/w5m.ndjson" ] || $bin/tidemark-sim --sensors 1000 --rate 10000 --duration 500s --disorder 0.1 \
+    --max-disorder 4s --anomalies 20 --anomalies-after 300s --anomaly-duration 60s --seed 1 --write "$dir/w5m.ndjson"
+}
+
+replay() {
+  workload
+  for _ in 1 2 3; do
+    $bin/tidemark replay --input "$dir/w5m.ndjson" 2>&1 >/dev/null | grep replayed
+  done
+}
+
+keys() {
+  # One event for each of 1,000,000 sensors: every key holds one open window.
+  [ -s "$dir/keys1m.ndjson" ] || $bin/tidemark-sim --sensors 1000000 --rate 1000000 --duration 1s --anomalies 0 \
+    --write "$dir/keys1m.ndjson"
+  $bin/tidemark replay --input "$dir/keys1m.ndjson" 2>/dev/null | python3 -c \
+    'import json,sys; d=json.load(sys.stdin); print("open keys %d, %.0f bytes per open key (RSS %d -> %d MiB)" % (d["openKeys"], d["bytesPerOpenKey"], d["rssBeforeInputBytes"]>>20, d["rssAfterInputBytes"]>>20))'
+}
+
+startup() {
+  head -n 1000 "$dir/w5m.ndjson" >"$dir/w1k.ndjson" 2>/dev/null || { workload; head -n 1000 "$dir/w5m.ndjson" >"$dir/w1k.ndjson"; }
+  hyperfine --warmup 3 --runs 20 -N "$bin/tidemark replay --input $dir/w1k.ndjson"
+  for _ in 1 2 3; do
+    rm -rf "$dir/startup"
+    start=$(date +%s%N)
+    TIDEMARK__HTTP__LISTEN=127.0.0.1:18181 TIDEMARK__STORE__URL="sqlite://$dir/startup/s.db" TIDEMARK__LOG__LEVEL=warn \
+      $bin/tidemark run 2>/dev/null &
+    pid=$!
+    until curl -sf http://127.0.0.1:18181/health >/dev/null; do sleep 0.002; done
+    echo "server: exec to /health 200 in $(( ($(date +%s%N) - start) / 1000000 )) ms (new SQLite store)"
+    kill -TERM $pid; wait $pid || true
+  done
+}
+
+with_server() {
+  rm -rf "$dir/http"
+  TIDEMARK__HTTP__LISTEN=127.0.0.1:18182 TIDEMARK__STORE__URL="sqlite://$dir/http/h.db" TIDEMARK__LOG__LEVEL=warn \
+    $bin/tidemark run 2>"$dir/http.log" &
+  server=$!
+  until curl -sf http://127.0.0.1:18182/health >/dev/null; do sleep 0.05; done
+  "$@"
+  curl -s http://127.0.0.1:18182/api/status | python3 -c \
+    'import json,sys; d=json.load(sys.stdin); print("status latency:", json.dumps(d["latency"]))'
+  kill -TERM $server; wait $server || true
+}
+
+http() {
+  with_server $bin/tidemark-sim load --url http://127.0.0.1:18182 --mode ndjson --batch-size 1000 --concurrency 4 \
+    --duration 15s --quiet
+  with_server $bin/tidemark-sim load --url http://127.0.0.1:18182 --mode single --concurrency 32 --duration 15s --quiet
+}
+
+latency() {
+  with_server $bin/tidemark-sim load --url http://127.0.0.1:18182 --mode ndjson --batch-size 100 --concurrency 4 \
+    --rate 100000 --duration 185s --quiet
+}
+
+case "${1:-all}" in
+  replay) replay ;;
+  keys) keys ;;
+  startup) startup ;;
+  http) http ;;
+  latency) latency ;;
+  all) replay; keys; startup; http; latency ;;
+  *) echo "usage: $0 replay|keys|startup|http|latency|all" >&2; exit 2 ;;
+esac
