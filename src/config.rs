@@ -27,6 +27,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub ingest: IngestConfig,
     pub pipeline: PipelineConfig,
+    pub kafka: KafkaConfig,
     pub scoring: ScoringConfig,
     pub store: StoreConfig,
     pub checkpoint: CheckpointConfig,
@@ -48,6 +49,97 @@ pub struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct IngestConfig {
     pub max_string_bytes: usize,
+    pub mode: IngestMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IngestMode {
+    Embedded,
+    Kafka,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub enabled: bool,
+    pub brokers: String,
+    pub topic: String,
+    pub group_id: String,
+    pub results_topic: String,
+    pub alerts_topic: String,
+    pub dlq_topic: String,
+    pub max_in_flight: usize,
+    #[serde(with = "humantime_serde")]
+    pub produce_timeout: Duration,
+    /// librdkafka settings, passed through. Values may be written as strings, numbers or
+    /// booleans (the environment's `6000` arrives as a number).
+    #[serde(deserialize_with = "scalar_strings")]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn scalar_strings<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Integer(i64),
+        Float(f64),
+        Flag(bool),
+    }
+    let map = BTreeMap::<String, Scalar>::deserialize(deserializer)?;
+    Ok(map
+        .into_iter()
+        .map(|(key, value)| {
+            let text = match value {
+                Scalar::Text(text) => text,
+                Scalar::Integer(n) => n.to_string(),
+                Scalar::Float(x) => x.to_string(),
+                Scalar::Flag(flag) => flag.to_string(),
+            };
+            (key, text)
+        })
+        .collect())
+}
+
+impl KafkaConfig {
+    pub fn dlq_topic(&self) -> String {
+        if self.dlq_topic.is_empty() { format!("{}.dlq", self.topic) } else { self.dlq_topic.clone() }
+    }
+
+    /// The pass-through librdkafka settings with their dotted names (environment
+    /// variables cannot hold dots, so `security_protocol` means `security.protocol`).
+    pub fn librdkafka_properties(&self) -> impl Iterator<Item = (String, &str)> {
+        self.properties.iter().map(|(key, value)| (key.replace('_', "."), value.as_str()))
+    }
+}
+
+/// Property names whose values are secrets.
+fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password") || key.contains("secret") || key.ends_with(".key.pem") || key.contains("token")
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret_property(k) { "***" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("enabled", &self.enabled)
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("group_id", &self.group_id)
+            .field("results_topic", &self.results_topic)
+            .field("alerts_topic", &self.alerts_topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("produce_timeout", &self.produce_timeout)
+            .field("properties", &properties)
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -235,6 +327,7 @@ impl Config {
         let http = section!("http");
         let ingest = section!("ingest");
         let pipeline = section!("pipeline");
+        let kafka = section!("kafka");
         let scoring = section!("scoring");
         let store = section!("store");
         let checkpoint = section!("checkpoint");
@@ -247,6 +340,7 @@ impl Config {
             Some(http),
             Some(ingest),
             Some(pipeline),
+            Some(kafka),
             Some(scoring),
             Some(store),
             Some(checkpoint),
@@ -254,10 +348,10 @@ impl Config {
             Some(shutdown),
             Some(log),
             Some(chaos),
-        ) = (http, ingest, pipeline, scoring, store, checkpoint, supervision, shutdown, log, chaos)
+        ) = (http, ingest, pipeline, kafka, scoring, store, checkpoint, supervision, shutdown, log, chaos)
         {
             let config =
-                Config { http, ingest, pipeline, scoring, store, checkpoint, supervision, shutdown, log, chaos };
+                Config { http, ingest, pipeline, kafka, scoring, store, checkpoint, supervision, shutdown, log, chaos };
             config.validate(&mut errors);
             if errors.is_empty() {
                 return Ok(config);
@@ -295,6 +389,16 @@ impl Config {
         check(
             self.pipeline.max_buffered_events >= self.pipeline.partitions as usize * 16,
             "pipeline.max_buffered_events: must allow at least 16 events per partition",
+        );
+        check(
+            !self.kafka.enabled && self.ingest.mode == IngestMode::Embedded
+                || !self.kafka.brokers.trim().is_empty() && !self.kafka.topic.trim().is_empty(),
+            "kafka.brokers and kafka.topic: must be set when kafka.enabled or ingest.mode = \"kafka\"",
+        );
+        check(self.kafka.max_in_flight >= 1, "kafka.max_in_flight: must be at least 1");
+        check(
+            !self.kafka.enabled || self.ingest.mode == IngestMode::Kafka,
+            "ingest.mode: must be \"kafka\" when kafka.enabled (HTTP events then go through the topic)",
         );
         check(
             crate::scoring::MODELS.contains(&self.scoring.model.as_str()),
@@ -335,6 +439,11 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.store.url = redact_url(&shown.store.url);
+        for (key, value) in shown.kafka.properties.iter_mut() {
+            if is_secret_property(key) {
+                *value = "***".into();
+            }
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|error| format!("# cannot render: {error}\n"))
     }
 
@@ -472,6 +581,23 @@ mod tests {
             .with("log.format", "xml");
         let errors = Config::load(&sources).expect_err("invalid").0;
         assert_eq!(errors.len(), 3, "{errors:?}");
+    }
+
+    #[test]
+    fn kafka_properties_pass_through_and_secrets_are_redacted() {
+        let config = Config::load(
+            &ConfigSources::default()
+                .with("kafka.properties.security_protocol", "SASL_SSL")
+                .with("kafka.properties.session_timeout_ms", 6000)
+                .with("kafka.properties.sasl_password", "hunter2"),
+        )
+        .expect("valid");
+        let properties: Vec<(String, &str)> = config.kafka.librdkafka_properties().collect();
+        assert!(properties.contains(&("security.protocol".to_string(), "SASL_SSL")));
+        assert!(properties.contains(&("session.timeout.ms".to_string(), "6000")));
+        assert!(!config.to_redacted_toml().contains("hunter2"));
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert_eq!(config.kafka.dlq_topic(), "sensor-events.dlq");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! | [`ingest`]      | parsing and validating request bodies (JSON, arrays, NDJSON)          |
 //! | [`routing`]     | sensor → partition (Kafka's murmur2 partitioner)                      |
 //! | [`router`]      | embedded ingest log: positions, replay buffers, routing table          |
+//! | [`kafka`]       | librdkafka settings of the consumer and producers                     |
 //! | [`keys`]        | a partition's key table, laid out for memory                          |
 //! | [`window`]      | event-time tumbling windows, watermarks, lateness, idle flush (pure)  |
 //! | [`scoring`]     | anomaly scorers behind a trait, per-key model state (pure)            |
@@ -28,6 +29,7 @@
 pub mod actors;
 pub mod config;
 pub mod ingest;
+pub mod kafka;
 pub mod keys;
 pub mod messages;
 pub mod metrics;

@@ -92,6 +92,7 @@ pub struct Metrics {
     pub sink_up: Family<SinkLabels, Gauge>,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_request_seconds: Family<RouteLabels, Histogram>,
+    pub kafka_consumer_lag: Family<PartitionLabels, Gauge>,
     pub ingest_to_fire: Latency,
     pub fire_to_ack: Latency,
 }
@@ -127,6 +128,7 @@ impl Metrics {
             sink_up: Family::default(),
             http_requests: Family::default(),
             http_request_seconds: Family::new_with_constructor(latency_histogram),
+            kafka_consumer_lag: Family::default(),
             ingest_to_fire: Latency::default(),
             fire_to_ack: Latency::default(),
             registry: Registry::default(),
@@ -185,6 +187,11 @@ impl Metrics {
             "fire_to_ack_seconds",
             "From a window firing to the store sink committing it",
             metrics.fire_to_ack.histogram(),
+        );
+        registry.register(
+            "kafka_consumer_lag",
+            "Messages of an assigned Kafka partition not yet processed (high watermark - processed offset)",
+            metrics.kafka_consumer_lag.clone(),
         );
         Self { registry, ..metrics }
     }

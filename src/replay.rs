@@ -146,6 +146,8 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
         // Without a replay log a restart would lose events: fail the replay instead.
         budget: RestartBudget { max_restarts: 0, ..RestartBudget::from_config(&config.supervision) },
         max_event_attempts: u32::MAX,
+        feed: Arc::clone(&router) as Arc<dyn crate::supervision::partition::PartitionFeed>,
+        assignment: crate::supervision::partition::Assignment::All,
     };
     let (supervisor, supervisor_handle) =
         Actor::spawn(None, PartitionSupervisor, args).await.map_err(|e| anyhow::anyhow!("partitions: {e}"))?;

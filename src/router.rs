@@ -250,6 +250,36 @@ impl PartitionRouter {
         }
     }
 
+    /// Deliver events that carry their source positions already (Kafka offsets), in
+    /// order, to the partition's actor; without an actor they are dropped, as the source
+    /// re-reads them from the checkpoint when the actor is attached.
+    pub fn deliver(&self, partition: PartitionId, events: Vec<Event>) -> bool {
+        let Some(last) = events.last().map(|event| event.position) else {
+            return true;
+        };
+        let mut guard = self.slot(partition).state.lock();
+        guard.next_position = guard.next_position.max(last + 1);
+        match &guard.actor {
+            Some(actor) => actor.send_message(PartitionMsg::Events(Arc::new(events))).is_ok(),
+            None => false,
+        }
+    }
+
+    /// The source will deliver `partition` from `from` again (it was rewound).
+    pub fn rewind(&self, partition: PartitionId, from: Position) {
+        let slot = self.slot(partition);
+        let mut guard = slot.state.lock();
+        guard.next_position = from;
+        slot.progress.processed.store(from, Ordering::Release);
+    }
+
+    /// Events delivered to the partition's actor and not yet processed.
+    pub fn in_flight(&self, partition: PartitionId) -> u64 {
+        let slot = self.slot(partition);
+        let next = slot.state.lock().next_position;
+        next.saturating_sub(slot.progress.processed.load(Ordering::Acquire))
+    }
+
     /// Events accepted and not yet released: buffered for replay, or (without a log) in flight.
     fn pending(&self, state: &SlotState, slot: &Slot) -> usize {
         if self.keep_log {

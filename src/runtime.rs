@@ -12,16 +12,21 @@ use tokio::task::JoinHandle;
 
 use crate::actors::gateway::AppContext;
 use crate::actors::partition::PartitionContext;
-use crate::actors::sinks::Sinks;
-use crate::config::Config;
+use crate::actors::sinks::{CheckpointListener, CheckpointListeners, Sinks};
+use crate::actors::sources::kafka::KafkaShared;
+use crate::config::{Config, IngestMode};
 use crate::ingest::ParseLimits;
 use crate::messages::{PartitionMsg, StoreMsg};
 use crate::metrics::Metrics;
 use crate::router::PartitionRouter;
 use crate::scoring::Scoring;
 use crate::store::{self, Store};
+use crate::supervision::partition::{Assignment, PartitionFeed};
+use crate::supervision::sinks::KafkaOutputs;
+use crate::supervision::sources::SourceSupervisorMsg;
 use crate::supervision::{RootMsg, RootSupervisor, RuntimeParts, Topology};
 use crate::window::WindowSpec;
+use rdkafka::producer::FutureProducer;
 
 /// How often the ingest clock ticks partitions that receive no events.
 const TICK_INTERVAL: Duration = Duration::from_secs(1);
@@ -38,6 +43,7 @@ pub struct Runtime {
 #[derive(Debug)]
 pub struct ShutdownReport {
     pub partitions_checkpointed: usize,
+    /// Partitions still running when the checkpoints were taken.
     pub partitions: usize,
     pub sink_drained: bool,
     pub took: Duration,
@@ -50,13 +56,64 @@ impl Runtime {
         let store = store::open(&config.store)
             .await
             .with_context(|| format!("cannot open store {}", crate::config::redact_url(&config.store.url)))?;
+        let kafka_consume = config.kafka.enabled;
         let router = Arc::new(PartitionRouter::new(
             config.pipeline.partitions,
             config.pipeline.max_buffered_events,
-            true,
+            // With Kafka the topic is the log: nothing to keep in memory for replays.
+            !kafka_consume,
             Arc::clone(&metrics),
         ));
-        let sinks = Arc::new(Sinks::new(4096));
+        let outputs_configured = !config.kafka.results_topic.is_empty() || !config.kafka.alerts_topic.is_empty();
+        let producer = if kafka_consume || outputs_configured || config.ingest.mode == IngestMode::Kafka {
+            Some(
+                crate::kafka::producer_config(&config.kafka)
+                    .create::<FutureProducer>()
+                    .context("cannot create the Kafka producer")?,
+            )
+        } else {
+            None
+        };
+        let sinks = Arc::new(Sinks::with_kafka(4096, outputs_configured));
+        let topology = Arc::new(Topology::default());
+        let kafka = match (&producer, kafka_consume) {
+            (Some(producer), true) => Some(Arc::new(KafkaShared::new(
+                Arc::clone(&config),
+                Arc::clone(&router),
+                Arc::clone(&store),
+                Arc::clone(&metrics),
+                Arc::clone(&sinks),
+                Arc::clone(&topology),
+                tokio::runtime::Handle::current(),
+                producer.clone(),
+            ))),
+            _ => None,
+        };
+        let (feed, assignment, checkpoint_listener): (Arc<dyn PartitionFeed>, Assignment, Arc<dyn CheckpointListener>) =
+            match &kafka {
+                Some(kafka) => (
+                    Arc::clone(kafka) as Arc<dyn PartitionFeed>,
+                    Assignment::Dynamic,
+                    Arc::new(CheckpointListeners(vec![
+                        Arc::clone(&router) as Arc<dyn CheckpointListener>,
+                        Arc::clone(kafka) as Arc<dyn CheckpointListener>,
+                    ])),
+                ),
+                None => (
+                    Arc::clone(&router) as Arc<dyn PartitionFeed>,
+                    Assignment::All,
+                    Arc::clone(&router) as Arc<dyn CheckpointListener>,
+                ),
+            };
+        let kafka_outputs = match (&producer, outputs_configured) {
+            (Some(producer), true) => Some(KafkaOutputs {
+                producer: producer.clone(),
+                results_topic: Some(config.kafka.results_topic.clone()).filter(|t| !t.is_empty()),
+                alerts_topic: Some(config.kafka.alerts_topic.clone()).filter(|t| !t.is_empty()),
+                timeout: config.kafka.produce_timeout,
+            }),
+            _ => None,
+        };
         let context = Arc::new(PartitionContext {
             partitions: config.pipeline.partitions,
             spec: WindowSpec::from_config(&config.pipeline),
@@ -79,6 +136,8 @@ impl Runtime {
             metrics: Arc::clone(&metrics),
             limits: ParseLimits { max_string_bytes: config.ingest.max_string_bytes },
             started_at: Instant::now(),
+            producer: producer.filter(|_| config.ingest.mode == IngestMode::Kafka),
+            kafka: kafka.clone(),
         });
         let parts = Arc::new(RuntimeParts {
             config,
@@ -90,12 +149,20 @@ impl Runtime {
             app,
             addr,
             listener: Mutex::new(Some(listener)),
-            topology: Arc::new(Topology::default()),
+            topology,
+            feed,
+            assignment,
+            checkpoint_listener,
+            kafka,
+            kafka_outputs,
         });
         let (root, root_handle) = Actor::spawn(None, RootSupervisor, Arc::clone(&parts))
             .await
             .map_err(|error| anyhow::anyhow!("cannot start the supervision tree: {error}"))?;
         let ticker = tokio::spawn(async move {
+            if kafka_consume {
+                return; // the Kafka source ticks its partitions itself
+            }
             let mut interval = tokio::time::interval(TICK_INTERVAL);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -187,10 +254,18 @@ impl Runtime {
         router.close();
         self.parts.topology.shutting_down();
         let _ = self.root.send_message(RootMsg::ShuttingDown);
+        // Kafka: leave the group first; the revocation checkpoints every partition and
+        // commits its offset before releasing it.
+        if let Some(sources) = self.parts.topology.source_supervisor() {
+            let _ = sources.call(SourceSupervisorMsg::StopSources, Some(remaining())).await;
+        }
 
-        let partitions = router.partitions() as usize;
+        // Partitions still running (with Kafka, leaving the group already checkpointed and
+        // released this instance's partitions).
+        let actors: Vec<_> = (0..router.partitions()).filter_map(|partition| router.actor(partition)).collect();
+        let partitions = actors.len();
         let mut checkpointed = 0;
-        let calls = (0..router.partitions()).filter_map(|partition| router.actor(partition)).map(|actor| {
+        let calls = actors.into_iter().map(|actor| {
             let timeout = remaining();
             async move {
                 actor

@@ -3,3 +3,4 @@
 pub mod gateway;
 pub mod partition;
 pub mod sinks;
+pub mod sources;

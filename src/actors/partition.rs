@@ -396,7 +396,7 @@ impl PartitionState {
                 }
             }
             self.context.sinks.publish_live(&results);
-            self.context.sinks.send_store(StoreMsg::Results(results))?;
+            self.context.sinks.send_results(results)?;
         }
         if !self.dead_letters.is_empty() {
             let letters = std::mem::take(&mut self.dead_letters);
@@ -436,7 +436,7 @@ impl PartitionState {
             upserts,
             deletes: std::mem::take(&mut self.deleted),
         };
-        self.context.sinks.send_store(StoreMsg::Checkpoint(Box::new(checkpoint)))?;
+        self.context.sinks.send_checkpoint(checkpoint)?;
         self.last_checkpoint_position = Some(self.next_position);
         self.events_since_checkpoint = 0;
         Ok(())

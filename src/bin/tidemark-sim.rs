@@ -100,6 +100,12 @@ struct Simulate {
     /// Post as fast as the server accepts instead of in real time.
     #[arg(long)]
     no_pace: bool,
+    /// Produce to Kafka (HOST:PORT,…) instead of posting over HTTP.
+    #[arg(long)]
+    kafka_brokers: Option<String>,
+    /// Topic to produce to (with --kafka-brokers).
+    #[arg(long, default_value = "sensor-events")]
+    kafka_topic: String,
 }
 
 fn main() -> ExitCode {
@@ -201,6 +207,20 @@ fn simulate(cli: Simulate) -> ExitCode {
         eprintln!("cannot start the async runtime");
         return ExitCode::FAILURE;
     };
+    if let Some(brokers) = cli.kafka_brokers.clone() {
+        return runtime.block_on(async move {
+            match sim::kafka::produce_stream(&brokers, &cli.kafka_topic, generator, !cli.no_pace).await {
+                Ok(count) => {
+                    eprintln!("produced {count} events to {} (all acknowledged)", cli.kafka_topic);
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("tidemark-sim: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        });
+    }
     runtime.block_on(async move {
         let client = reqwest::Client::new();
         let mut last_report = std::time::Instant::now();

@@ -3,6 +3,7 @@
 //! stuck value, dropout) are injected at known times and written as ground-truth labels.
 
 pub mod http;
+pub mod kafka;
 pub mod load;
 
 use std::fmt::Write as _;

@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! RootSupervisor
-//!  ├─ SinkSupervisor ── StoreSink
+//!  ├─ SinkSupervisor ── StoreSink · KafkaSink (results and alerts topics)
 //!  ├─ PartitionSupervisor ── PartitionActor 0 … P-1
+//!  ├─ SourceSupervisor ── KafkaSource (when kafka.enabled)
 //!  └─ GatewayActor (HTTP ingestion, queries, /metrics, /health, /ready)
 //! ```
 //!
@@ -17,6 +18,7 @@
 pub mod partition;
 pub mod policy;
 pub mod sinks;
+pub mod sources;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,6 +43,7 @@ use crate::store::Store;
 pub struct Topology {
     partitions: RwLock<Option<ActorRef<PartitionSupervisorMsg>>>,
     sinks: RwLock<Option<ActorRef<SinkSupervisorMsg>>>,
+    sources: RwLock<Option<ActorRef<sources::SourceSupervisorMsg>>>,
     gateway: RwLock<Option<ActorRef<GatewayMsg>>>,
 }
 
@@ -60,10 +63,21 @@ impl Topology {
         if let Some(supervisor) = self.sinks.read().as_ref() {
             let _ = supervisor.send_message(SinkSupervisorMsg::ShuttingDown);
         }
+        if let Some(supervisor) = self.sources.read().as_ref() {
+            let _ = supervisor.send_message(sources::SourceSupervisorMsg::ShuttingDown);
+        }
     }
 
     pub fn gateway(&self) -> Option<ActorRef<GatewayMsg>> {
         self.gateway.read().clone()
+    }
+
+    pub fn partition_supervisor(&self) -> Option<ActorRef<PartitionSupervisorMsg>> {
+        self.partitions.read().clone()
+    }
+
+    pub fn source_supervisor(&self) -> Option<ActorRef<sources::SourceSupervisorMsg>> {
+        self.sources.read().clone()
     }
 }
 
@@ -81,12 +95,22 @@ pub struct RuntimeParts {
     /// gateway, later ones bind `addr` again.
     pub listener: Mutex<Option<tokio::net::TcpListener>>,
     pub topology: Arc<Topology>,
+    /// How restarted partitions get their events (embedded log, or Kafka).
+    pub feed: Arc<dyn partition::PartitionFeed>,
+    pub assignment: partition::Assignment,
+    /// Told when a checkpoint is complete (router; Kafka offset commits).
+    pub checkpoint_listener: Arc<dyn crate::actors::sinks::CheckpointListener>,
+    /// The Kafka source, when consuming.
+    pub kafka: Option<Arc<crate::actors::sources::kafka::KafkaShared>>,
+    /// Output topics, when configured.
+    pub kafka_outputs: Option<sinks::KafkaOutputs>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Child {
     Sinks,
     Partitions,
+    Sources,
     Gateway,
 }
 
@@ -95,6 +119,7 @@ impl Child {
         match self {
             Self::Sinks => "sink-supervisor",
             Self::Partitions => "partition-supervisor",
+            Self::Sources => "source-supervisor",
             Self::Gateway => "gateway",
         }
     }
@@ -125,12 +150,13 @@ impl RootState {
                 let args = SinkSupervisorArgs {
                     store: Arc::clone(&parts.store),
                     store_config: parts.config.store.clone(),
-                    listener: Arc::clone(&parts.router) as Arc<dyn crate::actors::sinks::CheckpointListener>,
+                    listener: Arc::clone(&parts.checkpoint_listener),
                     metrics: Arc::clone(&parts.metrics),
                     sinks: Arc::clone(&parts.sinks),
                     chaos: parts.config.chaos.clone(),
                     budget,
                     topology: Arc::clone(&parts.topology),
+                    kafka: parts.kafka_outputs.clone(),
                 };
                 let (actor, _) = Actor::spawn_linked(None, SinkSupervisor, args, cell).await?;
                 let id = actor.get_id();
@@ -144,10 +170,26 @@ impl RootState {
                     store: Some(Arc::clone(&parts.store)),
                     budget,
                     max_event_attempts: parts.config.supervision.max_event_attempts,
+                    feed: Arc::clone(&parts.feed),
+                    assignment: parts.assignment,
                 };
                 let (actor, _) = Actor::spawn_linked(None, PartitionSupervisor, args, cell).await?;
                 let id = actor.get_id();
                 *parts.topology.partitions.write() = Some(actor);
+                id
+            }
+            Child::Sources => {
+                let Some(kafka) = &parts.kafka else {
+                    return Ok(());
+                };
+                let args = sources::SourceSupervisorArgs {
+                    kafka: Arc::clone(kafka),
+                    metrics: Arc::clone(&parts.metrics),
+                    budget,
+                };
+                let (actor, _) = Actor::spawn_linked(None, sources::SourceSupervisor, args, cell).await?;
+                let id = actor.get_id();
+                *parts.topology.sources.write() = Some(actor);
                 id
             }
             Child::Gateway => {
@@ -180,8 +222,9 @@ impl Actor for RootSupervisor {
         let budget = RestartBudget::from_config(&parts.config.supervision);
         let mut state =
             RootState { parts, children: Vec::new(), trackers: Default::default(), budget, shutting_down: false };
-        // Sinks first: partitions emit into them; the gateway last: it feeds partitions.
-        for child in [Child::Sinks, Child::Partitions, Child::Gateway] {
+        // Sinks first: partitions emit into them; sources and the gateway last: they
+        // feed partitions.
+        for child in [Child::Sinks, Child::Partitions, Child::Sources, Child::Gateway] {
             state.spawn(&myself, child).await?;
         }
         Ok(state)

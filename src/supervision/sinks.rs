@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::Topology;
 use super::policy::{Decision, ExitStatus, RestartBudget, RestartPolicy, RestartTracker};
+use crate::actors::sinks::kafka::{KafkaSink, KafkaSinkArgs};
 use crate::actors::sinks::store::{StoreSink, StoreSinkArgs};
 use crate::actors::sinks::{CheckpointListener, Sinks};
 use crate::config::{ChaosConfig, StoreConfig};
@@ -26,16 +27,29 @@ pub struct SinkSupervisorArgs {
     pub chaos: ChaosConfig,
     pub budget: RestartBudget,
     pub topology: Arc<Topology>,
+    /// Output topics (when configured).
+    pub kafka: Option<KafkaOutputs>,
+}
+
+#[derive(Clone)]
+pub struct KafkaOutputs {
+    pub producer: rdkafka::producer::FutureProducer,
+    pub results_topic: Option<String>,
+    pub alerts_topic: Option<String>,
+    pub timeout: std::time::Duration,
 }
 
 pub enum SinkSupervisorMsg {
     RestartStore,
+    RestartKafka,
     ShuttingDown,
 }
 
 pub struct SinkSupervisorState {
     args: SinkSupervisorArgs,
     store_tracker: RestartTracker,
+    kafka_tracker: RestartTracker,
+    kafka_sink: Option<ractor::ActorId>,
     shutting_down: bool,
 }
 
@@ -53,6 +67,24 @@ impl SinkSupervisorState {
         self.args.sinks.set_store(Some(actor));
         Ok(())
     }
+
+    async fn spawn_kafka(&mut self, myself: &ActorRef<SinkSupervisorMsg>) -> Result<(), ActorProcessingErr> {
+        let Some(outputs) = self.args.kafka.clone() else {
+            return Ok(());
+        };
+        let args = KafkaSinkArgs {
+            producer: outputs.producer,
+            results_topic: outputs.results_topic,
+            alerts_topic: outputs.alerts_topic,
+            timeout: outputs.timeout,
+            sinks: Arc::clone(&self.args.sinks),
+            metrics: Arc::clone(&self.args.metrics),
+        };
+        let (actor, _) = Actor::spawn_linked(None, KafkaSink, args, myself.get_cell()).await?;
+        self.kafka_sink = Some(actor.get_id());
+        self.args.sinks.set_kafka(Some(actor));
+        Ok(())
+    }
 }
 
 impl Actor for SinkSupervisor {
@@ -65,8 +97,15 @@ impl Actor for SinkSupervisor {
         myself: ActorRef<Self::Msg>,
         args: SinkSupervisorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let state = SinkSupervisorState { args, store_tracker: RestartTracker::default(), shutting_down: false };
+        let mut state = SinkSupervisorState {
+            args,
+            store_tracker: RestartTracker::default(),
+            kafka_tracker: RestartTracker::default(),
+            kafka_sink: None,
+            shutting_down: false,
+        };
         state.spawn_store(&myself).await?;
+        state.spawn_kafka(&myself).await?;
         Ok(state)
     }
 
@@ -84,6 +123,12 @@ impl Actor for SinkSupervisor {
                     state.args.topology.rewind_partitions();
                 }
             }
+            SinkSupervisorMsg::RestartKafka => {
+                if !state.shutting_down {
+                    state.spawn_kafka(&myself).await?;
+                    state.args.topology.rewind_partitions();
+                }
+            }
             SinkSupervisorMsg::ShuttingDown => state.shutting_down = true,
         }
         Ok(())
@@ -98,20 +143,32 @@ impl Actor for SinkSupervisor {
         let Some(status) = ExitStatus::of(&event) else {
             return Ok(());
         };
-        state.args.sinks.set_store(None);
+        let is_kafka = state.kafka_sink.is_some() && event.actor_cell().map(|cell| cell.get_id()) == state.kafka_sink;
+        let (name, tracker) = if is_kafka {
+            state.args.sinks.set_kafka(None);
+            state.kafka_sink = None;
+            ("kafka", &mut state.kafka_tracker)
+        } else {
+            state.args.sinks.set_store(None);
+            ("store", &mut state.store_tracker)
+        };
         if state.shutting_down {
             return Ok(());
         }
-        tracing::error!(sink = "store", reason = status.message(), "sink actor exited");
-        match state.store_tracker.decide(Instant::now(), &status, RestartPolicy::Permanent, &state.args.budget) {
+        tracing::error!(sink = name, reason = status.message(), "sink actor exited");
+        match tracker.decide(Instant::now(), &status, RestartPolicy::Permanent, &state.args.budget) {
             Decision::Restart { after, .. } => {
-                state.args.metrics.actor_restarts.get_or_create(&ActorLabels { actor: "sink-store".into() }).inc();
-                myself.send_after(after, || SinkSupervisorMsg::RestartStore);
+                state.args.metrics.actor_restarts.get_or_create(&ActorLabels { actor: format!("sink-{name}") }).inc();
+                if is_kafka {
+                    myself.send_after(after, || SinkSupervisorMsg::RestartKafka);
+                } else {
+                    myself.send_after(after, || SinkSupervisorMsg::RestartStore);
+                }
                 Ok(())
             }
             Decision::Ignore => Ok(()),
             Decision::Escalate { restarts, window } => Err(format!(
-                "store sink failed {restarts} times within {}; escalating (last: {})",
+                "{name} sink failed {restarts} times within {}; escalating (last: {})",
                 humantime::format_duration(window),
                 status.message()
             )

@@ -41,6 +41,10 @@ pub struct AppContext {
     pub metrics: Arc<Metrics>,
     pub limits: ParseLimits,
     pub started_at: Instant,
+    /// Set when `ingest.mode = "kafka"`: accepted events are published, not routed.
+    pub producer: Option<rdkafka::producer::FutureProducer>,
+    /// The Kafka source, when consuming (its lag is in `/api/status`).
+    pub kafka: Option<Arc<crate::actors::sources::kafka::KafkaShared>>,
 }
 
 /// The HTTP API.

@@ -102,6 +102,11 @@ pub async fn status(State(app): State<Arc<AppContext>>) -> Json<Value> {
         "replayBufferEvents": app.router.buffered_total(),
         "partitions": partitions,
         "sinks": [app.sinks.store_health.snapshot("store")],
+        "kafka": app.kafka.as_ref().map(|kafka| json!({
+            "topic": app.config.kafka.topic,
+            "group": app.config.kafka.group_id,
+            "partitions": kafka.lag(),
+        })),
         "latency": {
             "ingestToWindowFire": latency(&app.metrics.ingest_to_fire),
             "windowFireToStoreAck": latency(&app.metrics.fire_to_ack),

@@ -4,6 +4,7 @@
 //! by partitions and the gateway) plus the in-process live feed.
 
 pub mod file;
+pub mod kafka;
 pub mod store;
 
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use ractor::ActorRef;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::messages::{PartitionId, Position, StoreMsg, WindowResult};
+use crate::messages::{CheckpointData, PartitionId, Position, StoreMsg, WindowResult};
 
 /// Told when a checkpoint is durable (the router releases its replay buffer).
 pub trait CheckpointListener: Send + Sync {
@@ -24,6 +25,18 @@ pub trait CheckpointListener: Send + Sync {
 impl CheckpointListener for crate::router::PartitionRouter {
     fn checkpoint_complete(&self, partition: PartitionId, next_position: Position, checkpoint_id: u64) {
         crate::router::PartitionRouter::checkpoint_complete(self, partition, next_position, checkpoint_id);
+    }
+}
+
+/// Several listeners told in turn (the router releases its log, the Kafka source
+/// commits the offset).
+pub struct CheckpointListeners(pub Vec<Arc<dyn CheckpointListener>>);
+
+impl CheckpointListener for CheckpointListeners {
+    fn checkpoint_complete(&self, partition: PartitionId, next_position: Position, checkpoint_id: u64) {
+        for listener in &self.0 {
+            listener.checkpoint_complete(partition, next_position, checkpoint_id);
+        }
     }
 }
 
@@ -94,14 +107,29 @@ pub struct SinkHealthView {
 
 pub struct Sinks {
     store: RwLock<Option<ActorRef<StoreMsg>>>,
+    /// Output topics, when configured.
+    kafka: RwLock<Option<ActorRef<kafka::KafkaSinkMsg>>>,
+    kafka_configured: bool,
     pub store_health: Arc<SinkHealth>,
     live: broadcast::Sender<Arc<WindowResult>>,
 }
 
 impl Sinks {
     pub fn new(live_capacity: usize) -> Self {
+        Self::with_kafka(live_capacity, false)
+    }
+
+    /// `kafka_configured`: results also go to output topics, and checkpoints pass through
+    /// the Kafka sink (which forwards them once the results are acknowledged).
+    pub fn with_kafka(live_capacity: usize, kafka_configured: bool) -> Self {
         let (live, _) = broadcast::channel(live_capacity.max(16));
-        Self { store: RwLock::new(None), store_health: Arc::new(SinkHealth::default()), live }
+        Self {
+            store: RwLock::new(None),
+            kafka: RwLock::new(None),
+            kafka_configured,
+            store_health: Arc::new(SinkHealth::default()),
+            live,
+        }
     }
 
     pub fn set_store(&self, actor: Option<ActorRef<StoreMsg>>) {
@@ -110,6 +138,44 @@ impl Sinks {
 
     pub fn store(&self) -> Option<ActorRef<StoreMsg>> {
         self.store.read().clone()
+    }
+
+    pub fn set_kafka(&self, actor: Option<ActorRef<kafka::KafkaSinkMsg>>) {
+        *self.kafka.write() = actor;
+    }
+
+    pub fn kafka_configured(&self) -> bool {
+        self.kafka_configured
+    }
+
+    pub fn kafka(&self) -> Option<ActorRef<kafka::KafkaSinkMsg>> {
+        self.kafka.read().clone()
+    }
+
+    /// Hand window results to every sink.
+    pub fn send_results(&self, results: Vec<WindowResult>) -> Result<(), SinkUnavailable> {
+        if self.kafka_configured {
+            match self.kafka.read().as_ref() {
+                Some(actor) => actor
+                    .send_message(kafka::KafkaSinkMsg::Results(results.clone()))
+                    .map_err(|_| SinkUnavailable("kafka"))?,
+                None => return Err(SinkUnavailable("kafka")),
+            }
+        }
+        self.send_store(StoreMsg::Results(results))
+    }
+
+    /// Hand a checkpoint to the sinks, behind every result sent before it.
+    pub fn send_checkpoint(&self, checkpoint: CheckpointData) -> Result<(), SinkUnavailable> {
+        if self.kafka_configured {
+            return match self.kafka.read().as_ref() {
+                Some(actor) => actor
+                    .send_message(kafka::KafkaSinkMsg::Checkpoint(Box::new(checkpoint)))
+                    .map_err(|_| SinkUnavailable("kafka")),
+                None => Err(SinkUnavailable("kafka")),
+            };
+        }
+        self.send_store(StoreMsg::Checkpoint(Box::new(checkpoint)))
     }
 
     pub fn send_store(&self, message: StoreMsg) -> Result<(), SinkUnavailable> {

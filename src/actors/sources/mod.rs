@@ -1,0 +1,3 @@
+//! Sources other than HTTP ingestion (which is part of the gateway): Kafka.
+
+pub mod kafka;
