@@ -161,9 +161,14 @@ pub struct PipelineConfig {
 #[serde(deny_unknown_fields)]
 pub struct ScoringConfig {
     pub model: String,
+    /// Per-event-type model overrides: `vibration = "rcf"`.
+    #[serde(default)]
+    pub event_types: BTreeMap<String, String>,
     pub threshold: f64,
     pub warmup_windows: u32,
     pub ewma_span: f64,
+    pub likelihood_windows: u64,
+    pub refractory_windows: u32,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -408,6 +413,15 @@ impl Config {
                 crate::scoring::MODELS
             ),
         );
+        for (event_type, model) in &self.scoring.event_types {
+            check(
+                crate::scoring::MODELS.contains(&model.as_str()),
+                &format!(
+                    "scoring.event_types.{event_type}: unknown model {model:?}, expected one of {:?}",
+                    crate::scoring::MODELS
+                ),
+            );
+        }
         check(self.scoring.threshold > 0.0 && self.scoring.threshold <= 1.0, "scoring.threshold: must be in (0, 1]");
         check(self.scoring.ewma_span >= 1.0, "scoring.ewma_span: must be at least 1");
         check(

@@ -37,6 +37,7 @@ pub mod replay;
 pub mod router;
 pub mod routing;
 pub mod runtime;
+pub mod score_csv;
 pub mod scoring;
 pub mod sim;
 pub mod store;

@@ -298,7 +298,7 @@ async fn queries_filter_paginate_and_aggregate(backend: Backend) {
         .and_then(|items| items.iter().find(|a| a["windowStart"] == jump_start.as_str()))
         .unwrap_or_else(|| panic!("jump window {jump_start} not in alerts: {alerts}"));
     assert_eq!(jump["anomaly"], true);
-    assert!(jump["explanation"].as_str().unwrap_or("").contains("above baseline"), "{jump}");
+    assert!(jump["explanation"].as_str().unwrap_or("").contains("σ above"), "{jump}");
     let anomalies = client.get_ok("/api/predictions?anomaly=true&limit=1000").await;
     let hot_anomalies = client.get_ok("/api/predictions?anomaly=true&sensorId=hot").await;
     assert_eq!(hot_anomalies["count"], alerts["count"]);

@@ -222,7 +222,7 @@ impl PartitionState {
             let scoring = &self.context.scoring;
             let key = self.keys.get_or_insert_with(&event.sensor_id, &event.event_type, || KeyState {
                 windows: KeyWindows::default(),
-                scorer: scoring.scorer.new_state(),
+                scorer: scoring.scorer(&event.event_type).new_state(),
                 dirty: true,
             });
             key.dirty = true;
@@ -298,10 +298,11 @@ impl PartitionState {
     ) {
         for window in fired {
             let features = window.features;
+            let scorer = context.scoring.scorer(event_type);
             let score = if window.is_update() {
-                context.scoring.scorer.rescore(&key.scorer, &features)
+                scorer.rescore(&key.scorer, &features)
             } else {
-                context.scoring.scorer.score(&mut key.scorer, &features)
+                scorer.score(&mut key.scorer, &features)
             };
             let (anomaly, severity) = context.scoring.classify(score.value);
             results.push(WindowResult {

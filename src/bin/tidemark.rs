@@ -61,6 +61,18 @@ enum Command {
         #[arg(long)]
         parsers: Option<usize>,
     },
+    /// Score `timestamp,value` CSV files with the pipeline's scoring code, one value per
+    /// window, and write the same tree with an `anomaly_score` column (NAB's layout).
+    ScoreCsv {
+        /// Model (default: scoring.model of the configuration).
+        #[arg(long)]
+        model: Option<String>,
+        /// A CSV file's directory, searched recursively.
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Validate the configuration and print it (secrets redacted).
     CheckConfig,
     /// Create or upgrade the store's schema, then exit.
@@ -108,6 +120,38 @@ fn main() -> ExitCode {
                     }
                     Err(error) => {
                         eprintln!("migration failed: {error}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::ScoreCsv { model, input, output } => {
+                let sources = match model {
+                    Some(model) => sources.with("scoring.model", model),
+                    None => sources,
+                };
+                let config = match load(sources) {
+                    Ok(config) => config,
+                    Err(code) => return code,
+                };
+                let Some(scorer) = tidemark::scoring::Scorer::from_name(&config.scoring.model, &config.scoring) else {
+                    eprintln!("unknown model {:?}", config.scoring.model);
+                    return ExitCode::from(2);
+                };
+                match tidemark::score_csv::run(&scorer, &input, &output) {
+                    Ok(report) => {
+                        eprintln!(
+                            "scored {} rows of {} files with {} in {:.2} s ({:.0} rows/s) into {}",
+                            report.rows,
+                            report.files,
+                            scorer.name(),
+                            report.seconds,
+                            report.rows as f64 / report.seconds.max(1e-9),
+                            output.display()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(error) => {
+                        eprintln!("score-csv: {error}");
                         ExitCode::FAILURE
                     }
                 }

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Score, Scorer, ScorerState, tail_score};
+use super::{Detector, DetectorState, Raw, tail_score};
 use crate::window::WindowFeatures;
 
 /// Deviations are clipped to this many standard deviations before the baseline learns
@@ -33,6 +33,10 @@ fn log_spread(window: &WindowFeatures) -> f64 {
     (window.stddev + 1e-6 * window.mean.abs() + 1e-9).ln()
 }
 
+fn direction(z: f64) -> &'static str {
+    if z >= 0.0 { "above" } else { "below" }
+}
+
 pub struct EwmaScorer {
     alpha: f64,
     warmup_windows: u32,
@@ -44,12 +48,6 @@ impl EwmaScorer {
         Self { alpha: 2.0 / (span.max(1.0) + 1.0), warmup_windows: warmup_windows.max(2) }
     }
 
-    fn state(state: &ScorerState) -> &EwmaState {
-        match state {
-            ScorerState::Ewma(state) => state,
-        }
-    }
-
     /// Standard deviation with floors, inflated while few windows are known (a small
     /// sample underestimates the spread; this stands in for Student's t).
     fn sigma(baseline: &Baseline, windows: u32, floor: f64) -> f64 {
@@ -57,9 +55,9 @@ impl EwmaScorer {
         baseline.variance.max(0.0).sqrt().max(floor).max(1e-9) * inflation
     }
 
-    fn evaluate(&self, state: &EwmaState, window: &WindowFeatures) -> Score {
+    pub(super) fn evaluate_state(&self, state: &EwmaState, window: &WindowFeatures) -> Raw {
         if state.windows < self.warmup_windows {
-            return Score {
+            return Raw {
                 value: 0.0,
                 explanation: format!("warming up: {} of {} windows seen", state.windows, self.warmup_windows),
             };
@@ -69,23 +67,9 @@ impl EwmaScorer {
         let sampling_error = window.stddev / (window.count.max(1) as f64).sqrt();
         let level_sigma = Self::sigma(&state.level, state.windows, (1e-3 * state.level.mean.abs()).max(sampling_error));
         let level_z = (window.mean - state.level.mean) / level_sigma;
-        let spread_sigma = Self::sigma(&state.spread, state.windows, 0.05);
-        let spread_z = (log_spread(window) - state.spread.mean) / spread_sigma;
-        let direction = |z: f64| if z >= 0.0 { "above" } else { "below" };
-        if spread_z.abs() > level_z.abs() && window.count > 1 {
-            let hint = if spread_z < 0.0 { " (stuck sensor?)" } else { "" };
-            Score {
-                value: tail_score(spread_z),
-                explanation: format!(
-                    "spread {:.1}σ {} baseline: stddev {:.3} vs usual {:.3}{hint}",
-                    spread_z.abs(),
-                    direction(spread_z),
-                    window.stddev,
-                    state.spread.mean.exp()
-                ),
-            }
-        } else {
-            Score {
+        match self.spread_only(state, window) {
+            Some((spread_z, raw)) if spread_z.abs() > level_z.abs() => raw,
+            _ => Raw {
                 value: tail_score(level_z),
                 explanation: format!(
                     "mean {:.1}σ {} baseline {:.3} (σ {:.3})",
@@ -94,7 +78,7 @@ impl EwmaScorer {
                     state.level.mean,
                     level_sigma
                 ),
-            }
+            },
         }
     }
 
@@ -117,35 +101,79 @@ impl EwmaScorer {
     }
 }
 
-impl Scorer for EwmaScorer {
-    fn name(&self) -> &'static str {
-        "ewma"
+impl EwmaScorer {
+    pub(super) fn new_ewma_state() -> EwmaState {
+        EwmaState { level: Baseline::default(), spread: Baseline::default(), windows: 0 }
     }
 
-    fn new_state(&self) -> ScorerState {
-        ScorerState::Ewma(EwmaState { level: Baseline::default(), spread: Baseline::default(), windows: 0 })
-    }
-
-    fn score(&self, state: &mut ScorerState, window: &WindowFeatures) -> Score {
-        let ScorerState::Ewma(state) = state;
-        let score = self.evaluate(state, window);
+    pub(super) fn learn_state(&self, state: &mut EwmaState, window: &WindowFeatures) {
         let level_floor = 1e-3 * state.level.mean.abs();
         self.learn(&mut state.level, window.mean, state.windows, level_floor);
         if window.count > 1 {
             self.learn(&mut state.spread, log_spread(window), state.windows, 0.05);
         }
         state.windows = state.windows.saturating_add(1);
-        score
     }
 
-    fn rescore(&self, state: &ScorerState, window: &WindowFeatures) -> Score {
-        self.evaluate(Self::state(state), window)
+    /// The spread feature alone, with its deviation in σ: how unusual is the window's
+    /// spread (`None` while warming up and for single-value windows). The context detector
+    /// uses it for stuck and failing sensors.
+    pub(super) fn spread_only(&self, state: &EwmaState, window: &WindowFeatures) -> Option<(f64, Raw)> {
+        if state.windows < self.warmup_windows || window.count <= 1 {
+            return None;
+        }
+        let spread_z = (log_spread(window) - state.spread.mean) / Self::sigma(&state.spread, state.windows, 0.05);
+        let hint = if spread_z < 0.0 { " (stuck sensor?)" } else { "" };
+        let raw = Raw {
+            value: tail_score(spread_z),
+            explanation: format!(
+                "spread {:.1}σ {} baseline: stddev {:.3} vs usual {:.3}{hint}",
+                spread_z.abs(),
+                direction(spread_z),
+                window.stddev,
+                state.spread.mean.exp()
+            ),
+        };
+        Some((spread_z, raw))
+    }
+}
+
+impl Detector for EwmaScorer {
+    fn name(&self) -> &'static str {
+        "ewma"
+    }
+
+    fn new_state(&self) -> DetectorState {
+        DetectorState::Ewma(Self::new_ewma_state())
+    }
+
+    fn owns(&self, state: &DetectorState) -> bool {
+        matches!(state, DetectorState::Ewma(_))
+    }
+
+    fn evaluate(&self, state: &DetectorState, window: &WindowFeatures) -> Raw {
+        match state {
+            DetectorState::Ewma(state) => self.evaluate_state(state, window),
+            _ => Raw::mismatch(),
+        }
+    }
+
+    fn learn(&self, state: &mut DetectorState, window: &WindowFeatures) {
+        if let DetectorState::Ewma(state) = state {
+            self.learn_state(state, window);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn score(scorer: &EwmaScorer, state: &mut DetectorState, window: &WindowFeatures) -> Raw {
+        let raw = scorer.evaluate(state, window);
+        Detector::learn(scorer, state, window);
+        raw
+    }
 
     fn window(mean: f64) -> WindowFeatures {
         window_with_spread(mean, 1.0)
@@ -162,14 +190,14 @@ mod tests {
         let mut scores = Vec::new();
         for i in 0..40 {
             let mean = 20.0 + if i % 2 == 0 { 0.5 } else { -0.5 };
-            scores.push(scorer.score(&mut state, &window(mean)).value);
+            scores.push(score(&scorer, &mut state, &window(mean)).value);
         }
         assert!(scores[..5].iter().all(|&s| s == 0.0), "warm-up scores are 0");
         assert!(scores[5..].iter().all(|&s| s < 0.8), "{scores:?}");
-        let spike = scorer.score(&mut state, &window(35.0));
+        let spike = score(&scorer, &mut state, &window(35.0));
         assert!(spike.value > 0.95, "{spike:?}");
         assert!(spike.explanation.contains("above baseline"), "{}", spike.explanation);
-        let after = scorer.score(&mut state, &window(20.0));
+        let after = score(&scorer, &mut state, &window(20.0));
         assert!(after.value < 0.8, "one spike does not poison the baseline: {after:?}");
     }
 
@@ -179,9 +207,9 @@ mod tests {
         let mut state = scorer.new_state();
         for i in 0..40 {
             let stddev = 1.0 + 0.1 * f64::from(i % 3);
-            scorer.score(&mut state, &window_with_spread(20.0 + 0.1 * f64::from(i % 2), stddev));
+            score(&scorer, &mut state, &window_with_spread(20.0 + 0.1 * f64::from(i % 2), stddev));
         }
-        let stuck = scorer.score(&mut state, &window_with_spread(20.0, 0.0));
+        let stuck = score(&scorer, &mut state, &window_with_spread(20.0, 0.0));
         assert!(stuck.value > 0.95, "{stuck:?}");
         assert!(stuck.explanation.contains("stuck"), "{}", stuck.explanation);
     }
@@ -191,10 +219,10 @@ mod tests {
         let scorer = EwmaScorer::new(10.0, 2);
         let mut state = scorer.new_state();
         for mean in [1.0, 2.0, 1.5, 1.2] {
-            scorer.score(&mut state, &window(mean));
+            score(&scorer, &mut state, &window(mean));
         }
         let before = state.clone();
-        scorer.rescore(&state, &window(9.0));
+        scorer.evaluate(&state, &window(9.0));
         assert_eq!(before, state);
     }
 }

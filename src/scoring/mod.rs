@@ -1,12 +1,27 @@
 //! Anomaly scoring of fired windows.
 //!
-//! A [`Scorer`] is the model's logic and settings, shared by a partition; the model's
-//! memory for one key is a [`ScorerState`], owned by the partition actor next to the
-//! key's windows and saved in its checkpoints, so a restart does not make a model forget.
+//! Scoring has two stages. A [`Detector`] (the model: `ewma`, `context`, `rcf`) turns a
+//! window into a raw score in [0, 1] with an explanation. The shared post-processing of
+//! [`post`] then asks how unusual that raw score is given the key's recent raw scores
+//! (an anomaly likelihood), adds a "new extreme" rule for values outside the range seen
+//! so far, and damps repeats of an alert that was just raised. A [`Scorer`] is one
+//! detector with that post-processing; [`Scoring`] picks the scorer of an event type.
+//!
+//! The model's memory for one key is a [`ScorerState`], owned by the partition actor next
+//! to the key's windows and saved in its checkpoints, so a restart does not make a model
+//! forget. Every score uses the windows up to and including the current one only.
 
+mod context;
 mod ewma;
+pub mod post;
+mod rcf;
 
+use std::collections::BTreeMap;
+
+pub use context::{ContextDetector, ContextState};
 pub use ewma::{EwmaScorer, EwmaState};
+pub use post::PostState;
+pub use rcf::{RcfDetector, RcfState};
 
 use serde::{Deserialize, Serialize};
 
@@ -14,8 +29,8 @@ use crate::config::ScoringConfig;
 use crate::messages::Severity;
 use crate::window::WindowFeatures;
 
-/// Names accepted by `scoring.model`.
-pub const MODELS: &[&str] = &["ewma"];
+/// Names accepted by `scoring.model` and `scoring.event_types`.
+pub const MODELS: &[&str] = &["ewma", "context", "rcf"];
 
 /// The outcome of scoring one window.
 #[derive(Clone, Debug, PartialEq)]
@@ -26,38 +41,140 @@ pub struct Score {
     pub explanation: String,
 }
 
-/// Per-key model memory; one variant per model.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum ScorerState {
-    Ewma(EwmaState),
+/// A detector's raw score of one window, before post-processing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Raw {
+    /// In [0, 1]; higher is more unusual.
+    pub value: f64,
+    pub explanation: String,
 }
 
-/// A scoring model.
-pub trait Scorer: Send + Sync {
+impl Raw {
+    /// The state belongs to another model (the configuration changed since the
+    /// checkpoint): [`Scorer::score`] resets such state before it gets here.
+    fn mismatch() -> Self {
+        Raw { value: 0.0, explanation: "model state of another model".to_string() }
+    }
+}
+
+/// Per-key detector memory; one variant per model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DetectorState {
+    Ewma(EwmaState),
+    Context(Box<ContextState>),
+    Rcf(Box<RcfState>),
+}
+
+/// Per-key memory of a scorer: the detector's and the post-processing's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScorerState {
+    pub detector: DetectorState,
+    pub post: PostState,
+}
+
+/// An anomaly model. `evaluate` must not change the state; `learn` folds the window in
+/// after it was scored, so a window is never compared with itself.
+pub trait Detector: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Memory for a key seen for the first time.
-    fn new_state(&self) -> ScorerState;
+    fn new_state(&self) -> DetectorState;
+
+    /// Whether `state` is this model's (a checkpoint may hold another model's state
+    /// after a configuration change).
+    fn owns(&self, state: &DetectorState) -> bool;
+
+    /// The raw score of a window, from what the state learned so far.
+    fn evaluate(&self, state: &DetectorState, window: &WindowFeatures) -> Raw;
+
+    /// Learn from a window that was just scored.
+    fn learn(&self, state: &mut DetectorState, window: &WindowFeatures);
+}
+
+/// A detector followed by the shared post-processing.
+pub struct Scorer {
+    detector: Box<dyn Detector>,
+    post: post::PostConfig,
+}
+
+impl Scorer {
+    pub fn new(detector: Box<dyn Detector>, post: post::PostConfig) -> Self {
+        Self { detector, post }
+    }
+
+    /// The scorer `name` (one of [`MODELS`]) with the settings of `config`.
+    pub fn from_name(name: &str, config: &ScoringConfig) -> Option<Self> {
+        let detector: Box<dyn Detector> = match name {
+            "ewma" => Box::new(EwmaScorer::new(config.ewma_span, config.warmup_windows)),
+            "context" => Box::new(ContextDetector::new(config.ewma_span, config.warmup_windows)),
+            "rcf" => Box::new(RcfDetector::new(config.warmup_windows)),
+            _ => return None,
+        };
+        Some(Self::new(detector, post::PostConfig::from_config(config)))
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.detector.name()
+    }
+
+    /// Memory for a key seen for the first time.
+    pub fn new_state(&self) -> ScorerState {
+        ScorerState { detector: self.detector.new_state(), post: PostState::default() }
+    }
 
     /// Score a window that fired for the first time, and learn from it.
-    fn score(&self, state: &mut ScorerState, window: &WindowFeatures) -> Score;
+    pub fn score(&self, state: &mut ScorerState, window: &WindowFeatures) -> Score {
+        if !self.detector.owns(&state.detector) {
+            *state = self.new_state();
+        }
+        let raw = self.detector.evaluate(&state.detector, window);
+        self.detector.learn(&mut state.detector, window);
+        self.post.score(&mut state.post, raw, window)
+    }
 
     /// Score an updated (late) revision of a window already learned from, without
     /// learning again.
-    fn rescore(&self, state: &ScorerState, window: &WindowFeatures) -> Score;
+    pub fn rescore(&self, state: &ScorerState, window: &WindowFeatures) -> Score {
+        if !self.detector.owns(&state.detector) {
+            return Score { value: 0.0, explanation: "model changed since this window was first scored".to_string() };
+        }
+        let raw = self.detector.evaluate(&state.detector, window);
+        self.post.rescore(&state.post, raw, window)
+    }
 }
 
-/// The scoring settings a partition applies.
+/// The scoring settings a partition applies: a scorer per event type.
 pub struct Scoring {
-    pub scorer: Box<dyn Scorer>,
+    pub default: Scorer,
+    pub by_event_type: BTreeMap<String, Scorer>,
     pub threshold: f64,
 }
 
 impl Scoring {
     pub fn from_config(config: &ScoringConfig) -> Self {
-        // `Config::validate` admits only names in MODELS; "ewma" is the only one so far.
-        let scorer: Box<dyn Scorer> = Box::new(EwmaScorer::new(config.ewma_span, config.warmup_windows));
-        Self { scorer, threshold: config.threshold }
+        // `Config::validate` admits only names in MODELS.
+        let scorer = |name: &str| {
+            Scorer::from_name(name, config).unwrap_or_else(|| {
+                Scorer::new(
+                    Box::new(EwmaScorer::new(config.ewma_span, config.warmup_windows)),
+                    post::PostConfig::from_config(config),
+                )
+            })
+        };
+        Self {
+            default: scorer(&config.model),
+            by_event_type: config
+                .event_types
+                .iter()
+                .map(|(event_type, model)| (event_type.clone(), scorer(model)))
+                .collect(),
+            threshold: config.threshold,
+        }
+    }
+
+    /// The scorer of `event_type`: its override in `scoring.event_types`, else the default.
+    pub fn scorer(&self, event_type: &str) -> &Scorer {
+        self.by_event_type.get(event_type).unwrap_or(&self.default)
     }
 
     pub fn classify(&self, score: f64) -> (bool, Severity) {
