@@ -12,7 +12,8 @@
 //! | [`kafka`]       | librdkafka settings of the consumer and producers                     |
 //! | [`keys`]        | a partition's key table, laid out for memory                          |
 //! | [`window`]      | event-time tumbling windows, watermarks, lateness, idle flush (pure)  |
-//! | [`scoring`]     | anomaly scorers behind a trait, per-key model state (pure)            |
+//! | [`scoring`]     | detectors (context, ewma, rcf), likelihood post-processing (pure)     |
+//! | [`score_csv`]   | `tidemark score-csv`: CSV series through a scorer (NAB layout)        |
 //! | [`store`]       | the `Store` trait and its SQLite implementation                       |
 //! | [`actors`]      | partition actors, sinks, the HTTP gateway                             |
 //! | [`supervision`] | supervisors, restart policy and budget, backoff                       |

@@ -27,6 +27,8 @@ const HOUR_WARMUP: u32 = 3;
 const HOUR_ALPHA: f64 = 0.2;
 /// Deviations beyond this many σ are clipped before the baseline learns them.
 const LEARN_CLIP_SIGMAS: f64 = 3.0;
+/// σ of an hour's baseline is widened by 1 + this / windows learned.
+const YOUNG_INFLATION: f64 = 3.0;
 /// A never-seen transition scores this much (one seen n times: this / (n + 1)).
 const NOVELTY_WEIGHT: f64 = 0.5;
 
@@ -78,7 +80,12 @@ impl ContextDetector {
         let baseline = &state.hours[hour];
         let mut best = Raw { value: 0.0, explanation: format!("learning {hour:02}:00 ({} windows)", baseline.windows) };
         if baseline.windows >= HOUR_WARMUP {
-            let sigma = baseline.variance.max(0.0).sqrt().max(1e-3 * baseline.mean.abs()).max(1e-9);
+            // A window mean varies at least by its sampling error (stddev / √count), and
+            // a baseline from few windows underestimates the spread: widen it while young.
+            let sampling_error = window.stddev / (window.count.max(1) as f64).sqrt();
+            let inflation = 1.0 + YOUNG_INFLATION / f64::from(baseline.windows);
+            let sigma = baseline.variance.max(0.0).sqrt().max(1e-3 * baseline.mean.abs()).max(sampling_error).max(1e-9)
+                * inflation;
             let z = (x - baseline.mean) / sigma;
             best = Raw {
                 value: tail_score(z),
