@@ -15,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ewma::{EwmaScorer, EwmaState};
+use super::ewma::{Baseline, EwmaScorer, EwmaState};
 use super::{Detector, DetectorState, Raw, tail_score};
 use crate::window::WindowFeatures;
 
@@ -35,8 +35,7 @@ const NOVELTY_WEIGHT: f64 = 0.5;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HourBaseline {
     pub windows: u32,
-    pub mean: f64,
-    pub variance: f64,
+    pub level: Baseline,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -84,16 +83,23 @@ impl ContextDetector {
             // a baseline from few windows underestimates the spread: widen it while young.
             let sampling_error = window.stddev / (window.count.max(1) as f64).sqrt();
             let inflation = 1.0 + YOUNG_INFLATION / f64::from(baseline.windows);
-            let sigma = baseline.variance.max(0.0).sqrt().max(1e-3 * baseline.mean.abs()).max(sampling_error).max(1e-9)
+            let sigma = baseline
+                .level
+                .variance
+                .max(0.0)
+                .sqrt()
+                .max(1e-3 * baseline.level.mean.abs())
+                .max(sampling_error)
+                .max(1e-9)
                 * inflation;
-            let z = (x - baseline.mean) / sigma;
+            let z = (x - baseline.level.mean) / sigma;
             best = Raw {
                 value: tail_score(z),
                 explanation: format!(
                     "mean {:.1}σ {} usual {:.3} for {hour:02}:00 UTC",
                     z.abs(),
                     if z >= 0.0 { "above" } else { "below" },
-                    baseline.mean
+                    baseline.level.mean
                 ),
             };
         }
@@ -127,18 +133,8 @@ impl ContextDetector {
         }
         let hour = hour_of(window);
         let baseline = &mut state.hours[hour];
-        if baseline.windows < HOUR_WARMUP {
-            let n = f64::from(baseline.windows) + 1.0;
-            let delta = x - baseline.mean;
-            baseline.mean += delta / n;
-            baseline.variance += (delta * (x - baseline.mean) - baseline.variance) / n;
-        } else {
-            let sigma = baseline.variance.max(0.0).sqrt().max(1e-3 * baseline.mean.abs()).max(1e-9);
-            let limit = LEARN_CLIP_SIGMAS * sigma;
-            let delta = (x - baseline.mean).clamp(-limit, limit);
-            baseline.mean += HOUR_ALPHA * delta;
-            baseline.variance = (1.0 - HOUR_ALPHA) * (baseline.variance + HOUR_ALPHA * delta * delta);
-        }
+        let limit = |b: &Baseline| LEARN_CLIP_SIGMAS * b.variance.max(0.0).sqrt().max(1e-3 * b.mean.abs()).max(1e-9);
+        baseline.level.learn(x, baseline.windows, HOUR_WARMUP, HOUR_ALPHA, limit);
         baseline.windows = baseline.windows.saturating_add(1);
 
         if state.windows == 0 {

@@ -83,20 +83,30 @@ impl EwmaScorer {
     }
 
     fn learn(&self, baseline: &mut Baseline, x: f64, windows: u32, floor: f64) {
-        if windows == 0 {
-            *baseline = Baseline { mean: x, variance: 0.0 };
-        } else if windows < self.warmup_windows {
-            // Plain running mean and variance while warming up: the first windows count equally.
-            let n = f64::from(windows) + 1.0;
-            let delta = x - baseline.mean;
-            baseline.mean += delta / n;
-            baseline.variance += (delta * (x - baseline.mean) - baseline.variance) / n;
+        let limit = |b: &Baseline| LEARN_CLIP_SIGMAS * Self::sigma(b, windows, floor);
+        baseline.learn(x, windows, self.warmup_windows, self.alpha, limit);
+    }
+}
+
+impl Baseline {
+    /// Learn `x` as the baseline's window number `seen`: a plain running mean and
+    /// variance while `seen < warmup` (the first windows count equally), then an
+    /// exponentially weighted update with weight `alpha`, the deviation clipped to
+    /// `limit(self)` so one spike does not inflate the variance.
+    pub(super) fn learn(&mut self, x: f64, seen: u32, warmup: u32, alpha: f64, limit: impl FnOnce(&Baseline) -> f64) {
+        if seen == 0 {
+            *self = Baseline { mean: x, variance: 0.0 };
+        } else if seen < warmup {
+            let n = f64::from(seen) + 1.0;
+            let delta = x - self.mean;
+            self.mean += delta / n;
+            self.variance += (delta * (x - self.mean) - self.variance) / n;
         } else {
-            let limit = LEARN_CLIP_SIGMAS * Self::sigma(baseline, windows, floor);
-            let delta = (x - baseline.mean).clamp(-limit, limit);
-            let increment = self.alpha * delta;
-            baseline.mean += increment;
-            baseline.variance = (1.0 - self.alpha) * (baseline.variance + delta * increment);
+            let limit = limit(self);
+            let delta = (x - self.mean).clamp(-limit, limit);
+            let increment = alpha * delta;
+            self.mean += increment;
+            self.variance = (1.0 - alpha) * (self.variance + delta * increment);
         }
     }
 }
