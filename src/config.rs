@@ -400,7 +400,16 @@ impl Config {
                 || !self.kafka.brokers.trim().is_empty() && !self.kafka.topic.trim().is_empty(),
             "kafka.brokers and kafka.topic: must be set when kafka.enabled or ingest.mode = \"kafka\"",
         );
-        check(self.kafka.max_in_flight >= 1, "kafka.max_in_flight: must be at least 1");
+        let share = crate::router::PartitionRouter::share(self.pipeline.max_buffered_events, self.pipeline.partitions);
+        check(
+            self.kafka.max_in_flight <= share,
+            &format!(
+                "kafka.max_in_flight ({}) exceeds a partition's share of pipeline.max_buffered_events ({} / {} \
+                 partitions = {share}): the in-flight bound must pause a partition before its buffer is full; set \
+                 kafka.max_in_flight to at most {share}, or 0 for half the share",
+                self.kafka.max_in_flight, self.pipeline.max_buffered_events, self.pipeline.partitions
+            ),
+        );
         check(
             !self.kafka.enabled || self.ingest.mode == IngestMode::Kafka,
             "ingest.mode: must be \"kafka\" when kafka.enabled (HTTP events then go through the topic)",

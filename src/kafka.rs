@@ -32,9 +32,16 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
         &[
             ("auto.offset.reset", "earliest".into()),
             ("statistics.interval.ms", "1000".into()),
+            // A member that stops heartbeating loses its partitions after 10 s; heartbeats
+            // every second let a rebalance reach every member within about a second.
             ("session.timeout.ms", "10000".into()),
             ("heartbeat.interval.ms", "1000".into()),
             ("fetch.wait.max.ms", "50".into()),
+            // librdkafka pauses fetching for fetch.queue.backoff.ms (1 s) whenever its
+            // local queue holds queued.min.messages, which with one consumer queue for all
+            // partitions happens on every backlog: fetch again after 10 ms instead.
+            ("fetch.queue.backoff.ms", "10".into()),
+            ("queued.min.messages", "200000".into()),
         ],
         &[
             ("group.id", kafka.group_id.clone()),
@@ -61,6 +68,92 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
         ],
         &[("enable.idempotence", "true".into()), ("acks", "all".into())],
     )
+}
+
+/// The low and high watermarks librdkafka cached for a partition from its last fetch
+/// response (no request to the broker; rdkafka only offers the fetching variant).
+pub fn cached_watermarks<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the handle lives as long as `client`; the topic name is a valid C string
+    // for the call; librdkafka writes two i64s and keeps no pointer.
+    let error = unsafe {
+        rdkafka_sys::rd_kafka_get_watermark_offsets(client.native_ptr(), topic.as_ptr(), partition, &mut low, &mut high)
+    };
+    (error == rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then_some((low, high))
+}
+
+/// HTTP ingestion in Kafka mode (`ingest.mode = "kafka"`): each event is one record on
+/// `kafka.topic`, keyed by `sensorId` (the producer's murmur2 partitioner places a sensor
+/// where the embedded router would), and a request is accepted once the broker
+/// acknowledged every record (idempotent producer, `acks=all`).
+pub struct KafkaIngest {
+    pub producer: rdkafka::producer::FutureProducer,
+    pub topic: String,
+    pub timeout: std::time::Duration,
+}
+
+#[async_trait::async_trait]
+impl crate::ingest::Ingest for KafkaIngest {
+    async fn accept(&self, events: Vec<crate::messages::Event>) -> Result<(), crate::ingest::IngestRefusal> {
+        use rdkafka::producer::FutureRecord;
+        let total = events.len();
+        let mut deliveries = Vec::with_capacity(total);
+        let mut payload = String::with_capacity(128);
+        for event in &events {
+            payload.clear();
+            event_json(event, &mut payload);
+            let record = FutureRecord::to(&self.topic)
+                .key(event.sensor_id.as_str())
+                .payload(payload.as_str())
+                .timestamp(event.ingest_ms);
+            match self.producer.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((error, _)) => {
+                    let acknowledged = count_acknowledged(deliveries, self.timeout).await;
+                    return Err(crate::ingest::IngestRefusal::BrokerUnavailable {
+                        acknowledged,
+                        total,
+                        reason: error.to_string(),
+                    });
+                }
+            }
+        }
+        let acknowledged = count_acknowledged(deliveries, self.timeout).await;
+        if acknowledged == total {
+            Ok(())
+        } else {
+            Err(crate::ingest::IngestRefusal::BrokerUnavailable {
+                acknowledged,
+                total,
+                reason: format!("{} deliveries failed", total - acknowledged),
+            })
+        }
+    }
+}
+
+/// An event as the JSON object a message on `kafka.topic` holds.
+pub fn event_json(event: &crate::messages::Event, out: &mut String) {
+    use std::fmt::Write as _;
+    let _ = write!(
+        out,
+        r#"{{"sensorId":{},"eventType":{},"value":{},"timestamp":{}}}"#,
+        serde_json::Value::from(event.sensor_id.as_str()),
+        serde_json::Value::from(event.event_type.as_str()),
+        serde_json::Value::from(event.value),
+        event.timestamp_ms
+    );
+}
+
+async fn count_acknowledged(deliveries: Vec<rdkafka::producer::DeliveryFuture>, timeout: std::time::Duration) -> usize {
+    match tokio::time::timeout(timeout, futures::future::join_all(deliveries)).await {
+        Ok(results) => results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count(),
+        Err(_) => 0,
+    }
 }
 
 #[cfg(test)]

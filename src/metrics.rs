@@ -27,6 +27,13 @@ pub struct PartitionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PositionLabels {
+    pub partition: u32,
+    /// `processed`, `dead_lettered` or `skipped`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SeverityLabels {
     pub severity: &'static str,
 }
@@ -93,6 +100,11 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_request_seconds: Family<RouteLabels, Histogram>,
     pub kafka_consumer_lag: Family<PartitionLabels, Gauge>,
+    pub kafka_offsets_skipped: Family<PartitionLabels, Counter>,
+    pub kafka_partitions_paused: Family<PartitionLabels, Gauge>,
+    pub checkpoints_fenced: Family<PartitionLabels, Counter>,
+    pub positions_consumed: Family<PartitionLabels, Gauge>,
+    pub positions: Family<PositionLabels, Gauge>,
     pub ingest_to_fire: Latency,
     pub fire_to_ack: Latency,
 }
@@ -129,6 +141,11 @@ impl Metrics {
             http_requests: Family::default(),
             http_request_seconds: Family::new_with_constructor(latency_histogram),
             kafka_consumer_lag: Family::default(),
+            kafka_offsets_skipped: Family::default(),
+            kafka_partitions_paused: Family::default(),
+            checkpoints_fenced: Family::default(),
+            positions_consumed: Family::default(),
+            positions: Family::default(),
             ingest_to_fire: Latency::default(),
             fire_to_ack: Latency::default(),
             registry: Registry::default(),
@@ -192,6 +209,31 @@ impl Metrics {
             "kafka_consumer_lag",
             "Messages of an assigned Kafka partition not yet processed (high watermark - processed offset)",
             metrics.kafka_consumer_lag.clone(),
+        );
+        registry.register(
+            "kafka_offsets_skipped",
+            "Kafka offsets that could not be read (deleted by retention before tidemark got to them)",
+            metrics.kafka_offsets_skipped.clone(),
+        );
+        registry.register(
+            "kafka_partition_paused",
+            "1 while an assigned Kafka partition is paused (backpressure, or waiting for its actor)",
+            metrics.kafka_partitions_paused.clone(),
+        );
+        registry.register(
+            "checkpoints_fenced",
+            "Checkpoints refused because another owner took the partition since",
+            metrics.checkpoints_fenced.clone(),
+        );
+        registry.register(
+            "partition_positions_consumed",
+            "Source positions a partition's state covers (next position - first position)",
+            metrics.positions_consumed.clone(),
+        );
+        registry.register(
+            "partition_positions",
+            "Where a partition's consumed positions went: processed + dead_lettered + skipped = consumed",
+            metrics.positions.clone(),
         );
         Self { registry, ..metrics }
     }

@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::ingest::{BodyFormat, ParseLimits, Rejection, parse_body};
 use crate::messages::{DeadLetter, Event, PartitionMsg, Source, StoreMsg};
 use crate::metrics::Metrics;
-use crate::router::PartitionRouter;
+use crate::router::{LogMode, PartitionRouter};
 use crate::routing::partition_for;
 use crate::scoring::Scoring;
 use crate::store::{self, Store};
@@ -98,8 +98,12 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
     let started = Instant::now();
     let partitions = config.pipeline.partitions;
     let metrics = Arc::new(Metrics::new());
-    let router =
-        Arc::new(PartitionRouter::new(partitions, config.pipeline.max_buffered_events, false, Arc::clone(&metrics)));
+    let router = Arc::new(PartitionRouter::new(
+        partitions,
+        config.pipeline.max_buffered_events,
+        LogMode::InFlight,
+        Arc::clone(&metrics),
+    ));
     let sinks = Arc::new(Sinks::new(16));
     let counts = Arc::new(FileSinkCounts::default());
     let store: Option<Arc<dyn Store>> = match options.sink {
@@ -143,6 +147,7 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
         context,
         router: Arc::clone(&router),
         store: None,
+        owner: crate::runtime::instance_name(),
         // Without a replay log a restart would lose events: fail the replay instead.
         budget: RestartBudget { max_restarts: 0, ..RestartBudget::from_config(&config.supervision) },
         max_event_attempts: u32::MAX,
@@ -192,7 +197,7 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
             .success_or(())
             .map_err(|_| anyhow::anyhow!("partition {partition} did not answer"))?;
         open_keys += status.open_keys as u64;
-        late += status.late_events;
+        late += status.counters.events_late;
         let flushed = actor.call(PartitionMsg::FlushAll, Some(Duration::from_secs(600))).await;
         anyhow::ensure!(flushed.map(|r| r.is_success()).unwrap_or(false), "partition {partition} did not flush");
     }

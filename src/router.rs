@@ -5,11 +5,16 @@
 //! The partition supervisor owns the routing table kept here: only it attaches and
 //! detaches actors, so no sender ever holds a stale `ActorRef`. While a partition is
 //! restarting its events are still logged; on attach the new actor receives, in order,
-//! everything after its checkpoint and then the new events. The buffer is bounded:
-//! when a partition's share is full, [`PartitionRouter::submit`] refuses the request
-//! (HTTP answers 503 with `Retry-After`) instead of growing memory.
+//! everything after its checkpoint and then the new events.
+//!
+//! One memory bound serves every mode: the events of a partition since its last
+//! complete checkpoint (`pipeline.max_buffered_events` / partitions). Embedded ingestion
+//! refuses a request that would pass it ([`PartitionRouter::submit`]: HTTP answers 503);
+//! a Kafka source pauses the partition ([`PartitionRouter::unconfirmed`]). At half the
+//! bound the partition is asked to checkpoint, so the bound is reached only when
+//! checkpoints stop completing (a store outage).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -17,7 +22,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, MutexGuard};
 use ractor::ActorRef;
 
-use crate::messages::{Event, EventBatch, PartitionId, PartitionMsg, Position};
+use crate::messages::{Event, EventBatch, NoEvent, PartitionId, PartitionMsg, Position};
 use crate::metrics::{Metrics, PartitionLabels};
 use crate::routing::partition_for;
 
@@ -25,19 +30,68 @@ use crate::routing::partition_for;
 pub const IDLE: u64 = u64::MAX;
 
 /// Progress a partition actor publishes without messaging (read by the supervisor to
-/// find a poison event, and by bounded readers for credits).
+/// find a poison event, and by bounded readers for credits), and the positions the
+/// supervisor quarantined.
 #[derive(Debug)]
 pub struct SlotProgress {
     /// Position of the event being processed, or [`IDLE`].
     pub processing: AtomicU64,
     /// Next position the actor will process: all before it are done.
     pub processed: AtomicU64,
+    /// Poison events: positions whose event crashed the partition too often, with the
+    /// last failure. The actor dead-letters them instead of processing them.
+    quarantine: Mutex<BTreeMap<Position, String>>,
+    has_quarantine: AtomicBool,
 }
 
 impl Default for SlotProgress {
     fn default() -> Self {
-        Self { processing: AtomicU64::new(IDLE), processed: AtomicU64::new(0) }
+        Self {
+            processing: AtomicU64::new(IDLE),
+            processed: AtomicU64::new(0),
+            quarantine: Mutex::new(BTreeMap::new()),
+            has_quarantine: AtomicBool::new(false),
+        }
     }
+}
+
+impl SlotProgress {
+    /// The failure that got `position` quarantined, if it was (cheap when none is).
+    #[inline]
+    pub fn quarantined(&self, position: Position) -> Option<String> {
+        if !self.has_quarantine.load(Ordering::Acquire) {
+            return None;
+        }
+        self.quarantine.lock().get(&position).cloned()
+    }
+
+    fn quarantine(&self, position: Position, failure: String) {
+        self.quarantine.lock().insert(position, failure);
+        self.has_quarantine.store(true, Ordering::Release);
+    }
+
+    /// Forget quarantined positions a complete checkpoint covers.
+    fn release_quarantine(&self, next_position: Position) {
+        if !self.has_quarantine.load(Ordering::Acquire) {
+            return;
+        }
+        let mut quarantine = self.quarantine.lock();
+        quarantine.retain(|&position, _| position >= next_position);
+        self.has_quarantine.store(!quarantine.is_empty(), Ordering::Release);
+    }
+}
+
+/// Where the partitions' events are kept until a checkpoint covers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogMode {
+    /// Embedded ingestion: the router is the log and replays it after a restart.
+    Replay,
+    /// The source is the log (Kafka): a restarted partition is read again from its
+    /// checkpoint by the source; the router only routes and counts.
+    External,
+    /// A bounded input read by its own reader (`tidemark replay` of a file): nothing to
+    /// survive, only the events in flight are bounded.
+    InFlight,
 }
 
 enum LogEntry {
@@ -68,7 +122,12 @@ impl LogEntry {
 
 struct SlotState {
     actor: Option<ActorRef<PartitionMsg>>,
+    /// Next position to assign (embedded) or after the last one delivered (Kafka).
     next_position: Position,
+    /// The partition's ingest clock (embedded): events and ticks are stamped with it
+    /// under this lock, so it never goes back in log order and an idle decision never
+    /// sees a time newer than an event already accepted.
+    clock_ms: i64,
     log: VecDeque<LogEntry>,
     buffered: usize,
     /// `next_position` of the last complete checkpoint.
@@ -105,6 +164,8 @@ pub struct SlotStatus {
     pub processed_position: Position,
     pub in_flight_events: u64,
     pub replay_buffer_events: usize,
+    /// Events since the last complete checkpoint (the memory bound counts these).
+    pub unconfirmed_events: u64,
     pub replay_buffer_limit: usize,
     pub last_checkpoint_position: Position,
     pub last_checkpoint_id: u64,
@@ -114,21 +175,20 @@ pub struct PartitionRouter {
     slots: Vec<Slot>,
     /// Buffer share of each partition.
     limit: usize,
-    /// Keep the log for replay (embedded ingestion). A file replay has no restarts to
-    /// survive and only bounds the events in flight.
-    keep_log: bool,
+    mode: LogMode,
     closed: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
 impl PartitionRouter {
-    pub fn new(partitions: u32, max_buffered_events: usize, keep_log: bool, metrics: Arc<Metrics>) -> Self {
+    pub fn new(partitions: u32, max_buffered_events: usize, mode: LogMode, metrics: Arc<Metrics>) -> Self {
         let partitions = partitions.max(1);
         let slots = (0..partitions)
             .map(|_| Slot {
                 state: Mutex::new(SlotState {
                     actor: None,
                     next_position: 0,
+                    clock_ms: i64::MIN,
                     log: VecDeque::new(),
                     buffered: 0,
                     checkpointed: 0,
@@ -141,11 +201,29 @@ impl PartitionRouter {
             .collect();
         Self {
             slots,
-            limit: (max_buffered_events / partitions as usize).max(16),
-            keep_log,
+            limit: Self::share(max_buffered_events, partitions),
+            mode,
             closed: AtomicBool::new(false),
             metrics,
         }
+    }
+
+    /// Each partition's share of `pipeline.max_buffered_events`.
+    pub fn share(max_buffered_events: usize, partitions: u32) -> usize {
+        (max_buffered_events / partitions.max(1) as usize).max(16)
+    }
+
+    /// Events a partition may have since its last complete checkpoint.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub fn mode(&self) -> LogMode {
+        self.mode
+    }
+
+    fn keeps_log(&self) -> bool {
+        self.mode == LogMode::Replay
     }
 
     pub fn partitions(&self) -> u32 {
@@ -157,11 +235,18 @@ impl PartitionRouter {
     }
 
     pub fn progress(&self, partition: PartitionId) -> Arc<SlotProgress> {
-        Arc::clone(&self.slots[partition as usize].progress)
+        Arc::clone(&self.slot(partition).progress)
+    }
+
+    /// Whether `partition` is one of this router's partitions.
+    pub fn contains(&self, partition: PartitionId) -> bool {
+        (partition as usize) < self.slots.len()
     }
 
     fn slot(&self, partition: PartitionId) -> &Slot {
-        &self.slots[partition as usize]
+        // Callers pass partitions the router handed out or checked with `contains`; a
+        // bad index is a bug, and the modulo keeps it from taking the process down.
+        &self.slots[partition as usize % self.slots.len()]
     }
 
     /// Stop accepting events (graceful shutdown).
@@ -226,51 +311,95 @@ impl PartitionRouter {
         self.append(partition, &mut guard, events);
     }
 
-    /// Assign positions, deliver to the live actor, keep for replay.
+    /// Assign positions and ingest times, deliver to the live actor, keep for replay.
     fn append(&self, partition: PartitionId, guard: &mut SlotState, mut group: Vec<Event>) {
+        if self.keeps_log() {
+            guard.clock_ms = guard.clock_ms.max(chrono::Utc::now().timestamp_millis());
+        }
         for event in &mut group {
             event.position = guard.next_position;
             guard.next_position += 1;
+            if self.keeps_log() {
+                event.ingest_ms = guard.clock_ms;
+            }
         }
         let batch: EventBatch = Arc::new(group);
         if let Some(actor) = &guard.actor {
             // A failed send means the actor just died: the supervisor replays the log.
             let _ = actor.send_message(PartitionMsg::Events(Arc::clone(&batch)));
         }
-        if self.keep_log {
+        if self.keeps_log() {
             guard.buffered += batch.len();
             guard.log.push_back(LogEntry::Events(batch));
             self.metrics.buffered_events.get_or_create(&PartitionLabels { partition }).set(guard.buffered as i64);
-            if guard.buffered * 2 >= self.limit && !guard.pressure_checkpoint_requested {
-                guard.pressure_checkpoint_requested = true;
-                if let Some(actor) = &guard.actor {
-                    let _ = actor.send_message(PartitionMsg::Checkpoint);
-                }
+        }
+        self.checkpoint_if_pressed(guard);
+    }
+
+    /// Past half the bound, ask the partition for a checkpoint (once until one completes).
+    fn checkpoint_if_pressed(&self, guard: &mut SlotState) {
+        if self.mode == LogMode::InFlight || guard.pressure_checkpoint_requested {
+            return;
+        }
+        let pending = match self.mode {
+            LogMode::Replay => guard.buffered as u64,
+            _ => guard.next_position.saturating_sub(guard.checkpointed),
+        };
+        if pending * 2 >= self.limit as u64 {
+            guard.pressure_checkpoint_requested = true;
+            if let Some(actor) = &guard.actor {
+                let _ = actor.send_message(PartitionMsg::Checkpoint);
             }
         }
     }
 
     /// Deliver events that carry their source positions already (Kafka offsets), in
-    /// order, to the partition's actor; without an actor they are dropped, as the source
-    /// re-reads them from the checkpoint when the actor is attached.
+    /// order, to the partition's actor. Without an actor nothing is delivered and
+    /// nothing advances: the source must read them again once an actor is attached (it
+    /// is positioned at the actor's checkpoint then). Returns whether they were handed
+    /// over.
     pub fn deliver(&self, partition: PartitionId, events: Vec<Event>) -> bool {
         let Some(last) = events.last().map(|event| event.position) else {
             return true;
         };
-        let mut guard = self.slot(partition).state.lock();
-        guard.next_position = guard.next_position.max(last + 1);
-        match &guard.actor {
-            Some(actor) => actor.send_message(PartitionMsg::Events(Arc::new(events))).is_ok(),
-            None => false,
-        }
+        self.deliver_message(partition, last + 1, PartitionMsg::Events(Arc::new(events)))
     }
 
-    /// The source will deliver `partition` from `from` again (it was rewound).
+    /// Deliver positions that carry no event (see [`Self::deliver`]).
+    pub fn deliver_no_event(&self, partition: PartitionId, no_event: NoEvent) -> bool {
+        let next = no_event.to;
+        self.deliver_message(partition, next, PartitionMsg::NoEvent(no_event))
+    }
+
+    fn deliver_message(&self, partition: PartitionId, next: Position, message: PartitionMsg) -> bool {
+        let mut guard = self.slot(partition).state.lock();
+        let Some(actor) = &guard.actor else {
+            return false;
+        };
+        if actor.send_message(message).is_err() {
+            return false;
+        }
+        guard.next_position = guard.next_position.max(next);
+        self.checkpoint_if_pressed(&mut guard);
+        true
+    }
+
+    /// The source will deliver `partition` from `from`, the checkpoint its new actor
+    /// starts from, again.
     pub fn rewind(&self, partition: PartitionId, from: Position) {
         let slot = self.slot(partition);
         let mut guard = slot.state.lock();
         guard.next_position = from;
+        guard.checkpointed = from;
+        guard.pressure_checkpoint_requested = false;
         slot.progress.processed.store(from, Ordering::Release);
+    }
+
+    /// Events delivered since the partition's last complete checkpoint: what a Kafka
+    /// source bounds (it pauses the partition at [`Self::limit`]).
+    pub fn unconfirmed(&self, partition: PartitionId) -> u64 {
+        let guard = self.slot(partition).state.lock();
+        guard.next_position.saturating_sub(guard.checkpointed)
     }
 
     /// Events delivered to the partition's actor and not yet processed.
@@ -280,17 +409,20 @@ impl PartitionRouter {
         next.saturating_sub(slot.progress.processed.load(Ordering::Acquire))
     }
 
-    /// Events accepted and not yet released: buffered for replay, or (without a log) in flight.
+    /// Events accepted and not yet released: buffered for replay, since the last
+    /// complete checkpoint, or (a file replay) in flight.
     fn pending(&self, state: &SlotState, slot: &Slot) -> usize {
-        if self.keep_log {
-            state.buffered
-        } else {
-            state.next_position.saturating_sub(slot.progress.processed.load(Ordering::Acquire)) as usize
+        match self.mode {
+            LogMode::Replay => state.buffered,
+            LogMode::External => state.next_position.saturating_sub(state.checkpointed) as usize,
+            LogMode::InFlight => {
+                state.next_position.saturating_sub(slot.progress.processed.load(Ordering::Acquire)) as usize
+            }
         }
     }
 
     fn request_checkpoint(&self, _partition: PartitionId, state: &SlotState) {
-        if self.keep_log
+        if self.mode != LogMode::InFlight
             && let Some(actor) = &state.actor
         {
             let _ = actor.send_message(PartitionMsg::Checkpoint);
@@ -310,11 +442,13 @@ impl PartitionRouter {
     pub fn tick(&self, now_ms: i64) {
         for slot in &self.slots {
             let mut guard = slot.state.lock();
+            guard.clock_ms = guard.clock_ms.max(now_ms);
+            let now_ms = guard.clock_ms;
             let position = guard.next_position;
             if let Some(actor) = &guard.actor {
                 let _ = actor.send_message(PartitionMsg::Tick { now_ms });
             }
-            if self.keep_log {
+            if self.keeps_log() {
                 // Consecutive ticks at one position: only the latest matters.
                 if let Some(LogEntry::Tick { position: last, .. }) = guard.log.back()
                     && *last == position
@@ -348,6 +482,7 @@ impl PartitionRouter {
             guard.last_checkpoint_id = checkpoint_id;
         }
         self.metrics.checkpoints_completed.get_or_create(&labels).inc();
+        self.slot(partition).progress.release_quarantine(next_position);
         if guard.actor.is_none() {
             // Restarting: the supervisor may be restoring an older checkpoint it read
             // before this commit, and replays from there. Keep the log until the new
@@ -369,14 +504,16 @@ impl PartitionRouter {
 
     // ---- used by the partition supervisor only ----
 
-    /// Where positions continue after a process restart (from the stored checkpoint).
-    pub fn start_at(&self, partition: PartitionId, next_position: Position) {
+    /// Where positions continue after a process restart (from the stored checkpoint),
+    /// and the ingest clock the checkpoint reached.
+    pub fn start_at(&self, partition: PartitionId, next_position: Position, clock_ms: i64) {
         let slot = self.slot(partition);
         let mut guard = slot.state.lock();
         if guard.next_position < next_position {
             guard.next_position = next_position;
         }
         guard.checkpointed = guard.checkpointed.max(next_position);
+        guard.clock_ms = guard.clock_ms.max(clock_ms);
         slot.progress.processed.store(guard.next_position, Ordering::Release);
     }
 
@@ -435,24 +572,11 @@ impl PartitionRouter {
         replayed
     }
 
-    /// Take the event at `position` out of the log (a poison event) and return it.
-    pub fn quarantine(&self, partition: PartitionId, position: Position) -> Option<Event> {
-        let mut guard = self.slot(partition).state.lock();
-        let mut removed = None;
-        for entry in guard.log.iter_mut() {
-            if let LogEntry::Events(batch) = entry
-                && let Some(index) = batch.iter().position(|e| e.position == position)
-            {
-                let mut events: Vec<Event> = batch.as_ref().clone();
-                removed = Some(events.remove(index));
-                *batch = Arc::new(events);
-                break;
-            }
-        }
-        if removed.is_some() {
-            guard.buffered -= 1;
-        }
-        removed
+    /// Quarantine the event at `position` (a poison event): the partition's actor
+    /// dead-letters it with `failure` instead of processing it, whichever source
+    /// delivers it again (the replay log, or Kafka from the checkpoint).
+    pub fn quarantine(&self, partition: PartitionId, position: Position, failure: String) {
+        self.slot(partition).progress.quarantine(position, failure);
     }
 
     pub fn status(&self, partition: PartitionId) -> SlotStatus {
@@ -467,6 +591,7 @@ impl PartitionRouter {
             processed_position: processed,
             in_flight_events: guard.next_position.saturating_sub(processed),
             replay_buffer_events: guard.buffered,
+            unconfirmed_events: guard.next_position.saturating_sub(guard.checkpointed),
             replay_buffer_limit: self.limit,
             last_checkpoint_position: guard.checkpointed,
             last_checkpoint_id: guard.last_checkpoint_id,
@@ -476,5 +601,20 @@ impl PartitionRouter {
     /// Total events held for replay across partitions.
     pub fn buffered_total(&self) -> usize {
         self.slots.iter().map(|slot| slot.state.lock().buffered).sum()
+    }
+}
+
+/// Embedded ingestion: the router is the log.
+#[async_trait::async_trait]
+impl crate::ingest::Ingest for PartitionRouter {
+    async fn accept(&self, events: Vec<Event>) -> Result<(), crate::ingest::IngestRefusal> {
+        use crate::ingest::IngestRefusal;
+        match self.submit(events) {
+            Ok(_) => Ok(()),
+            Err(SubmitError::Backpressure { partition, buffered, limit, retry_after }) => {
+                Err(IngestRefusal::Backpressure { partition, buffered, limit, retry_after })
+            }
+            Err(SubmitError::Closed) => Err(IngestRefusal::Closed),
+        }
     }
 }

@@ -18,7 +18,7 @@ use crate::config::{Config, IngestMode};
 use crate::ingest::ParseLimits;
 use crate::messages::{PartitionMsg, StoreMsg};
 use crate::metrics::Metrics;
-use crate::router::PartitionRouter;
+use crate::router::{LogMode, PartitionRouter};
 use crate::scoring::Scoring;
 use crate::store::{self, Store};
 use crate::supervision::partition::{Assignment, PartitionFeed};
@@ -30,6 +30,17 @@ use rdkafka::producer::FutureProducer;
 
 /// How often the ingest clock ticks partitions that receive no events.
 const TICK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// This instance's name for operators: host name and process id.
+pub fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_string());
+    format!("{host}:{}", std::process::id())
+}
 
 /// A running instance.
 pub struct Runtime {
@@ -61,7 +72,7 @@ impl Runtime {
             config.pipeline.partitions,
             config.pipeline.max_buffered_events,
             // With Kafka the topic is the log: nothing to keep in memory for replays.
-            !kafka_consume,
+            if kafka_consume { LogMode::External } else { LogMode::Replay },
             Arc::clone(&metrics),
         ));
         let outputs_configured = !config.kafka.results_topic.is_empty() || !config.kafka.alerts_topic.is_empty();
@@ -80,7 +91,6 @@ impl Runtime {
             (Some(producer), true) => Some(Arc::new(KafkaShared::new(
                 Arc::clone(&config),
                 Arc::clone(&router),
-                Arc::clone(&store),
                 Arc::clone(&metrics),
                 Arc::clone(&sinks),
                 Arc::clone(&topology),
@@ -136,8 +146,15 @@ impl Runtime {
             metrics: Arc::clone(&metrics),
             limits: ParseLimits { max_string_bytes: config.ingest.max_string_bytes },
             started_at: Instant::now(),
-            producer: producer.filter(|_| config.ingest.mode == IngestMode::Kafka),
-            kafka: kafka.clone(),
+            ingest: match producer.filter(|_| config.ingest.mode == IngestMode::Kafka) {
+                Some(producer) => Arc::new(crate::kafka::KafkaIngest {
+                    producer,
+                    topic: config.kafka.topic.clone(),
+                    timeout: config.kafka.produce_timeout,
+                }),
+                None => Arc::clone(&router) as Arc<dyn crate::ingest::Ingest>,
+            },
+            sources: kafka.iter().map(|kafka| Arc::clone(kafka) as Arc<dyn crate::ingest::SourceStatus>).collect(),
         });
         let parts = Arc::new(RuntimeParts {
             config,
@@ -155,6 +172,7 @@ impl Runtime {
             checkpoint_listener,
             kafka,
             kafka_outputs,
+            owner: instance_name(),
         });
         let (root, root_handle) = Actor::spawn(None, RootSupervisor, Arc::clone(&parts))
             .await

@@ -18,10 +18,10 @@ use serde::{Deserialize, Serialize};
 use crate::actors::sinks::Sinks;
 use crate::keys::KeyTable;
 use crate::messages::{
-    CheckpointData, DeadLetter, Event, KeyStateBlob, PartitionId, PartitionMsg, PartitionStatus, Position,
-    RejectReason, RestoredPartition, StoreMsg, WindowResult,
+    CheckpointData, DeadLetter, Event, KeyStateBlob, NoEvent, NoEventKind, PartitionCounters, PartitionId,
+    PartitionMsg, PartitionStatus, Position, RejectReason, RestoredPartition, StoreMsg, WindowResult,
 };
-use crate::metrics::{Metrics, PartitionLabels, SeverityLabels};
+use crate::metrics::{Metrics, PartitionLabels, PositionLabels, SeverityLabels};
 use crate::router::{IDLE, SlotProgress};
 use crate::scoring::{ScorerState, Scoring};
 use crate::window::{Fired, KeyWindows, WindowSpec};
@@ -44,6 +44,8 @@ pub struct PartitionArgs {
     pub context: Arc<PartitionContext>,
     pub progress: Arc<SlotProgress>,
     pub restored: Option<RestoredPartition>,
+    /// Ownership epoch the store fences this actor's checkpoints with (0: unfenced).
+    pub owner_epoch: u64,
 }
 
 /// The actor: stateless; everything lives in [`PartitionState`].
@@ -63,6 +65,10 @@ struct Counters {
     fired: Counter,
     updates: Counter,
     open_keys: Gauge,
+    consumed: Gauge,
+    positions_processed: Gauge,
+    positions_dead_lettered: Gauge,
+    positions_skipped: Gauge,
 }
 
 pub struct PartitionState {
@@ -74,18 +80,27 @@ pub struct PartitionState {
     next_position: Position,
     clock_ms: i64,
     checkpoint_id: u64,
+    owner_epoch: u64,
+    /// Where every consumed position went (checkpointed with the state).
+    counters: PartitionCounters,
+    /// Whether `counters.base_position` is known (restored, or a position was seen).
+    counting: bool,
     /// `next_position` of the last checkpoint sent (complete or not).
     last_checkpoint_position: Option<Position>,
     events_since_checkpoint: u64,
     fired: Vec<Fired>,
     results: Vec<WindowResult>,
     dead_letters: Vec<DeadLetter>,
-    counters: Counters,
-    events_processed: u64,
-    late_events: u64,
+    metrics: Counters,
     windows_fired: u64,
     #[cfg(feature = "chaos")]
     chaos_rng: rand_chacha::ChaCha8Rng,
+}
+
+/// One gauge of `tidemark_partition_positions`. (A family's guard lives to the end of the
+/// statement that took it: taking two labels of one family in one statement deadlocks.)
+fn position_gauge(metrics: &Metrics, partition: PartitionId, outcome: &'static str) -> Gauge {
+    metrics.positions.get_or_create(&PositionLabels { partition, outcome }).clone()
 }
 
 /// How often (in ingest-clock time) idle keys are looked for.
@@ -103,18 +118,22 @@ impl Actor for PartitionActor {
         myself: ActorRef<Self::Msg>,
         args: PartitionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let PartitionArgs { partition, context, progress, restored } = args;
+        let PartitionArgs { partition, context, progress, restored, owner_epoch } = args;
         let labels = PartitionLabels { partition };
         let metrics = &context.metrics;
-        let counters = Counters {
+        let metric_counters = Counters {
             processed: metrics.events_processed.get_or_create(&labels).clone(),
             late: metrics.events_late.get_or_create(&labels).clone(),
             fired: metrics.windows_fired.get_or_create(&labels).clone(),
             updates: metrics.window_updates.get_or_create(&labels).clone(),
             open_keys: metrics.open_keys.get_or_create(&labels).clone(),
+            consumed: metrics.positions_consumed.get_or_create(&labels).clone(),
+            positions_processed: position_gauge(metrics, partition, "processed"),
+            positions_dead_lettered: position_gauge(metrics, partition, "dead_lettered"),
+            positions_skipped: position_gauge(metrics, partition, "skipped"),
         };
         let mut keys: KeyTable<KeyState> = KeyTable::default();
-        let (next_position, clock_ms, checkpoint_id) = match restored {
+        let (next_position, clock_ms, checkpoint_id, counters, counting) = match restored {
             Some(restored) => {
                 keys.reserve(restored.keys.len());
                 for blob in restored.keys {
@@ -126,11 +145,11 @@ impl Actor for PartitionActor {
                     })?;
                     keys.insert(&blob.sensor_id, &blob.event_type, state);
                 }
-                (restored.next_position, restored.clock_ms, restored.checkpoint_id)
+                (restored.next_position, restored.clock_ms, restored.checkpoint_id, restored.counters, true)
             }
-            None => (0, i64::MIN, 0),
+            None => (0, i64::MIN, 0, PartitionCounters::default(), false),
         };
-        counters.open_keys.set(keys.len() as i64);
+        metric_counters.open_keys.set(keys.len() as i64);
         progress.processed.store(next_position, Ordering::Release);
         myself.send_interval(context.checkpoint_interval, || PartitionMsg::Checkpoint);
         #[cfg(feature = "chaos")]
@@ -151,14 +170,15 @@ impl Actor for PartitionActor {
             next_position,
             clock_ms,
             checkpoint_id,
+            owner_epoch,
+            counters,
+            counting,
             last_checkpoint_position: None,
             events_since_checkpoint: 0,
             fired: Vec::new(),
             results: Vec::new(),
             dead_letters: Vec::new(),
-            counters,
-            events_processed: 0,
-            late_events: 0,
+            metrics: metric_counters,
             windows_fired: 0,
             #[cfg(feature = "chaos")]
             chaos_rng,
@@ -179,6 +199,10 @@ impl Actor for PartitionActor {
                 if every > 0 && state.events_since_checkpoint >= every {
                     state.checkpoint()?;
                 }
+            }
+            PartitionMsg::NoEvent(no_event) => {
+                state.skip(no_event);
+                state.emit()?;
             }
             PartitionMsg::Tick { now_ms } => {
                 state.advance_clock(now_ms);
@@ -215,6 +239,18 @@ impl PartitionState {
             if event.position < self.next_position {
                 continue; // already reflected (overlap of a replay)
             }
+            self.start_counting(event.position);
+            if event.position > self.next_position {
+                // Positions the source did not report (it reports gaps it knows of with
+                // `NoEvent`): count them, so the accounting still covers every position.
+                self.counters.skipped += event.position - self.next_position;
+            }
+            if let Some(failure) = self.progress.quarantined(event.position) {
+                self.dead_letters.push(DeadLetter::for_event(event, RejectReason::Poison, failure, self.partition));
+                self.counters.dead_lettered += 1;
+                self.next_position = event.position + 1;
+                continue;
+            }
             self.progress.processing.store(event.position, Ordering::Relaxed);
             #[cfg(feature = "chaos")]
             self.chaos(event);
@@ -244,8 +280,8 @@ impl PartitionState {
                     }
                 }
                 Err(late) => {
-                    self.late_events += 1;
-                    self.counters.late.inc();
+                    self.counters.events_late += 1;
+                    self.metrics.late.inc();
                     self.dead_letters.push(DeadLetter::for_event(
                         event,
                         RejectReason::Late,
@@ -265,13 +301,52 @@ impl PartitionState {
             self.next_position = event.position + 1;
             processed += 1;
         }
-        self.events_processed += processed;
+        self.counters.events_processed += processed;
         self.events_since_checkpoint += processed;
         self.progress.processing.store(IDLE, Ordering::Relaxed);
         self.progress.processed.store(self.next_position, Ordering::Release);
-        self.counters.processed.inc_by(processed);
-        self.counters.open_keys.set(self.keys.len() as i64);
+        self.metrics.processed.inc_by(processed);
+        self.metrics.open_keys.set(self.keys.len() as i64);
         self.sweep_if_due(previous_clock);
+    }
+
+    fn publish_counters(&self) {
+        let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        let counters = &self.counters;
+        self.metrics.consumed.set(gauge(self.next_position.saturating_sub(counters.base_position)));
+        self.metrics.positions_processed.set(gauge(counters.events_processed));
+        self.metrics.positions_dead_lettered.set(gauge(counters.dead_lettered));
+        self.metrics.positions_skipped.set(gauge(counters.skipped));
+    }
+
+    /// The first position of a state that starts empty is where its accounting begins.
+    #[inline]
+    fn start_counting(&mut self, position: Position) {
+        if !self.counting {
+            self.counting = true;
+            self.counters.base_position = position;
+            self.next_position = self.next_position.max(position);
+        }
+    }
+
+    /// Positions without an event: account for them, keep their dead letter.
+    fn skip(&mut self, no_event: NoEvent) {
+        if no_event.to <= self.next_position {
+            return; // already covered (overlap of a re-read)
+        }
+        let from = no_event.from.max(self.next_position);
+        self.start_counting(from);
+        let from = from.max(self.next_position);
+        let count = no_event.to - from;
+        match no_event.kind {
+            NoEventKind::DeadLettered => self.counters.dead_lettered += count,
+            NoEventKind::Skipped => self.counters.skipped += count,
+        }
+        if let Some(letter) = no_event.letter {
+            self.dead_letters.push(letter);
+        }
+        self.next_position = no_event.to;
+        self.progress.processed.store(self.next_position, Ordering::Release);
     }
 
     #[cfg(feature = "chaos")]
@@ -382,15 +457,16 @@ impl PartitionState {
     /// Hand results and dead letters to the sinks. A sink that cannot be reached fails
     /// the partition: it restarts from its checkpoint and replays, so nothing is lost.
     fn emit(&mut self) -> Result<(), ActorProcessingErr> {
+        self.publish_counters();
         if !self.results.is_empty() {
             let results = std::mem::take(&mut self.results);
             let metrics = &self.context.metrics;
             for result in &results {
                 if result.revision == 0 {
-                    self.counters.fired.inc();
+                    self.metrics.fired.inc();
                     self.windows_fired += 1;
                 } else {
-                    self.counters.updates.inc();
+                    self.metrics.updates.inc();
                 }
                 if result.anomaly && result.revision == 0 {
                     metrics.anomalies.get_or_create(&SeverityLabels { severity: result.severity.as_str() }).inc();
@@ -434,6 +510,8 @@ impl PartitionState {
             clock_ms: self.clock_ms,
             checkpoint_id: self.checkpoint_id,
             taken_at_ms: chrono::Utc::now().timestamp_millis(),
+            owner_epoch: self.owner_epoch,
+            counters: self.counters,
             upserts,
             deletes: std::mem::take(&mut self.deleted),
         };
@@ -449,10 +527,9 @@ impl PartitionState {
             open_keys: self.keys.len(),
             open_windows: self.keys.values().map(|key| key.windows.open_windows()).sum(),
             next_position: self.next_position,
-            events_processed: self.events_processed,
-            late_events: self.late_events,
             windows_fired: self.windows_fired,
             last_checkpoint_id: self.checkpoint_id,
+            counters: self.counters,
         }
     }
 }

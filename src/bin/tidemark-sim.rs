@@ -28,6 +28,23 @@ struct Cli {
 enum SimCommand {
     /// Drive load against the HTTP API and report events/s and request latency.
     Load(Load),
+    /// Serve librdkafka's mock Kafka cluster from this process (for tests and
+    /// benchmarks across processes): prints `bootstrap=HOST:PORT,…`, then reads control
+    /// lines on stdin (`down ID`, `up ID`, `topic NAME PARTITIONS`) until stdin closes.
+    KafkaMock(KafkaMock),
+}
+
+#[derive(Args)]
+struct KafkaMock {
+    /// Number of brokers.
+    #[arg(long, default_value_t = 1)]
+    brokers: i32,
+    /// Topics to create, as NAME:PARTITIONS (repeatable).
+    #[arg(long = "topic", default_value = "sensor-events:4")]
+    topics: Vec<String>,
+    /// The broker's group.initial.rebalance.delay.ms (Apache Kafka's default is 3s).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    initial_rebalance_delay: Duration,
 }
 
 #[derive(Args)]
@@ -112,8 +129,44 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(SimCommand::Load(load)) => run_load(load),
+        Some(SimCommand::KafkaMock(mock)) => run_kafka_mock(mock),
         None => simulate(cli.simulate),
     }
+}
+
+fn run_kafka_mock(mock: KafkaMock) -> ExitCode {
+    use std::io::BufRead;
+    let mut topics = Vec::new();
+    for topic in &mock.topics {
+        let parsed = topic.rsplit_once(':').and_then(|(name, n)| Some((name.to_string(), n.parse::<i32>().ok()?)));
+        match parsed {
+            Some(topic) if !topic.0.is_empty() => topics.push(topic),
+            _ => {
+                eprintln!("--topic: expected NAME:PARTITIONS, got {topic:?}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let started = sim::kafka::MockBroker::start(mock.brokers, &topics, mock.initial_rebalance_delay)
+        .and_then(|broker| Ok((broker.bootstrap_servers()?, broker)));
+    let (bootstrap, broker) = match started {
+        Ok(started) => started,
+        Err(error) => {
+            eprintln!("cannot start the mock cluster: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("bootstrap={bootstrap}");
+    let _ = std::io::stdout().flush();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        match broker.control(&line) {
+            Ok(()) => println!("ok {}", line.trim()),
+            Err(error) => println!("error {error:#}"),
+        }
+        let _ = std::io::stdout().flush();
+    }
+    ExitCode::SUCCESS
 }
 
 fn run_load(load: Load) -> ExitCode {

@@ -1,5 +1,8 @@
-//! Ingestion front: body parsing and validation (pure), shared by HTTP, MQTT and Kafka.
+//! Ingestion front: body parsing and validation (pure), shared by HTTP, MQTT and Kafka,
+//! and the handles front ends use to hand events in.
 
+pub mod handle;
 pub mod parse;
 
+pub use handle::{Ingest, IngestRefusal, SourceStatus};
 pub use parse::{BodyError, BodyFormat, ParseLimits, Parsed, Rejection, parse_body};

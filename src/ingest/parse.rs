@@ -113,6 +113,29 @@ pub fn parse_body(body: &[u8], format: BodyFormat, limits: ParseLimits, now_ms: 
     }
 }
 
+/// Parse a message that must hold exactly one event object (a Kafka or MQTT message).
+/// A rejection carries the reason and a message naming the field.
+pub fn parse_event(payload: &[u8], limits: ParseLimits, now_ms: i64) -> Result<Event, (RejectReason, String)> {
+    let text = std::str::from_utf8(payload).map_err(|error| {
+        (RejectReason::Unparsable, format!("message is not valid UTF-8 (byte {})", error.valid_up_to()))
+    })?;
+    let trimmed = text.trim();
+    match trimmed.as_bytes().first() {
+        None => Err((RejectReason::Unparsable, "message is empty".to_string())),
+        Some(b'{') => match serde_json::from_str::<RawEvent>(trimmed) {
+            Ok(raw) => raw.validate(limits, now_ms).map_err(|error| (error.reason, error.message)),
+            Err(error) => Err(match field_error_from_json(&error) {
+                Some(field_error) => (field_error.reason, field_error.message),
+                None => (RejectReason::Unparsable, format!("unparsable: {error}")),
+            }),
+        },
+        Some(b'[') => {
+            Err((RejectReason::InvalidValue, "a message must hold exactly one event object, not an array".to_string()))
+        }
+        Some(_) => Err((RejectReason::Unparsable, "a message must hold one JSON event object".to_string())),
+    }
+}
+
 fn parse_json(text: &str, limits: ParseLimits, now_ms: i64) -> Result<Parsed, BodyError> {
     let trimmed = text.trim_start();
     match trimmed.as_bytes().first() {

@@ -109,10 +109,12 @@ pub enum RejectReason {
     Late,
     Poison,
     StoreRejected,
+    /// Kafka offsets that were deleted by the topic's retention before they were read.
+    RetentionGap,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 11] = [
         Self::MissingField,
         Self::WrongType,
         Self::NonFinite,
@@ -123,6 +125,7 @@ impl RejectReason {
         Self::Late,
         Self::Poison,
         Self::StoreRejected,
+        Self::RetentionGap,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -137,6 +140,7 @@ impl RejectReason {
             Self::Late => "late",
             Self::Poison => "poison",
             Self::StoreRejected => "store_rejected",
+            Self::RetentionGap => "retention_gap",
         }
     }
 

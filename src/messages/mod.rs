@@ -21,6 +21,10 @@ pub type EventBatch = Arc<Vec<Event>>;
 pub enum PartitionMsg {
     /// Events in position order.
     Events(EventBatch),
+    /// Positions that carry no event (a malformed message, offsets the source skipped),
+    /// in order with the events around them, so the partition's accounting covers every
+    /// position it consumed.
+    NoEvent(NoEvent),
     /// The ingest clock advanced with no events for this partition. Ticks are kept in the
     /// replay log, so a replay flushes idle keys at the same points.
     Tick {
@@ -34,6 +38,51 @@ pub enum PartitionMsg {
     /// Checkpoint and reply once the checkpoint is handed to the store sink (shutdown).
     CheckpointAndReply(RpcReplyPort<Position>),
     Status(RpcReplyPort<PartitionStatus>),
+}
+
+/// Positions `from..to` of a partition that carry no event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NoEvent {
+    pub from: Position,
+    /// Exclusive.
+    pub to: Position,
+    pub kind: NoEventKind,
+    /// Kept in the dead-letter store with the checkpoint that covers these positions.
+    pub letter: Option<DeadLetter>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoEventKind {
+    /// A message that is not a valid event (counted as dead-lettered).
+    DeadLettered,
+    /// Offsets without a message: deleted by retention before they were read, compacted
+    /// away, or transaction markers (counted as skipped).
+    Skipped,
+}
+
+/// Where every position a partition consumed went, since its state began. Part of the
+/// checkpoint, so replays after a failure do not count twice:
+/// `next_position - base_position == events_processed + dead_lettered + skipped`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionCounters {
+    /// First position the state covers (0 embedded; the first Kafka offset read).
+    pub base_position: Position,
+    /// Events applied to windows, late ones included.
+    pub events_processed: u64,
+    /// Of those, events that arrived after their window closed (also dead-lettered).
+    pub events_late: u64,
+    /// Positions whose message was dead-lettered instead of processed (malformed, poison).
+    pub dead_lettered: u64,
+    /// Offsets without a message (retention gaps, compaction, transaction markers).
+    pub skipped: u64,
+}
+
+impl PartitionCounters {
+    /// Positions accounted for: processed + dead-lettered + skipped.
+    pub fn accounted(&self) -> u64 {
+        self.events_processed + self.dead_lettered + self.skipped
+    }
 }
 
 /// Messages to the store sink.
@@ -64,6 +113,10 @@ pub struct CheckpointData {
     /// Sequence of this partition's checkpoints, for visibility.
     pub checkpoint_id: u64,
     pub taken_at_ms: i64,
+    /// Ownership epoch of the writer; the store refuses a checkpoint whose epoch is not
+    /// the partition's current one (a stale owner after a rebalance). 0: unfenced.
+    pub owner_epoch: u64,
+    pub counters: PartitionCounters,
     /// Keys whose state changed, with their serialized state.
     pub upserts: Vec<KeyStateBlob>,
     /// Keys dropped since the previous checkpoint.
@@ -83,6 +136,7 @@ pub struct RestoredPartition {
     pub next_position: Position,
     pub clock_ms: i64,
     pub checkpoint_id: u64,
+    pub counters: PartitionCounters,
     pub keys: Vec<KeyStateBlob>,
 }
 
@@ -93,10 +147,11 @@ pub struct PartitionStatus {
     pub open_keys: usize,
     pub open_windows: usize,
     pub next_position: Position,
-    pub events_processed: u64,
-    pub late_events: u64,
+    /// Windows fired by this actor since it started (not checkpointed).
     pub windows_fired: u64,
     pub last_checkpoint_id: u64,
+    /// Every position consumed since the state began, and where it went.
+    pub counters: PartitionCounters,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -93,6 +93,20 @@ impl WriteBatch<'_> {
     }
 }
 
+/// What a write did besides committing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Checkpoints refused because another owner took their partition since:
+    /// `(partition, checkpoint_id)`.
+    pub fenced: Vec<(PartitionId, u64)>,
+}
+
+/// Whether a checkpoint written under `epoch` may replace the stored one when the
+/// partition's current epoch is `current` (none: nobody acquired it; 0: unfenced writer).
+pub fn checkpoint_allowed(epoch: u64, current: Option<i64>) -> bool {
+    epoch == 0 || current.is_none_or(|current| current == i64::try_from(epoch).unwrap_or(i64::MAX))
+}
+
 /// A stored window result.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -238,8 +252,14 @@ pub struct DeadLetterRow {
 pub trait Store: Send + Sync {
     fn backend(&self) -> &'static str;
 
-    /// Results (upserts), dead letters and checkpoints in one transaction.
-    async fn write(&self, batch: &WriteBatch<'_>) -> Result<(), StoreError>;
+    /// Results (upserts), dead letters and checkpoints in one transaction. A checkpoint
+    /// written under an ownership epoch that is no longer its partition's is left out
+    /// (with its key states) and reported in [`WriteOutcome::fenced`].
+    async fn write(&self, batch: &WriteBatch<'_>) -> Result<WriteOutcome, StoreError>;
+
+    /// Take ownership of `partition`: the next epoch, which fences checkpoints of every
+    /// earlier owner. `owner` names this instance (for operators).
+    async fn acquire_partition(&self, partition: PartitionId, owner: &str) -> Result<u64, StoreError>;
 
     /// The partition's last complete checkpoint, if any. Fails with `Incompatible` when it
     /// was taken with another partition count.

@@ -15,7 +15,7 @@ use sqlx::{Postgres, Row};
 
 use super::{
     DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, Store, StoreError, TopQuery, TopSensor,
-    TypeSummary, WriteBatch, sql,
+    TypeSummary, WriteBatch, WriteOutcome, sql,
 };
 use crate::config::StoreConfig;
 use crate::messages::{KeyStateBlob, PartitionId, RestoredPartition, WindowResult};
@@ -37,13 +37,22 @@ pub struct PostgresStore {
 }
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("initial"),
-        MigrationType::Simple,
-        sqlx::SqlStr::from_static(include_str!("../../migrations/postgres/0001_initial.sql")),
-        false,
-    )])
+    Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            Cow::Borrowed("initial"),
+            MigrationType::Simple,
+            sqlx::SqlStr::from_static(include_str!("../../migrations/postgres/0001_initial.sql")),
+            false,
+        ),
+        Migration::new(
+            2,
+            Cow::Borrowed("accounting and fencing"),
+            MigrationType::Simple,
+            sqlx::SqlStr::from_static(include_str!("../../migrations/postgres/0002_accounting_and_fencing.sql")),
+            false,
+        ),
+    ])
 }
 
 fn time(ms: i64) -> DateTime<Utc> {
@@ -177,7 +186,8 @@ impl PostgresStore {
         Ok(())
     }
 
-    async fn write_inner(&self, batch: &WriteBatch<'_>) -> Result<(), StoreError> {
+    async fn write_inner(&self, batch: &WriteBatch<'_>) -> Result<WriteOutcome, StoreError> {
+        let mut outcome = WriteOutcome::default();
         let mut tx = self.pool.begin().await?;
         if !batch.results.is_empty() {
             match self.method {
@@ -210,18 +220,39 @@ impl PostgresStore {
         }
         for checkpoint in batch.checkpoints {
             let partition = checkpoint.partition as i32;
+            // The row lock orders this write after any concurrent acquisition.
+            let current: Option<i64> =
+                sqlx::query_scalar("SELECT epoch FROM partition_owners WHERE partition = $1 FOR UPDATE")
+                    .bind(partition)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if !super::checkpoint_allowed(checkpoint.owner_epoch, current) {
+                outcome.fenced.push((checkpoint.partition, checkpoint.checkpoint_id));
+                continue;
+            }
+            let counters = &checkpoint.counters;
             sqlx::query(
-                "INSERT INTO checkpoints (partition, partitions, next_position, clock_ms, checkpoint_id, taken_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (partition) DO UPDATE SET \
+                "INSERT INTO checkpoints (partition, partitions, next_position, clock_ms, checkpoint_id, taken_at, \
+                 base_position, events_processed, events_late, dead_lettered, skipped, owner_epoch) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (partition) DO UPDATE SET \
                  partitions = excluded.partitions, next_position = excluded.next_position, \
-                 clock_ms = excluded.clock_ms, checkpoint_id = excluded.checkpoint_id, taken_at = excluded.taken_at",
+                 clock_ms = excluded.clock_ms, checkpoint_id = excluded.checkpoint_id, taken_at = excluded.taken_at, \
+                 base_position = excluded.base_position, events_processed = excluded.events_processed, \
+                 events_late = excluded.events_late, dead_lettered = excluded.dead_lettered, \
+                 skipped = excluded.skipped, owner_epoch = excluded.owner_epoch",
             )
             .bind(partition)
             .bind(checkpoint.partitions as i32)
-            .bind(i64::try_from(checkpoint.next_position).unwrap_or(i64::MAX))
+            .bind(sql::int(checkpoint.next_position))
             .bind(checkpoint.clock_ms)
-            .bind(i64::try_from(checkpoint.checkpoint_id).unwrap_or(i64::MAX))
+            .bind(sql::int(checkpoint.checkpoint_id))
             .bind(time(checkpoint.taken_at_ms))
+            .bind(sql::int(counters.base_position))
+            .bind(sql::int(counters.events_processed))
+            .bind(sql::int(counters.events_late))
+            .bind(sql::int(counters.dead_lettered))
+            .bind(sql::int(counters.skipped))
+            .bind(sql::int(checkpoint.owner_epoch))
             .execute(&mut *tx)
             .await?;
             if !checkpoint.upserts.is_empty() {
@@ -250,7 +281,7 @@ impl PostgresStore {
             }
         }
         tx.commit().await?;
-        Ok(())
+        Ok(outcome)
     }
 }
 
@@ -327,11 +358,27 @@ impl Store for PostgresStore {
         "postgres"
     }
 
-    async fn write(&self, batch: &WriteBatch<'_>) -> Result<(), StoreError> {
+    async fn write(&self, batch: &WriteBatch<'_>) -> Result<WriteOutcome, StoreError> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(WriteOutcome::default());
         }
         self.timed(self.write_inner(batch)).await
+    }
+
+    async fn acquire_partition(&self, partition: PartitionId, owner: &str) -> Result<u64, StoreError> {
+        self.timed(async {
+            let epoch: i64 = sqlx::query_scalar(
+                "INSERT INTO partition_owners (partition, epoch, owner, acquired_at) VALUES ($1, 1, $2, now()) \
+                 ON CONFLICT (partition) DO UPDATE SET epoch = partition_owners.epoch + 1, owner = excluded.owner, \
+                 acquired_at = excluded.acquired_at RETURNING epoch",
+            )
+            .bind(partition as i32)
+            .bind(owner)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(u64::try_from(epoch).unwrap_or(0))
+        })
+        .await
     }
 
     async fn load_checkpoint(
@@ -341,7 +388,8 @@ impl Store for PostgresStore {
     ) -> Result<Option<RestoredPartition>, StoreError> {
         self.timed(async {
             let row = sqlx::query(
-                "SELECT partitions, next_position, clock_ms, checkpoint_id FROM checkpoints WHERE partition = $1",
+                "SELECT partitions, next_position, clock_ms, checkpoint_id, base_position, events_processed, \
+                 events_late, dead_lettered, skipped FROM checkpoints WHERE partition = $1",
             )
             .bind(partition as i32)
             .fetch_optional(&self.pool)
@@ -373,6 +421,7 @@ impl Store for PostgresStore {
                 next_position: u64::try_from(row.try_get::<i64, _>("next_position")?).unwrap_or(0),
                 clock_ms: row.try_get("clock_ms")?,
                 checkpoint_id: u64::try_from(row.try_get::<i64, _>("checkpoint_id")?).unwrap_or(0),
+                counters: sql::counters_from_row(&row)?,
                 keys,
             }))
         })

@@ -144,3 +144,25 @@ pub const UPSERT_PREDICTION: &str = " ON CONFLICT (sensor_id, event_type, window
      severity = excluded.severity, revision = excluded.revision, explanation = excluded.explanation, \
      updated_at = excluded.updated_at \
      WHERE excluded.revision >= predictions.revision";
+
+/// A count or position as the `BIGINT` the stores keep it in.
+pub fn int(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The accounting columns of a `checkpoints` row.
+pub fn counters_from_row<R: sqlx::Row>(row: &R) -> Result<crate::messages::PartitionCounters, sqlx::Error>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let count =
+        |column: &str| -> Result<u64, sqlx::Error> { Ok(u64::try_from(row.try_get::<i64, _>(column)?).unwrap_or(0)) };
+    Ok(crate::messages::PartitionCounters {
+        base_position: count("base_position")?,
+        events_processed: count("events_processed")?,
+        events_late: count("events_late")?,
+        dead_lettered: count("dead_lettered")?,
+        skipped: count("skipped")?,
+    })
+}

@@ -13,7 +13,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
     DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, Store, StoreError, TopQuery, TopSensor,
-    TypeSummary, WriteBatch, sql,
+    TypeSummary, WriteBatch, WriteOutcome, sql,
 };
 use crate::config::{StoreConfig, sqlite_path};
 use crate::messages::{KeyStateBlob, PartitionId, RestoredPartition};
@@ -55,13 +55,22 @@ fn spawn_checkpointer(pool: SqlitePool) -> tokio::task::JoinHandle<()> {
 }
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("initial"),
-        MigrationType::Simple,
-        sqlx::SqlStr::from_static(include_str!("../../migrations/sqlite/0001_initial.sql")),
-        false,
-    )])
+    Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            Cow::Borrowed("initial"),
+            MigrationType::Simple,
+            sqlx::SqlStr::from_static(include_str!("../../migrations/sqlite/0001_initial.sql")),
+            false,
+        ),
+        Migration::new(
+            2,
+            Cow::Borrowed("accounting and fencing"),
+            MigrationType::Simple,
+            sqlx::SqlStr::from_static(include_str!("../../migrations/sqlite/0002_accounting_and_fencing.sql")),
+            false,
+        ),
+    ])
 }
 
 impl SqliteStore {
@@ -113,7 +122,8 @@ impl SqliteStore {
         }
     }
 
-    async fn write_inner(&self, batch: &WriteBatch<'_>) -> Result<(), StoreError> {
+    async fn write_inner(&self, batch: &WriteBatch<'_>) -> Result<WriteOutcome, StoreError> {
+        let mut outcome = WriteOutcome::default();
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut tx = self.writer.begin().await?;
         for chunk in batch.results.chunks(ROWS_PER_STATEMENT) {
@@ -165,18 +175,37 @@ impl SqliteStore {
         }
         for checkpoint in batch.checkpoints {
             let partition = i64::from(checkpoint.partition);
+            let current: Option<i64> = sqlx::query_scalar("SELECT epoch FROM partition_owners WHERE partition = ?")
+                .bind(partition)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if !super::checkpoint_allowed(checkpoint.owner_epoch, current) {
+                outcome.fenced.push((checkpoint.partition, checkpoint.checkpoint_id));
+                continue;
+            }
+            let counters = &checkpoint.counters;
             sqlx::query(
-                "INSERT INTO checkpoints (partition, partitions, next_position, clock_ms, checkpoint_id, taken_at) \
-                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (partition) DO UPDATE SET partitions = excluded.partitions, \
-                 next_position = excluded.next_position, clock_ms = excluded.clock_ms, \
-                 checkpoint_id = excluded.checkpoint_id, taken_at = excluded.taken_at",
+                "INSERT INTO checkpoints (partition, partitions, next_position, clock_ms, checkpoint_id, taken_at, \
+                 base_position, events_processed, events_late, dead_lettered, skipped, owner_epoch) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (partition) DO UPDATE SET \
+                 partitions = excluded.partitions, next_position = excluded.next_position, \
+                 clock_ms = excluded.clock_ms, checkpoint_id = excluded.checkpoint_id, taken_at = excluded.taken_at, \
+                 base_position = excluded.base_position, events_processed = excluded.events_processed, \
+                 events_late = excluded.events_late, dead_lettered = excluded.dead_lettered, \
+                 skipped = excluded.skipped, owner_epoch = excluded.owner_epoch",
             )
             .bind(partition)
             .bind(i64::from(checkpoint.partitions))
-            .bind(i64::try_from(checkpoint.next_position).unwrap_or(i64::MAX))
+            .bind(sql::int(checkpoint.next_position))
             .bind(checkpoint.clock_ms)
-            .bind(i64::try_from(checkpoint.checkpoint_id).unwrap_or(i64::MAX))
+            .bind(sql::int(checkpoint.checkpoint_id))
             .bind(checkpoint.taken_at_ms)
+            .bind(sql::int(counters.base_position))
+            .bind(sql::int(counters.events_processed))
+            .bind(sql::int(counters.events_late))
+            .bind(sql::int(counters.dead_lettered))
+            .bind(sql::int(counters.skipped))
+            .bind(sql::int(checkpoint.owner_epoch))
             .execute(&mut *tx)
             .await?;
             for chunk in checkpoint.upserts.chunks(ROWS_PER_STATEMENT) {
@@ -201,7 +230,7 @@ impl SqliteStore {
             }
         }
         tx.commit().await?;
-        Ok(())
+        Ok(outcome)
     }
 }
 
@@ -233,11 +262,28 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
-    async fn write(&self, batch: &WriteBatch<'_>) -> Result<(), StoreError> {
+    async fn write(&self, batch: &WriteBatch<'_>) -> Result<WriteOutcome, StoreError> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(WriteOutcome::default());
         }
         self.timed(self.write_inner(batch)).await
+    }
+
+    async fn acquire_partition(&self, partition: PartitionId, owner: &str) -> Result<u64, StoreError> {
+        self.timed(async {
+            let epoch: i64 = sqlx::query_scalar(
+                "INSERT INTO partition_owners (partition, epoch, owner, acquired_at) VALUES (?, 1, ?, ?) \
+                 ON CONFLICT (partition) DO UPDATE SET epoch = partition_owners.epoch + 1, owner = excluded.owner, \
+                 acquired_at = excluded.acquired_at RETURNING epoch",
+            )
+            .bind(i64::from(partition))
+            .bind(owner)
+            .bind(chrono::Utc::now().timestamp_millis())
+            .fetch_one(&self.writer)
+            .await?;
+            Ok(u64::try_from(epoch).unwrap_or(0))
+        })
+        .await
     }
 
     async fn load_checkpoint(
@@ -247,7 +293,8 @@ impl Store for SqliteStore {
     ) -> Result<Option<RestoredPartition>, StoreError> {
         self.timed(async {
             let row = sqlx::query(
-                "SELECT partitions, next_position, clock_ms, checkpoint_id FROM checkpoints WHERE partition = ?",
+                "SELECT partitions, next_position, clock_ms, checkpoint_id, base_position, events_processed, \
+                 events_late, dead_lettered, skipped FROM checkpoints WHERE partition = ?",
             )
             .bind(i64::from(partition))
             .fetch_optional(&self.pool)
@@ -281,6 +328,7 @@ impl Store for SqliteStore {
                 next_position: u64::try_from(next_position).unwrap_or(0),
                 clock_ms: row.try_get("clock_ms")?,
                 checkpoint_id: u64::try_from(checkpoint_id).unwrap_or(0),
+                counters: sql::counters_from_row(&row)?,
                 keys,
             }))
         })

@@ -104,6 +104,8 @@ pub struct RuntimeParts {
     pub kafka: Option<Arc<crate::actors::sources::kafka::KafkaShared>>,
     /// Output topics, when configured.
     pub kafka_outputs: Option<sinks::KafkaOutputs>,
+    /// This instance's name (host and process) in the store's partition ownership.
+    pub owner: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -168,6 +170,7 @@ impl RootState {
                     context: Arc::clone(&parts.context),
                     router: Arc::clone(&parts.router),
                     store: Some(Arc::clone(&parts.store)),
+                    owner: parts.owner.clone(),
                     budget,
                     max_event_attempts: parts.config.supervision.max_event_attempts,
                     feed: Arc::clone(&parts.feed),

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::policy::{Decision, ExitStatus, RestartBudget, RestartPolicy, RestartTracker, RetryBackoff};
 use crate::actors::partition::{PartitionActor, PartitionArgs, PartitionContext};
-use crate::messages::{DeadLetter, PartitionId, PartitionMsg, Position, RejectReason, RestoredPartition, StoreMsg};
+use crate::messages::{PartitionId, PartitionMsg, Position, RestoredPartition};
 use crate::metrics::{ActorLabels, PartitionLabels};
 use crate::router::PartitionRouter;
 use crate::store::Store;
@@ -24,6 +24,10 @@ pub trait PartitionFeed: Send + Sync {
     /// Make `actor` the partition's actor, fed from position `from`. `restart` is true
     /// when the actor replaces one that failed (its events must be read again).
     fn attach(&self, partition: PartitionId, actor: ActorRef<PartitionMsg>, from: Position, restart: bool);
+
+    /// A new partition supervisor started with no actors (the tree was restarted): a
+    /// source that assigns partitions itself must start its partitions again.
+    fn supervisor_started(&self) {}
 }
 
 /// Embedded mode: the router replays its in-memory log.
@@ -49,8 +53,11 @@ pub enum Assignment {
 pub struct PartitionSupervisorArgs {
     pub context: Arc<PartitionContext>,
     pub router: Arc<PartitionRouter>,
-    /// Where checkpoints are restored from; `None` (a file replay) starts empty.
+    /// Where checkpoints are restored from and partitions are owned; `None` (a file
+    /// replay) starts empty and unfenced.
     pub store: Option<Arc<dyn Store>>,
+    /// This instance's name in the store's ownership table.
+    pub owner: String,
     pub budget: RestartBudget,
     pub max_event_attempts: u32,
     pub feed: Arc<dyn PartitionFeed>,
@@ -58,8 +65,9 @@ pub struct PartitionSupervisorArgs {
 }
 
 pub enum PartitionSupervisorMsg {
-    /// Run `partition` from this checkpoint (a Kafka partition was assigned).
-    Start { partition: PartitionId, restored: Option<RestoredPartition>, reply: RpcReplyPort<Result<(), String>> },
+    /// Take ownership of `partition` and run it from its checkpoint (a Kafka partition
+    /// was assigned). Replies with the checkpoint's position (`None`: no checkpoint).
+    Start { partition: PartitionId, reply: RpcReplyPort<Result<Option<Position>, String>> },
     /// Stop `partition`'s actor and do not restart it (its Kafka partition was revoked).
     /// The caller checkpoints it first.
     Stop { partition: PartitionId, reply: RpcReplyPort<()> },
@@ -112,15 +120,18 @@ impl Actor for PartitionSupervisor {
         for partition in 0..partitions as PartitionId {
             state.args.router.clear_actor(partition);
         }
-        if state.args.assignment == Assignment::All {
-            for partition in 0..partitions as PartitionId {
-                // At start-up a store that cannot be read is an error the operator must see.
-                let restored = state.load(partition).await?;
-                if let Some(restored) = &restored {
-                    state.args.router.start_at(partition, restored.next_position);
+        match state.args.assignment {
+            Assignment::All => {
+                for partition in 0..partitions as PartitionId {
+                    // At start-up a store that cannot be read is an error the operator must see.
+                    let (epoch, restored) = state.acquire_and_load(partition).await?;
+                    if let Some(restored) = &restored {
+                        state.args.router.start_at(partition, restored.next_position, restored.clock_ms);
+                    }
+                    state.spawn(&myself, partition, epoch, restored, false).await?;
                 }
-                state.spawn(&myself, partition, restored, false).await?;
             }
+            Assignment::Dynamic => state.args.feed.supervisor_started(),
         }
         Ok(state)
     }
@@ -132,27 +143,36 @@ impl Actor for PartitionSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            PartitionSupervisorMsg::Start { partition, restored, reply } => {
+            PartitionSupervisorMsg::Start { partition, reply } => {
                 let outcome = if partition as usize >= state.trackers.len() {
-                    Err(format!("partition {partition} is outside pipeline.partitions = {}", state.trackers.len()))
+                    Err(format!(
+                        "partition {partition} is outside pipeline.partitions = {}: set pipeline.partitions to the \
+                         topic's partition count",
+                        state.trackers.len()
+                    ))
                 } else {
+                    // Still running from an earlier assignment: replace it.
+                    state.stop_partition(partition).await;
                     state.released.remove(&partition);
-                    if let Some(old) = state.args.router.actor(partition) {
-                        // Still running from an earlier assignment: replace it.
-                        state.released.insert(partition);
-                        let _ = old.stop_and_wait(None, Some(Duration::from_secs(10))).await;
-                        state.released.remove(&partition);
+                    match state.acquire_and_load(partition).await {
+                        Ok((epoch, restored)) => {
+                            let from = restored.as_ref().map(|r| r.next_position);
+                            state
+                                .spawn(&myself, partition, epoch, restored, false)
+                                .await
+                                .map(|()| from)
+                                .map_err(|error| error.to_string())
+                        }
+                        Err(error) => Err(format!("cannot take partition {partition}: {error}")),
                     }
-                    state.spawn(&myself, partition, restored, false).await.map_err(|error| error.to_string())
                 };
                 let _ = reply.send(outcome);
             }
             PartitionSupervisorMsg::Stop { partition, reply } => {
+                // Marked released even without an actor, so a restart still pending (its
+                // actor failed just before the revocation) does not start it again.
                 state.released.insert(partition);
-                if let Some(actor) = state.args.router.actor(partition) {
-                    let _ = actor.stop_and_wait(None, Some(Duration::from_secs(10))).await;
-                }
-                state.args.router.clear_actor(partition);
+                state.stop_partition(partition).await;
                 let _ = reply.send(());
             }
             PartitionSupervisorMsg::Restart(partition) => {
@@ -166,13 +186,13 @@ impl Actor for PartitionSupervisor {
                 // sinks: let it land first, or it would commit after the restore and no
                 // longer match the state the new actor rebuilds.
                 let restored = match state.drain_sinks().await {
-                    Ok(()) => state.load(partition).await,
+                    Ok(()) => state.acquire_and_load(partition).await,
                     Err(error) => Err(error),
                 };
                 match restored {
-                    Ok(restored) => {
+                    Ok((epoch, restored)) => {
                         state.load_backoff[partition as usize].reset();
-                        state.spawn(&myself, partition, restored, true).await?;
+                        state.spawn(&myself, partition, epoch, restored, true).await?;
                     }
                     Err(error) => {
                         let delay = state.load_backoff[partition as usize].next_delay();
@@ -251,38 +271,43 @@ impl Actor for PartitionSupervisor {
 }
 
 impl PartitionSupervisorState {
-    /// Wait until the sinks wrote everything sent to them so far (the Kafka sink first:
-    /// it forwards checkpoints to the store sink).
+    /// Wait until the sinks wrote everything sent to them so far.
     async fn drain_sinks(&self) -> Result<(), ActorProcessingErr> {
-        let sinks = &self.args.context.sinks;
-        let timeout = Some(Duration::from_secs(10));
-        if sinks.kafka_configured() {
-            let kafka = sinks.kafka().ok_or("the kafka sink is restarting")?;
-            let reply = kafka.call(crate::actors::sinks::kafka::KafkaSinkMsg::Flush, timeout).await?;
-            if !reply.is_success() {
-                return Err("the kafka sink did not drain in time".into());
-            }
-        }
-        let store = sinks.store().ok_or("the store sink is restarting")?;
-        let reply = store.call(StoreMsg::Flush, timeout).await?;
-        if !reply.is_success() {
-            return Err("the store sink did not drain in time".into());
-        }
-        Ok(())
+        Ok(self.args.context.sinks.drain(Duration::from_secs(10)).await?)
     }
 
-    async fn load(&self, partition: PartitionId) -> Result<Option<RestoredPartition>, ActorProcessingErr> {
+    /// Take the next ownership epoch of `partition`, then load its checkpoint: in this
+    /// order, a checkpoint of an earlier owner is either in what we load or fenced.
+    async fn acquire_and_load(
+        &self,
+        partition: PartitionId,
+    ) -> Result<(u64, Option<RestoredPartition>), ActorProcessingErr> {
         let partitions = self.args.router.partitions();
         match &self.args.store {
-            Some(store) => Ok(store.load_checkpoint(partition, partitions).await?),
-            None => Ok(None),
+            Some(store) => {
+                let epoch = store.acquire_partition(partition, &self.args.owner).await?;
+                let restored = store.load_checkpoint(partition, partitions).await?;
+                Ok((epoch, restored))
+            }
+            None => Ok((0, None)),
         }
+    }
+
+    /// Stop `partition`'s actor (if any) without it counting as a failure.
+    async fn stop_partition(&mut self, partition: PartitionId) {
+        if let Some(actor) = self.args.router.actor(partition) {
+            // Forget the child first: its exit is not a failure to restart from.
+            self.children.remove(&actor.get_id());
+            let _ = actor.stop_and_wait(None, Some(Duration::from_secs(10))).await;
+        }
+        self.args.router.clear_actor(partition);
     }
 
     async fn spawn(
         &mut self,
         myself: &ActorRef<PartitionSupervisorMsg>,
         partition: PartitionId,
+        owner_epoch: u64,
         restored: Option<RestoredPartition>,
         restart: bool,
     ) -> Result<(), ActorProcessingErr> {
@@ -292,6 +317,7 @@ impl PartitionSupervisorState {
             context: Arc::clone(&self.args.context),
             progress: self.args.router.progress(partition),
             restored,
+            owner_epoch,
         };
         let (actor, _) = Actor::spawn_linked(None, PartitionActor, args, myself.get_cell()).await?;
         self.children.insert(actor.get_id(), partition);
@@ -312,22 +338,17 @@ impl PartitionSupervisorState {
             return;
         }
         attempts.remove(&position);
-        let Some(event) = self.args.router.quarantine(partition, position) else {
-            return;
-        };
-        tracing::error!(partition, position, sensor_id = %event.sensor_id, "quarantining poison event");
+        tracing::error!(partition, position, "quarantining poison event");
         self.args.context.metrics.events_quarantined.get_or_create(&PartitionLabels { partition }).inc();
-        let letter = DeadLetter::for_event(
-            &event,
-            RejectReason::Poison,
+        // The restarted actor meets the event again (replay log or Kafka) and
+        // dead-letters it, in order, with the checkpoint that covers it.
+        self.args.router.quarantine(
+            partition,
+            position,
             format!(
                 "event crashed partition {partition} {} times; last failure: {message}",
                 self.args.max_event_attempts
             ),
-            partition,
         );
-        if self.args.context.sinks.send_store(StoreMsg::DeadLetters(vec![letter])).is_err() {
-            tracing::error!(partition, position, "store sink unavailable: poison event kept only in the log");
-        }
     }
 }

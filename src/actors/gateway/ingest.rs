@@ -12,10 +12,9 @@ use serde::Serialize;
 
 use super::AppContext;
 use super::error::ApiError;
-use crate::ingest::{BodyFormat, Parsed, Rejection, parse_body};
+use crate::ingest::{BodyFormat, IngestRefusal, Parsed, Rejection, parse_body};
 use crate::messages::{DeadLetter, MAX_DEAD_LETTER_PAYLOAD, RejectReason, Source, StoreMsg, truncate_payload};
 use crate::metrics::{RejectLabels, SourceLabels};
-use crate::router::SubmitError;
 
 /// Bodies larger than this are parsed on the blocking pool, off the async workers.
 const INLINE_PARSE_LIMIT: usize = 256 * 1024;
@@ -104,23 +103,8 @@ pub async fn post_events(
     };
     let Parsed { events, rejected } = parsed;
     let accepted = events.len();
-    if let Some(producer) = &app.producer {
-        // Kafka mode: the topic is the log; 202 only once the broker has every event.
-        if let Err((acknowledged, reason)) = publish(&app, producer, &events).await {
-            app.metrics.events_accepted.get_or_create(&source).inc_by(acknowledged as u64);
-            tracing::warn!(acknowledged, total = accepted, reason = %reason, "publishing to kafka failed");
-            let mut error = ApiError::unavailable(
-                "broker_unavailable",
-                format!(
-                    "Kafka did not acknowledge the events ({reason}); {acknowledged} of {accepted} were written before the failure; retry the request"
-                ),
-                1,
-            );
-            error.status = StatusCode::SERVICE_UNAVAILABLE;
-            return Err(error);
-        }
-    } else {
-        submit(&app, events, &source)?;
+    if let Err(refusal) = app.ingest.accept(events).await {
+        return Err(refused(&app, refusal, &source));
     }
     app.metrics.events_received.get_or_create(&source).inc_by((accepted + rejected.len()) as u64);
     app.metrics.events_accepted.get_or_create(&source).inc_by(accepted as u64);
@@ -135,66 +119,31 @@ pub async fn post_events(
     Ok((StatusCode::ACCEPTED, Json(response)).into_response())
 }
 
-/// Embedded mode: hand the events to the router (all or none).
-fn submit(app: &AppContext, events: Vec<crate::messages::Event>, source: &SourceLabels) -> Result<(), ApiError> {
-    match app.router.submit(events) {
-        Ok(_) => {}
-        Err(SubmitError::Backpressure { retry_after, .. }) => {
+/// The answer to a request whose events were not taken.
+fn refused(app: &AppContext, refusal: IngestRefusal, source: &SourceLabels) -> ApiError {
+    match refusal {
+        IngestRefusal::Backpressure { retry_after, .. } => {
             app.metrics.ingest_backpressure.get_or_create(source).inc();
-            return Err(ApiError::unavailable(
+            ApiError::unavailable(
                 "backpressure",
                 "the pipeline is behind on checkpoints; retry this request later",
                 retry_after.as_secs().max(1),
-            ));
+            )
         }
-        Err(SubmitError::Closed) => {
-            return Err(ApiError::unavailable("shutting_down", "tidemark is shutting down", 5));
+        IngestRefusal::Closed => ApiError::unavailable("shutting_down", "tidemark is shutting down", 5),
+        IngestRefusal::BrokerUnavailable { acknowledged, total, reason } => {
+            // Those the broker has are on the topic: count them as accepted.
+            app.metrics.events_accepted.get_or_create(source).inc_by(acknowledged as u64);
+            tracing::warn!(acknowledged, total, reason = %reason, "publishing to kafka failed");
+            ApiError::unavailable(
+                "broker_unavailable",
+                format!(
+                    "Kafka did not acknowledge the events ({reason}); {acknowledged} of {total} were written before \
+                     the failure; retry the request"
+                ),
+                1,
+            )
         }
-    }
-    Ok(())
-}
-
-/// One Kafka record per event, keyed by sensorId (the producer's murmur2 partitioner
-/// places a sensor where the embedded router would). Returns how many the broker
-/// acknowledged before a failure.
-async fn publish(
-    app: &AppContext,
-    producer: &rdkafka::producer::FutureProducer,
-    events: &[crate::messages::Event],
-) -> Result<(), (usize, String)> {
-    use rdkafka::producer::FutureRecord;
-    let topic = &app.config.kafka.topic;
-    let mut deliveries = Vec::with_capacity(events.len());
-    for event in events {
-        let payload = serde_json::json!({
-            "sensorId": event.sensor_id.as_str(),
-            "eventType": event.event_type.as_str(),
-            "value": event.value,
-            "timestamp": event.timestamp_ms,
-        })
-        .to_string();
-        let record = FutureRecord::to(topic).key(event.sensor_id.as_str()).payload(&payload).timestamp(event.ingest_ms);
-        match producer.send_result(record) {
-            Ok(delivery) => deliveries.push(delivery),
-            Err((error, _)) => {
-                let acknowledged = count_acknowledged(deliveries, app.config.kafka.produce_timeout).await;
-                return Err((acknowledged, error.to_string()));
-            }
-        }
-    }
-    let total = deliveries.len();
-    let acknowledged = count_acknowledged(deliveries, app.config.kafka.produce_timeout).await;
-    if acknowledged == total {
-        Ok(())
-    } else {
-        Err((acknowledged, format!("{} deliveries failed", total - acknowledged)))
-    }
-}
-
-async fn count_acknowledged(deliveries: Vec<rdkafka::producer::DeliveryFuture>, timeout: std::time::Duration) -> usize {
-    match tokio::time::timeout(timeout, futures::future::join_all(deliveries)).await {
-        Ok(results) => results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count(),
-        Err(_) => 0,
     }
 }
 

@@ -41,10 +41,20 @@ pub struct AppContext {
     pub metrics: Arc<Metrics>,
     pub limits: ParseLimits,
     pub started_at: Instant,
-    /// Set when `ingest.mode = "kafka"`: accepted events are published, not routed.
-    pub producer: Option<rdkafka::producer::FutureProducer>,
-    /// The Kafka source, when consuming (its lag is in `/api/status`).
-    pub kafka: Option<Arc<crate::actors::sources::kafka::KafkaShared>>,
+    /// Where accepted events go: the embedded router, or the Kafka topic.
+    pub ingest: Arc<dyn crate::ingest::Ingest>,
+    /// Sources with a status of their own (Kafka: assigned partitions, lag).
+    pub sources: Vec<Arc<dyn crate::ingest::SourceStatus>>,
+}
+
+impl AppContext {
+    /// Partitions this instance serves: the ones its sources own, or all of them.
+    pub fn owned_partitions(&self) -> Vec<crate::messages::PartitionId> {
+        self.sources
+            .iter()
+            .find_map(|source| source.owned_partitions())
+            .unwrap_or_else(|| (0..self.router.partitions()).collect())
+    }
 }
 
 /// The HTTP API.

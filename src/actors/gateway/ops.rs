@@ -17,8 +17,9 @@ pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /ready` — the store answers, every sink is writing, and every partition has a
-/// running actor. 503 otherwise, listing what is not ready.
+/// `GET /ready` — the store answers, every sink is writing, the sources run, and every
+/// partition this instance serves has a running actor. 503 otherwise, listing what is
+/// not ready.
 pub async fn ready(State(app): State<Arc<AppContext>>) -> Response {
     let mut problems: Vec<String> = Vec::new();
     match tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await {
@@ -37,7 +38,12 @@ pub async fn ready(State(app): State<Arc<AppContext>>) -> Response {
     if app.sinks.store().is_none() {
         problems.push("store sink: restarting".into());
     }
-    for partition in 0..app.router.partitions() {
+    for source in &app.sources {
+        problems.extend(source.problems());
+    }
+    // Only the partitions this instance serves: in a consumer group the others belong
+    // to other members, and a member with none is still ready to answer queries.
+    for partition in app.owned_partitions() {
         if app.router.actor(partition).is_none() {
             problems.push(format!("partition {partition}: restarting"));
         }
@@ -62,7 +68,7 @@ pub async fn metrics(State(app): State<Arc<AppContext>>) -> Response {
 /// events), sinks, and pipeline latencies.
 pub async fn status(State(app): State<Arc<AppContext>>) -> Json<Value> {
     let mut partitions = Vec::new();
-    for partition in 0..app.router.partitions() {
+    for partition in app.owned_partitions() {
         let slot = app.router.status(partition);
         let actor_status = match app.router.actor(partition) {
             Some(actor) => actor
@@ -80,13 +86,22 @@ pub async fn status(State(app): State<Arc<AppContext>>) -> Json<Value> {
             "processedPosition": slot.processed_position,
             "inFlightEvents": slot.in_flight_events,
             "replayBufferEvents": slot.replay_buffer_events,
+            "unconfirmedEvents": slot.unconfirmed_events,
             "replayBufferLimit": slot.replay_buffer_limit,
             "lastCheckpoint": {"position": slot.last_checkpoint_position, "id": slot.last_checkpoint_id},
             "openKeys": actor_status.as_ref().map(|s| s.open_keys),
             "openWindows": actor_status.as_ref().map(|s| s.open_windows),
-            "eventsProcessed": actor_status.as_ref().map(|s| s.events_processed),
-            "lateEvents": actor_status.as_ref().map(|s| s.late_events),
             "windowsFired": actor_status.as_ref().map(|s| s.windows_fired),
+            // Every position the partition's state covers and where it went (checkpointed,
+            // so replays never count twice): consumed = processed + deadLettered + skipped.
+            "positions": actor_status.as_ref().map(|s| json!({
+                "first": s.counters.base_position,
+                "consumed": s.next_position.saturating_sub(s.counters.base_position),
+                "processed": s.counters.events_processed,
+                "late": s.counters.events_late,
+                "deadLettered": s.counters.dead_lettered,
+                "skipped": s.counters.skipped,
+            })),
         }));
     }
     let latency = |latency: &crate::metrics::Latency| {
@@ -102,11 +117,7 @@ pub async fn status(State(app): State<Arc<AppContext>>) -> Json<Value> {
         "replayBufferEvents": app.router.buffered_total(),
         "partitions": partitions,
         "sinks": [app.sinks.store_health.snapshot("store")],
-        "kafka": app.kafka.as_ref().map(|kafka| json!({
-            "topic": app.config.kafka.topic,
-            "group": app.config.kafka.group_id,
-            "partitions": kafka.lag(),
-        })),
+        "kafka": app.sources.iter().find(|source| source.name() == "kafka").map(|kafka| kafka.status()),
         "latency": {
             "ingestToWindowFire": latency(&app.metrics.ingest_to_fire),
             "windowFireToStoreAck": latency(&app.metrics.fire_to_ack),

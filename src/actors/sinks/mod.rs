@@ -152,6 +152,24 @@ impl Sinks {
         self.kafka.read().clone()
     }
 
+    /// Wait until the sinks wrote everything sent to them so far (the Kafka sink first:
+    /// it forwards checkpoints to the store sink).
+    pub async fn drain(&self, timeout: std::time::Duration) -> Result<(), String> {
+        if self.kafka_configured {
+            let kafka = self.kafka().ok_or("the kafka sink is restarting")?;
+            let reply = kafka.call(kafka::KafkaSinkMsg::Flush, Some(timeout)).await.map_err(|e| e.to_string())?;
+            if !reply.is_success() {
+                return Err("the kafka sink did not drain in time".into());
+            }
+        }
+        let store = self.store().ok_or("the store sink is restarting")?;
+        let reply = store.call(StoreMsg::Flush, Some(timeout)).await.map_err(|e| e.to_string())?;
+        if !reply.is_success() {
+            return Err("the store sink did not drain in time".into());
+        }
+        Ok(())
+    }
+
     /// Hand window results to every sink.
     pub fn send_results(&self, results: Vec<WindowResult>) -> Result<(), SinkUnavailable> {
         if self.kafka_configured {

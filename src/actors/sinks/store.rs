@@ -19,7 +19,7 @@ use rustc_hash::FxHashMap;
 use super::{CheckpointListener, SinkHealth};
 use crate::config::{ChaosConfig, StoreConfig};
 use crate::messages::{CheckpointData, DeadLetter, RejectReason, Source, StoreMsg, WindowResult};
-use crate::metrics::{Metrics, SinkLabels, SinkResultLabels, SinkRowLabels};
+use crate::metrics::{Metrics, PartitionLabels, SinkLabels, SinkResultLabels, SinkRowLabels};
 use crate::store::{Store, StoreError, WriteBatch};
 use crate::supervision::policy::RetryBackoff;
 
@@ -180,8 +180,8 @@ impl StoreSinkState {
                 }
             };
             match outcome {
-                Ok(()) => {
-                    self.on_written(started.elapsed());
+                Ok(outcome) => {
+                    self.on_written(started.elapsed(), &outcome.fenced);
                     return Ok(());
                 }
                 Err(error) if error.is_retriable() => self.wait_before_retry(&error).await,
@@ -233,7 +233,7 @@ impl StoreSinkState {
         self.args.health.record_failure(error.to_string());
     }
 
-    fn on_written(&mut self, took: Duration) {
+    fn on_written(&mut self, took: Duration, fenced: &[(crate::messages::PartitionId, u64)]) {
         let metrics = &self.args.metrics;
         let rows = (self.results.len() + self.dead_letters.len()) as u64;
         metrics.sink_batches.get_or_create(&SinkResultLabels { sink: SINK, result: "ok" }).inc();
@@ -255,6 +255,18 @@ impl StoreSinkState {
         self.args.health.record_success(rows);
         self.backoff.reset();
         for checkpoint in self.checkpoints.drain(..) {
+            if fenced.contains(&(checkpoint.partition, checkpoint.checkpoint_id)) {
+                // Another instance owns the partition now: this owner's state is stale and
+                // its checkpoint must not complete (nor commit a Kafka offset).
+                tracing::error!(
+                    partition = checkpoint.partition,
+                    epoch = checkpoint.owner_epoch,
+                    position = checkpoint.next_position,
+                    "checkpoint refused: another owner took the partition since"
+                );
+                metrics.checkpoints_fenced.get_or_create(&PartitionLabels { partition: checkpoint.partition }).inc();
+                continue;
+            }
             self.args.listener.checkpoint_complete(
                 checkpoint.partition,
                 checkpoint.next_position,
@@ -275,7 +287,7 @@ impl StoreSinkState {
             loop {
                 let batch = WriteBatch { results: std::slice::from_ref(&result), ..WriteBatch::default() };
                 match self.args.store.write(&batch).await {
-                    Ok(()) => break,
+                    Ok(_) => break,
                     Err(error) if error.is_retriable() => self.wait_before_retry(&error).await,
                     Err(error) => {
                         tracing::error!(sink = SINK, sensor_id = %result.sensor_id, error = %error, "store refused a result row");

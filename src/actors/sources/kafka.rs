@@ -2,31 +2,40 @@
 //! assigned to this instance is one partition actor, whose positions are the Kafka
 //! offsets.
 //!
-//! Checkpoints decide offsets. On assignment the partition's checkpoint is loaded from
-//! the shared store, its actor starts from it, and the consumer starts reading at the
-//! checkpoint's position. On revocation the actor checkpoints, the checkpoint is made
-//! durable, its position is committed to Kafka, and the actor stops — all before the
-//! partition is released. Offsets are committed only for complete checkpoints, so a
-//! killed instance's partitions resume, wherever they land, from state and position that
-//! agree. A partition actor that fails is restarted from its checkpoint and the consumer
-//! seeks its partition back to it.
+//! Checkpoints decide offsets. On assignment the partition is taken (the next ownership
+//! epoch in the store, which fences any earlier owner), its checkpoint loaded, its actor
+//! started from it, and the consumer positioned at the checkpoint's offset. On
+//! revocation the actor checkpoints, the checkpoint is made durable, its position is
+//! committed to Kafka, and the actor stops — all before the partition is released.
+//! Offsets are committed only for complete checkpoints.
+//!
+//! No consumed offset is ever skipped: a message is handed to its partition's actor or
+//! read again. When a partition has no actor (it is restarting), the partition is paused
+//! and its messages dropped; the restarted actor is attached on this thread together with
+//! a seek back to its checkpoint. Gaps in the offsets (retention deleted them before they
+//! were read, compaction, transaction markers) are told to the actor, so its accounting
+//! covers every offset; a retention gap is also logged, counted and dead-lettered.
+//!
+//! One memory bound for both modes: a partition is paused while its events since the
+//! last complete checkpoint reach its share of `pipeline.max_buffered_events` (so a
+//! store outage stops consumption instead of filling the sinks' mailboxes), or while its
+//! actor has `kafka.max_in_flight` events to process.
 //!
 //! Polling runs on a thread of its own (the consumer's callbacks block on the store and
-//! on actors), never on the async workers.
+//! on actors), never on the async workers; a panic there fails the source loudly.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use prometheus_client::metrics::gauge::Gauge;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Timestamp};
@@ -34,21 +43,22 @@ use serde::Serialize;
 
 use crate::actors::sinks::{CheckpointListener, Sinks};
 use crate::config::Config;
-use crate::ingest::{BodyFormat, ParseLimits, parse_body};
+use crate::ingest::{ParseLimits, SourceStatus};
 use crate::messages::{
-    DeadLetter, Event, MAX_DEAD_LETTER_PAYLOAD, PartitionId, PartitionMsg, Position, RejectReason, Source, StoreMsg,
-    truncate_payload,
+    DeadLetter, Event, MAX_DEAD_LETTER_PAYLOAD, NoEvent, NoEventKind, PartitionId, PartitionMsg, Position,
+    RejectReason, Source, truncate_payload,
 };
 use crate::metrics::{Metrics, PartitionLabels, RejectLabels, SourceLabels};
 use crate::router::PartitionRouter;
-use crate::store::Store;
 use crate::supervision::Topology;
 use crate::supervision::partition::{PartitionFeed, PartitionSupervisorMsg};
 
 /// Messages taken from the consumer before they are handed to partitions in one go.
-const POLL_BATCH: usize = 2048;
+const POLL_BATCH: usize = 4096;
 /// Longest the poll thread waits on a store or actor call inside a rebalance.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often quiet partitions that are caught up get an ingest-clock tick.
+const TICK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// An actor to attach once the poll thread gets to it (it alone delivers events, so
 /// attaching there keeps every partition's events in order).
@@ -56,7 +66,7 @@ struct Attach {
     partition: PartitionId,
     actor: ActorRef<PartitionMsg>,
     from: Position,
-    /// The actor replaces a failed one: seek the partition back to `from`.
+    /// Position the consumer at `from` (not needed when the assignment itself did).
     seek: bool,
 }
 
@@ -65,15 +75,37 @@ struct Attach {
 #[serde(rename_all = "camelCase")]
 pub struct PartitionLag {
     pub partition: PartitionId,
-    /// Offset after the last message in the partition (high watermark).
+    /// Offset after the last message in the partition (high watermark; -1 unknown).
     pub high_watermark: i64,
+    /// First offset the broker still keeps (-1 unknown).
+    pub low_watermark: i64,
     /// Position processed by the partition actor.
     pub processed: u64,
     /// Messages not yet processed: high watermark − processed position.
     pub lag: i64,
-    /// Last offset committed (a complete checkpoint).
+    /// Last offset committed (a complete checkpoint; -1 none yet).
     pub committed: i64,
+    /// Events since the partition's last complete checkpoint.
+    pub unconfirmed: u64,
     pub paused: bool,
+    /// Paused because its actor is restarting (resumed, from the checkpoint, on attach).
+    pub waiting_for_actor: bool,
+    /// Offsets deleted by retention before they were read (since this assignment).
+    pub offsets_skipped: u64,
+}
+
+/// The poll thread's view of one assigned partition.
+#[derive(Debug, Default)]
+struct Cursor {
+    /// Next offset expected from the consumer; `None` until known (no checkpoint:
+    /// reading from the earliest retained offset).
+    expected: Option<i64>,
+    /// Paused for backpressure.
+    backpressure: bool,
+    /// Paused because no actor takes its events; cleared by the attach and its seek.
+    detached: bool,
+    committed: i64,
+    offsets_skipped: u64,
 }
 
 /// Everything the source shares with its poll thread, the partition supervisor (as the
@@ -81,7 +113,6 @@ pub struct PartitionLag {
 pub struct KafkaShared {
     pub config: Arc<Config>,
     pub router: Arc<PartitionRouter>,
-    pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub sinks: Arc<Sinks>,
     pub topology: Arc<Topology>,
@@ -90,7 +121,16 @@ pub struct KafkaShared {
     pub producer: FutureProducer,
     attach: Mutex<VecDeque<Attach>>,
     consumer: RwLock<Option<Arc<BaseConsumer<SourceContext>>>>,
-    lag: Mutex<HashMap<PartitionId, PartitionLag>>,
+    /// Assigned partitions. Written on the poll thread (and in its rebalance callback).
+    cursors: Mutex<BTreeMap<PartitionId, Cursor>>,
+    /// Bumped by every rebalance: messages polled before one are read again.
+    rebalances: AtomicU64,
+    /// Set while the assignment callback starts partitions (their attach needs no seek).
+    assigning: AtomicBool,
+    /// The partition supervisor was restarted: start every assigned partition again.
+    redrive: AtomicBool,
+    /// Whether the consumer is running (for `/ready`).
+    running: AtomicBool,
 }
 
 impl KafkaShared {
@@ -98,7 +138,6 @@ impl KafkaShared {
     pub fn new(
         config: Arc<Config>,
         router: Arc<PartitionRouter>,
-        store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         sinks: Arc<Sinks>,
         topology: Arc<Topology>,
@@ -108,7 +147,6 @@ impl KafkaShared {
         Self {
             config,
             router,
-            store,
             metrics,
             sinks,
             topology,
@@ -116,7 +154,11 @@ impl KafkaShared {
             producer,
             attach: Mutex::new(VecDeque::new()),
             consumer: RwLock::new(None),
-            lag: Mutex::new(HashMap::new()),
+            cursors: Mutex::new(BTreeMap::new()),
+            rebalances: AtomicU64::new(0),
+            assigning: AtomicBool::new(false),
+            redrive: AtomicBool::new(false),
+            running: AtomicBool::new(false),
         }
     }
 
@@ -124,53 +166,55 @@ impl KafkaShared {
         &self.config.kafka.topic
     }
 
+    /// The in-flight bound: `kafka.max_in_flight`, or half the partition's share.
+    fn max_in_flight(&self) -> u64 {
+        match self.config.kafka.max_in_flight {
+            0 => (self.router.limit() / 2).max(1) as u64,
+            explicit => explicit as u64,
+        }
+    }
+
     /// Consumer progress per assigned partition.
     pub fn lag(&self) -> Vec<PartitionLag> {
-        let mut lag: Vec<PartitionLag> = self.lag.lock().values().cloned().collect();
-        lag.sort_by_key(|l| l.partition);
-        for entry in &mut lag {
-            entry.processed = self.router.status(entry.partition).processed_position;
-            entry.lag = (entry.high_watermark - entry.processed as i64).max(0);
-        }
-        lag
-    }
-
-    fn lag_gauge(&self, partition: PartitionId) -> Gauge {
-        self.metrics.kafka_consumer_lag.get_or_create(&PartitionLabels { partition }).clone()
-    }
-
-    /// Load the partition's checkpoint and start its actor; the position to read from.
-    fn assign(&self, partition: PartitionId) -> Result<Option<Position>, String> {
-        let supervisor = self.topology.partition_supervisor().ok_or("the partition supervisor is not running")?;
-        let partitions = self.router.partitions();
-        if partition >= partitions {
-            return Err(format!(
-                "Kafka partition {partition} is outside pipeline.partitions = {partitions}: set it to the topic's partition count"
-            ));
-        }
-        let mut attempt = 0u32;
-        let restored = loop {
-            let load = self.store.load_checkpoint(partition, partitions);
-            match self.runtime.block_on(async { tokio::time::timeout(CALL_TIMEOUT, load).await }) {
-                Ok(Ok(restored)) => break restored,
-                Ok(Err(error)) if !error.is_retriable() => return Err(error.to_string()),
-                outcome => {
-                    attempt += 1;
-                    if attempt >= 10 {
-                        return Err(format!("cannot load the checkpoint of partition {partition}: {outcome:?}"));
-                    }
-                    std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+        let consumer = self.consumer.read().clone();
+        let cursors = self.cursors.lock();
+        cursors
+            .iter()
+            .map(|(&partition, cursor)| {
+                let (low_watermark, high_watermark) = consumer
+                    .as_ref()
+                    .and_then(|c| crate::kafka::cached_watermarks(c.client(), self.topic(), partition as i32))
+                    .unwrap_or((-1, -1));
+                let processed = self.router.status(partition).processed_position;
+                PartitionLag {
+                    partition,
+                    high_watermark,
+                    low_watermark,
+                    processed,
+                    lag: if high_watermark >= 0 { (high_watermark - processed as i64).max(0) } else { -1 },
+                    committed: cursor.committed,
+                    unconfirmed: self.router.unconfirmed(partition),
+                    paused: cursor.backpressure || cursor.detached,
+                    waiting_for_actor: cursor.detached,
+                    offsets_skipped: cursor.offsets_skipped,
                 }
-            }
-        };
-        let from = restored.as_ref().map(|r| r.next_position);
+            })
+            .collect()
+    }
+
+    /// Take the partition and start its actor; the offset to read from.
+    fn start_partition(&self, partition: PartitionId) -> Result<Offset, String> {
+        if !self.router.contains(partition) {
+            return Err(partition_count_mismatch(self.topic(), partition + 1, self.router.partitions()));
+        }
+        let supervisor = self.topology.partition_supervisor().ok_or("the partition supervisor is not running")?;
         let started = self.runtime.block_on(async {
-            supervisor
-                .call(|reply| PartitionSupervisorMsg::Start { partition, restored, reply }, Some(CALL_TIMEOUT))
-                .await
+            supervisor.call(|reply| PartitionSupervisorMsg::Start { partition, reply }, Some(CALL_TIMEOUT)).await
         });
         match started {
-            Ok(ractor::rpc::CallResult::Success(Ok(()))) => Ok(from),
+            Ok(ractor::rpc::CallResult::Success(Ok(Some(from)))) => Ok(Offset::Offset(from as i64)),
+            // No checkpoint: no state either, so read everything the topic still keeps.
+            Ok(ractor::rpc::CallResult::Success(Ok(None))) => Ok(Offset::Beginning),
             Ok(ractor::rpc::CallResult::Success(Err(error))) => Err(error),
             other => Err(format!("partition {partition} did not start: {other:?}")),
         }
@@ -178,53 +222,56 @@ impl KafkaShared {
 
     /// Checkpoint the partition, make it durable, commit its position, stop its actor.
     fn release(&self, consumer: &BaseConsumer<SourceContext>, partition: PartitionId) {
-        let Some(actor) = self.router.actor(partition) else {
-            return;
-        };
-        let outcome = self.runtime.block_on(async {
-            let position = actor
-                .call(PartitionMsg::CheckpointAndReply, Some(CALL_TIMEOUT))
-                .await
-                .map_err(|e| e.to_string())?
-                .success_or(())
-                .map_err(|_| "no answer".to_string())?;
-            let sink = self.sinks.store().ok_or("the store sink is not running")?;
-            let flushed = sink.call(StoreMsg::Flush, Some(CALL_TIMEOUT)).await.map_err(|e| e.to_string())?;
-            if !flushed.is_success() {
-                return Err("the store sink did not flush in time".to_string());
-            }
-            Ok::<Position, String>(position)
-        });
-        match outcome {
-            Ok(position) => {
-                let mut offsets = TopicPartitionList::new();
-                let committed = offsets
-                    .add_partition_offset(self.topic(), partition as i32, Offset::Offset(position as i64))
-                    .and_then(|()| consumer.commit(&offsets, rdkafka::consumer::CommitMode::Sync));
-                if let Err(error) = committed {
-                    // The store holds the checkpoint; the next owner starts at or before it
-                    // and skips what it covers.
-                    tracing::warn!(partition, error = %error, "cannot commit the offset of a revoked partition");
+        if let Some(actor) = self.router.actor(partition) {
+            let outcome = self.runtime.block_on(async {
+                let position = actor
+                    .call(PartitionMsg::CheckpointAndReply, Some(CALL_TIMEOUT))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .success_or(())
+                    .map_err(|_| "no answer".to_string())?;
+                self.sinks.drain(CALL_TIMEOUT).await?;
+                Ok::<Position, String>(position)
+            });
+            match outcome {
+                Ok(position) => {
+                    let mut offsets = TopicPartitionList::new();
+                    let committed = offsets
+                        .add_partition_offset(self.topic(), partition as i32, Offset::Offset(position as i64))
+                        .and_then(|()| consumer.commit(&offsets, rdkafka::consumer::CommitMode::Sync));
+                    if let Err(error) = committed {
+                        // The store holds the checkpoint; the next owner starts from it.
+                        tracing::warn!(partition, error = %error, "cannot commit the offset of a revoked partition");
+                    }
+                    tracing::info!(partition, position, "partition released after its checkpoint");
                 }
-                tracing::info!(partition, position, "partition released after its checkpoint");
+                Err(error) => {
+                    tracing::warn!(partition, error = %error, "partition released without a final checkpoint")
+                }
             }
-            Err(error) => tracing::warn!(partition, error = %error, "partition released without a final checkpoint"),
         }
+        // Stopped even without a live actor, so a restart still pending does not run it.
         if let Some(supervisor) = self.topology.partition_supervisor() {
             let _ = self.runtime.block_on(async {
                 supervisor.call(|reply| PartitionSupervisorMsg::Stop { partition, reply }, Some(CALL_TIMEOUT)).await
             });
         }
         self.router.clear_actor(partition);
-        self.lag.lock().remove(&partition);
+        self.metrics.kafka_partitions_paused.get_or_create(&PartitionLabels { partition }).set(0);
     }
 
-    /// Attach actors that (re)started, on the poll thread. A failed seek stops the source
-    /// (it rejoins the group and every partition restarts from its checkpoint).
+    /// Attach actors that (re)started, on the poll thread, positioning the consumer at
+    /// their checkpoints. A failed seek stops the source (it rejoins the group and every
+    /// partition restarts from its checkpoint).
     fn drain_attach(&self, consumer: &BaseConsumer<SourceContext>) -> Result<(), KafkaError> {
         loop {
             let Some(attach) = self.attach.lock().pop_front() else {
                 return Ok(());
+            };
+            let mut cursors = self.cursors.lock();
+            let Some(cursor) = cursors.get_mut(&attach.partition) else {
+                // Revoked meanwhile: the actor is stopped by the revocation.
+                continue;
             };
             if attach.seek {
                 consumer.seek(
@@ -239,17 +286,63 @@ impl KafkaShared {
                     "partition restarted: reading again from its checkpoint"
                 );
             }
+            cursor.expected = Some(attach.from as i64);
             self.router.rewind(attach.partition, attach.from);
             self.router.attach(attach.partition, attach.actor, attach.from);
+            if std::mem::take(&mut cursor.detached) && !cursor.backpressure {
+                resume(consumer, self.topic(), attach.partition)?;
+            }
+            self.metrics
+                .kafka_partitions_paused
+                .get_or_create(&PartitionLabels { partition: attach.partition })
+                .set(i64::from(cursor.backpressure));
         }
+    }
+
+    /// Start every assigned partition again (the partition tree was restarted).
+    fn redrive(&self) -> Result<(), String> {
+        let partitions: Vec<PartitionId> = self.cursors.lock().keys().copied().collect();
+        for partition in partitions {
+            self.start_partition(partition)?;
+        }
+        if !self.cursors.lock().is_empty() {
+            tracing::warn!("partition supervisor restarted: every assigned partition restarts from its checkpoint");
+        }
+        Ok(())
     }
 }
 
-/// The partition supervisor's feed in Kafka mode: attach on the poll thread, seeking
-/// back to the checkpoint when an actor replaces a failed one.
+/// The message for a topic whose partition count differs from `pipeline.partitions`.
+pub fn partition_count_mismatch(topic: &str, topic_partitions: u32, pipeline_partitions: u32) -> String {
+    format!(
+        "kafka.topic {topic:?} has {topic_partitions} or more partitions but pipeline.partitions is \
+         {pipeline_partitions}: set pipeline.partitions = {topic_partitions} (each Kafka partition is one partition \
+         actor)"
+    )
+}
+
+fn pause(consumer: &BaseConsumer<SourceContext>, topic: &str, partition: PartitionId) -> KafkaResult<()> {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, partition as i32);
+    consumer.pause(&list)
+}
+
+fn resume(consumer: &BaseConsumer<SourceContext>, topic: &str, partition: PartitionId) -> KafkaResult<()> {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, partition as i32);
+    consumer.resume(&list)
+}
+
+/// The partition supervisor's feed in Kafka mode: attach on the poll thread, seeking to
+/// the checkpoint unless the assignment in progress positions the partition itself.
 impl PartitionFeed for KafkaShared {
-    fn attach(&self, partition: PartitionId, actor: ActorRef<PartitionMsg>, from: Position, restart: bool) {
-        self.attach.lock().push_back(Attach { partition, actor, from, seek: restart });
+    fn attach(&self, partition: PartitionId, actor: ActorRef<PartitionMsg>, from: Position, _restart: bool) {
+        let seek = !self.assigning.load(Ordering::SeqCst);
+        self.attach.lock().push_back(Attach { partition, actor, from, seek });
+    }
+
+    fn supervisor_started(&self) {
+        self.redrive.store(true, Ordering::SeqCst);
     }
 }
 
@@ -259,17 +352,47 @@ impl CheckpointListener for KafkaShared {
         let Some(consumer) = self.consumer.read().clone() else {
             return;
         };
+        if !self.cursors.lock().contains_key(&partition) {
+            return; // not ours (any more)
+        }
         let mut offsets = TopicPartitionList::new();
         let committed = offsets
             .add_partition_offset(self.topic(), partition as i32, Offset::Offset(next_position as i64))
             .and_then(|()| consumer.commit(&offsets, rdkafka::consumer::CommitMode::Async));
         match committed {
             Ok(()) => {
-                if let Some(entry) = self.lag.lock().get_mut(&partition) {
-                    entry.committed = next_position as i64;
+                if let Some(cursor) = self.cursors.lock().get_mut(&partition) {
+                    cursor.committed = cursor.committed.max(next_position as i64);
                 }
             }
             Err(error) => tracing::debug!(partition, error = %error, "offset commit skipped"),
+        }
+    }
+}
+
+impl SourceStatus for KafkaShared {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn owned_partitions(&self) -> Option<Vec<PartitionId>> {
+        Some(self.cursors.lock().keys().copied().collect())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "topic": self.config.kafka.topic,
+            "group": self.config.kafka.group_id,
+            "running": self.running.load(Ordering::SeqCst),
+            "partitions": self.lag(),
+        })
+    }
+
+    fn problems(&self) -> Vec<String> {
+        if self.running.load(Ordering::SeqCst) {
+            Vec::new()
+        } else {
+            vec!["kafka source: not running (restarting or stopped)".to_string()]
         }
     }
 }
@@ -281,22 +404,27 @@ pub struct SourceContext {
 }
 
 impl ClientContext for SourceContext {
-    fn stats(&self, statistics: Statistics) {
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
         let Some(topic) = statistics.topics.get(self.shared.topic()) else {
             return;
         };
-        let mut lag = self.shared.lag.lock();
+        let assigned: Vec<PartitionId> = self.shared.cursors.lock().keys().copied().collect();
         for (id, partition) in &topic.partitions {
-            if *id < 0 || partition.hi_offset < 0 {
+            let Ok(partition_id) = PartitionId::try_from(*id) else {
+                continue;
+            };
+            if partition.hi_offset < 0
+                || !assigned.contains(&partition_id)
+                || !self.shared.router.contains(partition_id)
+            {
                 continue;
             }
-            let partition_id = *id as PartitionId;
-            let Some(entry) = lag.get_mut(&partition_id) else {
-                continue; // not assigned here
-            };
-            entry.high_watermark = partition.hi_offset;
             let processed = self.shared.router.status(partition_id).processed_position as i64;
-            self.shared.lag_gauge(partition_id).set((partition.hi_offset - processed).max(0));
+            self.shared
+                .metrics
+                .kafka_consumer_lag
+                .get_or_create(&PartitionLabels { partition: partition_id })
+                .set((partition.hi_offset - processed).max(0));
         }
     }
 }
@@ -304,29 +432,31 @@ impl ClientContext for SourceContext {
 impl ConsumerContext for SourceContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, error: RDKafkaRespErr, partitions: &mut TopicPartitionList) {
         let shared = &self.shared;
+        shared.rebalances.fetch_add(1, Ordering::SeqCst);
         match error {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let mut offsets = TopicPartitionList::new();
+                shared.assigning.store(true, Ordering::SeqCst);
                 for element in partitions.elements() {
                     let partition = element.partition() as PartitionId;
-                    let offset = match shared.assign(partition) {
-                        Ok(Some(from)) => Offset::Offset(from as i64),
-                        // No checkpoint yet: the committed offset, or the earliest.
-                        Ok(None) => Offset::Stored,
+                    let offset = match shared.start_partition(partition) {
+                        Ok(offset) => offset,
                         Err(reason) => {
                             tracing::error!(partition, reason = %reason, "cannot serve an assigned partition");
                             *self.failed.lock() = Some(reason);
-                            Offset::Stored
+                            Offset::Beginning
                         }
                     };
                     if let Err(error) = offsets.add_partition_offset(element.topic(), element.partition(), offset) {
                         tracing::error!(partition, error = %error, "bad partition offset");
                     }
-                    shared
-                        .lag
-                        .lock()
-                        .insert(partition, PartitionLag { partition, committed: -1, ..PartitionLag::default() });
+                    let expected = match offset {
+                        Offset::Offset(from) => Some(from),
+                        _ => None,
+                    };
+                    shared.cursors.lock().insert(partition, Cursor { expected, committed: -1, ..Cursor::default() });
                 }
+                shared.assigning.store(false, Ordering::SeqCst);
                 if let Err(error) = consumer.assign(&offsets) {
                     *self.failed.lock() = Some(format!("assign failed: {error}"));
                 }
@@ -340,7 +470,9 @@ impl ConsumerContext for SourceContext {
                 let revoked: Vec<i32> = partitions.elements().iter().map(|e| e.partition()).collect();
                 tracing::info!(?revoked, "kafka partitions revoked");
                 for partition in &revoked {
-                    shared.release(consumer, *partition as PartitionId);
+                    let partition = *partition as PartitionId;
+                    shared.release(consumer, partition);
+                    shared.cursors.lock().remove(&partition);
                 }
                 if let Err(error) = consumer.unassign() {
                     tracing::warn!(error = %error, "unassign failed");
@@ -379,20 +511,40 @@ impl Actor for KafkaSource {
         let consumer: BaseConsumer<SourceContext> = crate::kafka::consumer_config(&shared.config.kafka)
             .create_with_context(context)
             .map_err(|error| format!("cannot create the Kafka consumer: {error}"))?;
+        let consumer = Arc::new(consumer);
+        let topic = shared.topic().to_string();
+        let partitions = shared.router.partitions();
+        let metadata_consumer = Arc::clone(&consumer);
+        let count = tokio::task::spawn_blocking(move || topic_partition_count(&metadata_consumer, &topic))
+            .await
+            .map_err(|error| format!("metadata lookup failed: {error}"))?;
+        if let Some(count) = count
+            && count != partitions
+        {
+            return Err(partition_count_mismatch(shared.topic(), count, partitions).into());
+        }
         consumer
             .subscribe(&[shared.topic()])
             .map_err(|error| format!("cannot subscribe to {}: {error}", shared.topic()))?;
-        let consumer = Arc::new(consumer);
         *shared.consumer.write() = Some(Arc::clone(&consumer));
+        shared.cursors.lock().clear();
+        shared.redrive.store(false, Ordering::SeqCst);
+        shared.running.store(true, Ordering::SeqCst);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("kafka-source".into())
                 .spawn(move || {
-                    let outcome = poll_loop(&shared, &consumer, &stop, &failed);
+                    let outcome =
+                        std::panic::catch_unwind(AssertUnwindSafe(|| poll_loop(&shared, &consumer, &stop, &failed)))
+                            .unwrap_or_else(|panic| {
+                                Err(format!("the poll thread panicked: {}", panic_message(&panic)))
+                            });
+                    shared.running.store(false, Ordering::SeqCst);
                     *shared.consumer.write() = None;
                     if let Err(reason) = outcome {
+                        tracing::error!(reason = %reason, "kafka source failed");
                         let _ = myself.send_message(KafkaSourceMsg::Failed(reason));
                     }
                 })
@@ -432,6 +584,42 @@ impl Drop for KafkaSourceState {
     }
 }
 
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+/// The topic's partition count, if the broker answers and the topic exists.
+fn topic_partition_count(consumer: &BaseConsumer<SourceContext>, topic: &str) -> Option<u32> {
+    match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+        Ok(metadata) => metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len() as u32)
+            .filter(|&count| count > 0),
+        Err(error) => {
+            tracing::warn!(topic, error = %error, "cannot read the topic's metadata yet; partitions are checked on assignment");
+            None
+        }
+    }
+}
+
+/// One message, as far as a partition needs to know it.
+enum Polled {
+    Event(Event),
+    Rejected(Box<DeadLetter>),
+}
+
+/// What a partition's actor is handed, in offset order.
+enum Item {
+    Events(Vec<Event>),
+    NoEvent(NoEvent),
+}
+
 fn poll_loop(
     shared: &Arc<KafkaShared>,
     consumer: &BaseConsumer<SourceContext>,
@@ -439,20 +627,23 @@ fn poll_loop(
     failed: &Mutex<Option<String>>,
 ) -> Result<(), String> {
     let limits = ParseLimits { max_string_bytes: shared.config.ingest.max_string_bytes };
-    let max_in_flight = shared.config.kafka.max_in_flight as u64;
-    let mut paused: HashSet<PartitionId> = HashSet::new();
-    let mut batches: HashMap<PartitionId, Vec<Event>> = HashMap::new();
     let mut last_tick = Instant::now();
     let received = shared.metrics.events_received.get_or_create(&SourceLabels { source: "kafka" }).clone();
     let accepted = shared.metrics.events_accepted.get_or_create(&SourceLabels { source: "kafka" }).clone();
+    let mut taken: Vec<(PartitionId, i64, Polled)> = Vec::with_capacity(POLL_BATCH);
+    let mut items: BTreeMap<PartitionId, Vec<Item>> = BTreeMap::new();
     while !stop.load(Ordering::SeqCst) {
         if let Some(reason) = failed.lock().take() {
             return Err(reason);
         }
+        if shared.redrive.swap(false, Ordering::SeqCst) {
+            shared.redrive()?;
+        }
         shared.drain_attach(consumer).map_err(|error| format!("cannot position a partition: {error}"))?;
-        let mut taken = 0;
+        let rebalances = shared.rebalances.load(Ordering::SeqCst);
         let mut timeout = Duration::from_millis(100);
-        while taken < POLL_BATCH {
+        taken.clear();
+        while taken.len() < POLL_BATCH {
             match consumer.poll(timeout) {
                 None => break,
                 Some(Err(error)) => {
@@ -460,66 +651,244 @@ fn poll_loop(
                     break;
                 }
                 Some(Ok(message)) => {
-                    taken += 1;
-                    received.inc();
-                    if let Some(event) = decode(shared, &message, limits) {
-                        accepted.inc();
-                        batches.entry(message.partition() as PartitionId).or_default().push(event);
+                    let partition = message.partition() as PartitionId;
+                    if !shared.router.contains(partition) {
+                        return Err(partition_count_mismatch(
+                            shared.topic(),
+                            partition + 1,
+                            shared.router.partitions(),
+                        ));
                     }
+                    let offset = message.offset();
+                    let polled = match decode(shared, &message, limits) {
+                        Ok(event) => Polled::Event(event),
+                        Err(letter) => Polled::Rejected(letter),
+                    };
+                    taken.push((partition, offset, polled));
                 }
             }
             timeout = Duration::ZERO;
         }
-        for (partition, events) in batches.iter_mut() {
-            if !events.is_empty() {
-                shared.router.deliver(*partition, std::mem::take(events));
+        if shared.rebalances.load(Ordering::SeqCst) != rebalances {
+            // Partitions were repositioned at their checkpoints meanwhile: what was
+            // polled before is read again from there.
+            continue;
+        }
+        received.inc_by(taken.len() as u64);
+        sort_into_items(shared, consumer, &mut taken, &mut items, &accepted);
+        deliver(shared, consumer, &mut items).map_err(|error| format!("cannot pause a partition: {error}"))?;
+        backpressure(shared, consumer).map_err(|error| format!("cannot pause or resume a partition: {error}"))?;
+        if last_tick.elapsed() >= TICK_INTERVAL {
+            last_tick = Instant::now();
+            tick_caught_up(shared, consumer);
+        }
+    }
+    Ok(())
+}
+
+/// Check each polled message against its partition's expected offset (duplicates after
+/// a seek are dropped, gaps become `NoEvent`s) and group them per partition, in order.
+fn sort_into_items(
+    shared: &KafkaShared,
+    consumer: &BaseConsumer<SourceContext>,
+    taken: &mut Vec<(PartitionId, i64, Polled)>,
+    items: &mut BTreeMap<PartitionId, Vec<Item>>,
+    accepted: &prometheus_client::metrics::counter::Counter,
+) {
+    let mut cursors = shared.cursors.lock();
+    for (partition, offset, polled) in taken.drain(..) {
+        let Some(cursor) = cursors.get_mut(&partition) else {
+            continue; // revoked since it was fetched
+        };
+        if cursor.detached {
+            continue; // read again from the checkpoint once an actor is attached
+        }
+        let queue = items.entry(partition).or_default();
+        if let Some(expected) = cursor.expected {
+            if offset < expected {
+                continue; // already handed over (a re-fetch after a seek or resume)
+            }
+            if offset > expected {
+                let skipped = (offset - expected) as u64;
+                let letter = retention_gap(shared, consumer, partition, expected, offset);
+                if letter.is_some() {
+                    cursor.offsets_skipped += skipped;
+                    shared.metrics.kafka_offsets_skipped.get_or_create(&PartitionLabels { partition }).inc_by(skipped);
+                }
+                queue.push(Item::NoEvent(NoEvent {
+                    from: expected as Position,
+                    to: offset as Position,
+                    kind: NoEventKind::Skipped,
+                    letter,
+                }));
             }
         }
-        backpressure(shared, consumer, &mut paused, max_in_flight);
-        if last_tick.elapsed() >= Duration::from_secs(1) {
-            last_tick = Instant::now();
-            // Idle flushing needs the ingest clock to move when a partition is quiet.
-            let now_ms = chrono::Utc::now().timestamp_millis();
-            for partition in shared.lag.lock().keys() {
-                if shared.router.in_flight(*partition) == 0 {
-                    shared.router.send(*partition, PartitionMsg::Tick { now_ms });
+        cursor.expected = Some(offset + 1);
+        match polled {
+            Polled::Event(event) => {
+                accepted.inc();
+                match queue.last_mut() {
+                    Some(Item::Events(events)) => events.push(event),
+                    _ => {
+                        let mut events = Vec::with_capacity(256);
+                        events.push(event);
+                        queue.push(Item::Events(events));
+                    }
                 }
+            }
+            Polled::Rejected(letter) => queue.push(Item::NoEvent(NoEvent {
+                from: offset as Position,
+                to: offset as Position + 1,
+                kind: NoEventKind::DeadLettered,
+                letter: Some(*letter),
+            })),
+        }
+    }
+}
+
+/// A gap `expected..offset` in a partition's offsets: a retention gap when the broker no
+/// longer keeps `expected` (logged, dead-lettered); otherwise offsets without a message
+/// (compaction, transaction markers).
+fn retention_gap(
+    shared: &KafkaShared,
+    consumer: &BaseConsumer<SourceContext>,
+    partition: PartitionId,
+    expected: i64,
+    offset: i64,
+) -> Option<DeadLetter> {
+    let low = match crate::kafka::cached_watermarks(consumer.client(), shared.topic(), partition as i32) {
+        Some((low, _)) if low >= 0 => low,
+        _ => consumer
+            .fetch_watermarks(shared.topic(), partition as i32, Duration::from_secs(5))
+            .map(|(low, _)| low)
+            .unwrap_or(-1),
+    };
+    if low <= expected {
+        tracing::debug!(partition, from = expected, to = offset, "offsets without a message (compaction or markers)");
+        return None;
+    }
+    let lost_to = low.min(offset);
+    tracing::error!(
+        partition,
+        from = expected,
+        to = lost_to,
+        lost = lost_to - expected,
+        "kafka retention deleted offsets before they were read: these messages are lost"
+    );
+    shared
+        .metrics
+        .events_rejected
+        .get_or_create(&RejectLabels { source: "kafka", reason: RejectReason::RetentionGap.as_str() })
+        .inc_by((lost_to - expected) as u64);
+    Some(DeadLetter {
+        received_at_ms: chrono::Utc::now().timestamp_millis(),
+        source: Source::Kafka,
+        reason: RejectReason::RetentionGap,
+        error: format!(
+            "{} partition {partition}: offsets {expected}..{lost_to} ({} messages) were deleted by the topic's \
+             retention before tidemark read them; the next message read is at offset {offset}",
+            shared.topic(),
+            lost_to - expected
+        ),
+        sensor_id: None,
+        event_type: None,
+        event_time_ms: None,
+        partition: Some(partition),
+        position: Some(expected as Position),
+        payload: String::new(),
+    })
+}
+
+/// Hand each partition's items to its actor in order. A partition whose actor is
+/// restarting is paused; it is read again from the checkpoint once one is attached.
+fn deliver(
+    shared: &KafkaShared,
+    consumer: &BaseConsumer<SourceContext>,
+    items: &mut BTreeMap<PartitionId, Vec<Item>>,
+) -> KafkaResult<()> {
+    for (&partition, queue) in items.iter_mut() {
+        let mut delivered = true;
+        for item in queue.drain(..) {
+            if !delivered {
+                continue;
+            }
+            delivered = match item {
+                Item::Events(events) => shared.router.deliver(partition, events),
+                Item::NoEvent(no_event) => shared.router.deliver_no_event(partition, no_event),
+            };
+        }
+        if !delivered {
+            let mut cursors = shared.cursors.lock();
+            if let Some(cursor) = cursors.get_mut(&partition)
+                && !cursor.detached
+            {
+                cursor.detached = true;
+                cursor.expected = None;
+                pause(consumer, shared.topic(), partition)?;
+                shared.metrics.kafka_partitions_paused.get_or_create(&PartitionLabels { partition }).set(1);
+                tracing::debug!(partition, "partition paused until its actor is back");
             }
         }
     }
     Ok(())
 }
 
-/// Pause partitions whose actor is behind; resume them below half the bound.
-fn backpressure(
-    shared: &KafkaShared,
-    consumer: &BaseConsumer<SourceContext>,
-    paused: &mut HashSet<PartitionId>,
-    max_in_flight: u64,
-) {
-    let assigned: Vec<PartitionId> = shared.lag.lock().keys().copied().collect();
-    paused.retain(|p| assigned.contains(p));
-    for partition in assigned {
+/// Pause partitions at the memory bound (events since the last complete checkpoint) or
+/// the in-flight bound; resume them below half of both.
+fn backpressure(shared: &KafkaShared, consumer: &BaseConsumer<SourceContext>) -> KafkaResult<()> {
+    let limit = shared.router.limit() as u64;
+    let max_in_flight = shared.max_in_flight();
+    let mut cursors = shared.cursors.lock();
+    for (&partition, cursor) in cursors.iter_mut() {
+        let unconfirmed = shared.router.unconfirmed(partition);
         let in_flight = shared.router.in_flight(partition);
-        let mut list = TopicPartitionList::new();
-        list.add_partition(shared.topic(), partition as i32);
-        if !paused.contains(&partition) && in_flight > max_in_flight {
-            if consumer.pause(&list).is_ok() {
-                paused.insert(partition);
-                tracing::debug!(partition, in_flight, "partition paused");
+        if !cursor.backpressure && (unconfirmed >= limit || in_flight >= max_in_flight) {
+            cursor.backpressure = true;
+            if !cursor.detached {
+                pause(consumer, shared.topic(), partition)?;
             }
-        } else if paused.contains(&partition) && in_flight <= max_in_flight / 2 && consumer.resume(&list).is_ok() {
-            paused.remove(&partition);
+            shared.metrics.kafka_partitions_paused.get_or_create(&PartitionLabels { partition }).set(1);
+            tracing::debug!(partition, unconfirmed, in_flight, "partition paused (backpressure)");
+        } else if cursor.backpressure && unconfirmed < limit / 2 && in_flight < max_in_flight / 2 {
+            cursor.backpressure = false;
+            if !cursor.detached {
+                resume(consumer, shared.topic(), partition)?;
+                shared.metrics.kafka_partitions_paused.get_or_create(&PartitionLabels { partition }).set(0);
+            }
         }
-        if let Some(entry) = shared.lag.lock().get_mut(&partition) {
-            entry.paused = paused.contains(&partition);
+    }
+    Ok(())
+}
+
+/// Move the ingest clock of partitions that have read everything the broker has and
+/// processed it: only then can no event older than the wall clock still be on its way,
+/// so an idle decision never closes a window whose events are waiting in the topic (a
+/// backlog older than `idle_timeout` is read before any key of it counts as idle).
+fn tick_caught_up(shared: &KafkaShared, consumer: &BaseConsumer<SourceContext>) {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let cursors = shared.cursors.lock();
+    for (&partition, cursor) in cursors.iter() {
+        if cursor.detached || cursor.backpressure {
+            continue;
+        }
+        let Some((low, high)) = crate::kafka::cached_watermarks(consumer.client(), shared.topic(), partition as i32)
+        else {
+            continue;
+        };
+        let caught_up = match cursor.expected {
+            Some(expected) => high >= 0 && expected >= high,
+            None => high >= 0 && high <= low,
+        };
+        if caught_up && shared.router.in_flight(partition) == 0 {
+            shared.router.send(partition, PartitionMsg::Tick { now_ms });
         }
     }
 }
 
-/// One message, one event. Anything else goes to the dead-letter topic (and store) with
-/// the reason, and the source goes on.
-fn decode(shared: &KafkaShared, message: &BorrowedMessage<'_>, limits: ParseLimits) -> Option<Event> {
+/// One message, one event. Anything else is a dead letter with the reason (also sent to
+/// the dead-letter topic); the partition's actor keeps it in the store with the
+/// checkpoint that covers its offset.
+fn decode(shared: &KafkaShared, message: &BorrowedMessage<'_>, limits: ParseLimits) -> Result<Event, Box<DeadLetter>> {
     let partition = message.partition() as PartitionId;
     let offset = message.offset();
     let ingest_ms = match message.timestamp() {
@@ -527,30 +896,16 @@ fn decode(shared: &KafkaShared, message: &BorrowedMessage<'_>, limits: ParseLimi
         Timestamp::NotAvailable => chrono::Utc::now().timestamp_millis(),
     };
     let payload = message.payload().unwrap_or_default();
-    let is_array = payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
-    let outcome = match parse_body(payload, BodyFormat::Json, limits, ingest_ms) {
-        _ if is_array => {
-            (RejectReason::InvalidValue, "a message must hold exactly one event object, not an array".to_string())
-        }
-        Ok(parsed) if parsed.events.len() == 1 && parsed.rejected.is_empty() => {
-            let mut events = parsed.events;
-            let mut event = events.pop()?;
+    let (reason, error) = match crate::ingest::parse::parse_event(payload, limits, ingest_ms) {
+        Ok(mut event) => {
             event.position = offset as Position;
-            return Some(event);
+            return Ok(event);
         }
-        Ok(parsed) if parsed.events.len() + parsed.rejected.len() != 1 => {
-            (RejectReason::InvalidValue, "a message must hold exactly one event object".to_string())
-        }
-        Ok(parsed) => match parsed.rejected.into_iter().next() {
-            Some(rejection) => (rejection.reason, rejection.message),
-            None => (RejectReason::Unparsable, "no event".to_string()),
-        },
-        Err(error) => (RejectReason::Unparsable, error.to_string()),
+        Err(rejection) => rejection,
     };
-    let (reason, error) = outcome;
     shared.metrics.events_rejected.get_or_create(&RejectLabels { source: "kafka", reason: reason.as_str() }).inc();
     let text = String::from_utf8_lossy(payload);
-    let letter = DeadLetter {
+    let letter = Box::new(DeadLetter {
         received_at_ms: ingest_ms,
         source: Source::Kafka,
         reason,
@@ -561,8 +916,7 @@ fn decode(shared: &KafkaShared, message: &BorrowedMessage<'_>, limits: ParseLimi
         partition: Some(partition),
         position: Some(offset as Position),
         payload: truncate_payload(&text, MAX_DEAD_LETTER_PAYLOAD),
-    };
-    let _ = shared.sinks.send_store(StoreMsg::DeadLetters(vec![letter]));
+    });
     let dlq = shared.config.kafka.dlq_topic();
     let partition_text = partition.to_string();
     let offset_text = offset.to_string();
@@ -579,5 +933,5 @@ fn decode(shared: &KafkaShared, message: &BorrowedMessage<'_>, limits: ParseLimi
     if let Err((error, _)) = shared.producer.send_result(record) {
         tracing::warn!(error = %error, partition, offset, "cannot queue a message for the dead-letter topic");
     }
-    None
+    Err(letter)
 }
