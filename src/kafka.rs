@@ -87,6 +87,37 @@ pub fn cached_watermarks<C: rdkafka::ClientContext>(
     (error == rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then_some((low, high))
 }
 
+/// The dead-letter topic: malformed input messages are republished there unchanged,
+/// keyed as they were, with headers saying why and where they came from.
+pub struct DeadLetterTopic {
+    pub producer: rdkafka::producer::FutureProducer,
+    pub source_topic: String,
+    pub topic: String,
+}
+
+impl crate::actors::partition::RejectedMessages for DeadLetterTopic {
+    fn publish(&self, letter: &crate::messages::DeadLetter, payload: &[u8], key: Option<&[u8]>) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::FutureRecord;
+        let partition = letter.partition.map(|p| p.to_string()).unwrap_or_default();
+        let offset = letter.position.map(|p| p.to_string()).unwrap_or_default();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "tidemark.reason", value: Some(letter.reason.as_str()) })
+            .insert(Header { key: "tidemark.error", value: Some(letter.error.as_str()) })
+            .insert(Header { key: "tidemark.source.topic", value: Some(self.source_topic.as_str()) })
+            .insert(Header { key: "tidemark.source.partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "tidemark.source.offset", value: Some(offset.as_str()) });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).payload(payload).headers(headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        // At least once: the store keeps the dead letter exactly once with the checkpoint.
+        if let Err((error, _)) = self.producer.send_result(record) {
+            tracing::warn!(error = %error, partition = %partition, offset = %offset, "cannot queue a message for the dead-letter topic");
+        }
+    }
+}
+
 /// HTTP ingestion in Kafka mode (`ingest.mode = "kafka"`): each event is one record on
 /// `kafka.topic`, keyed by `sensorId` (the producer's murmur2 partitioner places a sensor
 /// where the embedded router would), and a request is accepted once the broker

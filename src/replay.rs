@@ -133,6 +133,8 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
     };
     sinks.set_store(Some(sink.clone()));
     let context = Arc::new(PartitionContext {
+        limits: ParseLimits { max_string_bytes: config.ingest.max_string_bytes },
+        raw_source: None,
         partitions,
         spec: WindowSpec::from_config(&config.pipeline),
         scoring: Scoring::from_config(&config.scoring),

@@ -10,8 +10,8 @@
 //! One memory bound serves every mode: the events of a partition since its last
 //! complete checkpoint (`pipeline.max_buffered_events` / partitions). Embedded ingestion
 //! refuses a request that would pass it ([`PartitionRouter::submit`]: HTTP answers 503);
-//! a Kafka source pauses the partition ([`PartitionRouter::unconfirmed`]). At half the
-//! bound the partition is asked to checkpoint, so the bound is reached only when
+//! a Kafka source pauses the partition ([`PartitionRouter::unconfirmed`]). At a quarter
+//! of the bound the partition is asked to checkpoint, so the bound is reached only when
 //! checkpoints stop completing (a store outage).
 
 use std::collections::{BTreeMap, VecDeque};
@@ -336,7 +336,9 @@ impl PartitionRouter {
         self.checkpoint_if_pressed(guard);
     }
 
-    /// Past half the bound, ask the partition for a checkpoint (once until one completes).
+    /// Past a quarter of the bound, ask the partition for a checkpoint (once until one
+    /// completes): it completes long before the bound is reached unless the store is
+    /// down, so a healthy pipeline never waits for it.
     fn checkpoint_if_pressed(&self, guard: &mut SlotState) {
         if self.mode == LogMode::InFlight || guard.pressure_checkpoint_requested {
             return;
@@ -345,7 +347,7 @@ impl PartitionRouter {
             LogMode::Replay => guard.buffered as u64,
             _ => guard.next_position.saturating_sub(guard.checkpointed),
         };
-        if pending * 2 >= self.limit as u64 {
+        if pending * 4 >= self.limit as u64 {
             guard.pressure_checkpoint_requested = true;
             if let Some(actor) = &guard.actor {
                 let _ = actor.send_message(PartitionMsg::Checkpoint);
@@ -363,6 +365,14 @@ impl PartitionRouter {
             return true;
         };
         self.deliver_message(partition, last + 1, PartitionMsg::Events(Arc::new(events)))
+    }
+
+    /// Deliver undecoded messages (see [`Self::deliver`]).
+    pub fn deliver_raw(&self, partition: PartitionId, batch: crate::messages::RawBatch) -> bool {
+        let Some(last) = batch.last_position() else {
+            return true;
+        };
+        self.deliver_message(partition, last + 1, PartitionMsg::Raw(batch))
     }
 
     /// Deliver positions that carry no event (see [`Self::deliver`]).
@@ -498,6 +508,10 @@ impl PartitionRouter {
             guard.log.pop_front();
         }
         guard.pressure_checkpoint_requested = false;
+        // Still past the threshold (events kept arriving while it was written): ask for
+        // the next one now rather than on the next delivery, which a paused partition
+        // would never make.
+        self.checkpoint_if_pressed(&mut guard);
         self.metrics.buffered_events.get_or_create(&labels).set(guard.buffered as i64);
         self.metrics.checkpoint_position.get_or_create(&labels).set(i64::try_from(next_position).unwrap_or(i64::MAX));
     }

@@ -87,18 +87,16 @@ impl Runtime {
         };
         let sinks = Arc::new(Sinks::with_kafka(4096, outputs_configured));
         let topology = Arc::new(Topology::default());
-        let kafka = match (&producer, kafka_consume) {
-            (Some(producer), true) => Some(Arc::new(KafkaShared::new(
+        let kafka = kafka_consume.then(|| {
+            Arc::new(KafkaShared::new(
                 Arc::clone(&config),
                 Arc::clone(&router),
                 Arc::clone(&metrics),
                 Arc::clone(&sinks),
                 Arc::clone(&topology),
                 tokio::runtime::Handle::current(),
-                producer.clone(),
-            ))),
-            _ => None,
-        };
+            ))
+        });
         let (feed, assignment, checkpoint_listener): (Arc<dyn PartitionFeed>, Assignment, Arc<dyn CheckpointListener>) =
             match &kafka {
                 Some(kafka) => (
@@ -125,6 +123,19 @@ impl Runtime {
             _ => None,
         };
         let context = Arc::new(PartitionContext {
+            limits: ParseLimits { max_string_bytes: config.ingest.max_string_bytes },
+            raw_source: match (&producer, kafka_consume) {
+                (Some(producer), true) => Some(crate::actors::partition::RawSource {
+                    source: crate::messages::Source::Kafka,
+                    origin: config.kafka.topic.clone(),
+                    rejects: Some(Arc::new(crate::kafka::DeadLetterTopic {
+                        producer: producer.clone(),
+                        source_topic: config.kafka.topic.clone(),
+                        topic: config.kafka.dlq_topic(),
+                    })),
+                }),
+                _ => None,
+            },
             partitions: config.pipeline.partitions,
             spec: WindowSpec::from_config(&config.pipeline),
             scoring: Scoring::from_config(&config.scoring),

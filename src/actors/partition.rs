@@ -18,16 +18,27 @@ use serde::{Deserialize, Serialize};
 use crate::actors::sinks::Sinks;
 use crate::keys::KeyTable;
 use crate::messages::{
-    CheckpointData, DeadLetter, Event, KeyStateBlob, NoEvent, NoEventKind, PartitionCounters, PartitionId,
-    PartitionMsg, PartitionStatus, Position, RejectReason, RestoredPartition, StoreMsg, WindowResult,
+    CheckpointData, DeadLetter, Event, KeyStateBlob, MAX_DEAD_LETTER_PAYLOAD, NoEvent, NoEventKind, PartitionCounters,
+    PartitionId, PartitionMsg, PartitionStatus, Position, RawBatch, RawRecord, RejectReason, RestoredPartition,
+    StoreMsg, WindowResult, truncate_payload,
 };
-use crate::metrics::{Metrics, PartitionLabels, PositionLabels, SeverityLabels};
+use crate::metrics::{Metrics, PartitionLabels, PositionLabels, RejectLabels, SeverityLabels, SourceLabels};
 use crate::router::{IDLE, SlotProgress};
 use crate::scoring::{ScorerState, Scoring};
 use crate::window::{Fired, KeyWindows, WindowSpec};
 
+/// Where a source's malformed messages are also republished (Kafka's dead-letter topic,
+/// with the reason in headers).
+pub trait RejectedMessages: Send + Sync {
+    fn publish(&self, letter: &DeadLetter, payload: &[u8], key: Option<&[u8]>);
+}
+
 /// What every partition shares: settings, scoring, sinks, metrics.
 pub struct PartitionContext {
+    /// Limits for decoding raw messages ([`PartitionMsg::Raw`]).
+    pub limits: crate::ingest::ParseLimits,
+    /// The source that delivers raw messages: its name and where it republishes rejects.
+    pub raw_source: Option<RawSource>,
     pub partitions: u32,
     pub spec: WindowSpec,
     pub scoring: Scoring,
@@ -37,6 +48,14 @@ pub struct PartitionContext {
     pub metrics: Arc<Metrics>,
     pub sinks: Arc<Sinks>,
     pub chaos: crate::config::ChaosConfig,
+}
+
+/// A source that hands partitions undecoded messages.
+pub struct RawSource {
+    pub source: crate::messages::Source,
+    /// Names the messages in dead letters, e.g. the Kafka topic.
+    pub origin: String,
+    pub rejects: Option<Arc<dyn RejectedMessages>>,
 }
 
 pub struct PartitionArgs {
@@ -200,6 +219,14 @@ impl Actor for PartitionActor {
                     state.checkpoint()?;
                 }
             }
+            PartitionMsg::Raw(batch) => {
+                state.process_raw(&batch);
+                state.emit()?;
+                let every = state.context.checkpoint_max_events;
+                if every > 0 && state.events_since_checkpoint >= every {
+                    state.checkpoint()?;
+                }
+            }
             PartitionMsg::NoEvent(no_event) => {
                 state.skip(no_event);
                 state.emit()?;
@@ -317,6 +344,78 @@ impl PartitionState {
         self.metrics.positions_processed.set(gauge(counters.events_processed));
         self.metrics.positions_dead_lettered.set(gauge(counters.dead_lettered));
         self.metrics.positions_skipped.set(gauge(counters.skipped));
+    }
+
+    /// Decode a source's messages and process them in order; a message that is not a
+    /// valid event is dead-lettered at its position.
+    fn process_raw(&mut self, batch: &RawBatch) {
+        let mut events: Vec<Event> = Vec::with_capacity(batch.len());
+        let mut accepted = 0u64;
+        for record in &batch.records {
+            if record.position < self.next_position {
+                continue;
+            }
+            let payload = batch.payload(record);
+            match crate::ingest::parse::parse_event(payload, self.context.limits, record.ingest_ms) {
+                Ok(mut event) => {
+                    event.position = record.position;
+                    events.push(event);
+                    accepted += 1;
+                }
+                Err((reason, error)) => {
+                    self.process(&events);
+                    events.clear();
+                    let letter = self.rejected_message(batch, record, reason, error);
+                    self.skip(NoEvent {
+                        from: record.position,
+                        to: record.position + 1,
+                        kind: NoEventKind::DeadLettered,
+                        letter: Some(letter),
+                    });
+                }
+            }
+        }
+        self.process(&events);
+        if let Some(raw) = &self.context.raw_source {
+            let source = raw.source.as_str();
+            self.context.metrics.events_accepted.get_or_create(&SourceLabels { source }).inc_by(accepted);
+        }
+    }
+
+    fn rejected_message(
+        &self,
+        batch: &RawBatch,
+        record: &RawRecord,
+        reason: RejectReason,
+        error: String,
+    ) -> DeadLetter {
+        let payload = batch.payload(record);
+        let key = batch.key(record);
+        let (source, origin) = match &self.context.raw_source {
+            Some(raw) => (raw.source, raw.origin.as_str()),
+            None => (crate::messages::Source::Pipeline, "source"),
+        };
+        self.context
+            .metrics
+            .events_rejected
+            .get_or_create(&RejectLabels { source: source.as_str(), reason: reason.as_str() })
+            .inc();
+        let letter = DeadLetter {
+            received_at_ms: record.ingest_ms,
+            source,
+            reason,
+            error: format!("{origin} partition {} offset {}: {error}", self.partition, record.position),
+            sensor_id: key.and_then(|k| std::str::from_utf8(k).ok()).filter(|k| k.len() <= 256).map(Into::into),
+            event_type: None,
+            event_time_ms: None,
+            partition: Some(self.partition),
+            position: Some(record.position),
+            payload: truncate_payload(&String::from_utf8_lossy(payload), MAX_DEAD_LETTER_PAYLOAD),
+        };
+        if let Some(rejects) = self.context.raw_source.as_ref().and_then(|raw| raw.rejects.as_ref()) {
+            rejects.publish(&letter, payload, key);
+        }
+        letter
     }
 
     /// The first position of a state that starts empty is where its accounting begins.

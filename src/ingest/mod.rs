@@ -1,6 +1,7 @@
 //! Ingestion front: body parsing and validation (pure), shared by HTTP, MQTT and Kafka,
 //! and the handles front ends use to hand events in.
 
+mod fast;
 pub mod handle;
 pub mod parse;
 

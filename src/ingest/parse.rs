@@ -122,13 +122,15 @@ pub fn parse_event(payload: &[u8], limits: ParseLimits, now_ms: i64) -> Result<E
     let trimmed = text.trim();
     match trimmed.as_bytes().first() {
         None => Err((RejectReason::Unparsable, "message is empty".to_string())),
-        Some(b'{') => match serde_json::from_str::<RawEvent>(trimmed) {
-            Ok(raw) => raw.validate(limits, now_ms).map_err(|error| (error.reason, error.message)),
-            Err(error) => Err(match field_error_from_json(&error) {
-                Some(field_error) => (field_error.reason, field_error.message),
-                None => (RejectReason::Unparsable, format!("unparsable: {error}")),
-            }),
-        },
+        Some(b'{') => {
+            match super::fast::whole_object(trimmed).map_or_else(|| serde_json::from_str::<RawEvent>(trimmed), Ok) {
+                Ok(raw) => raw.validate(limits, now_ms).map_err(|error| (error.reason, error.message)),
+                Err(error) => Err(match field_error_from_json(&error) {
+                    Some(field_error) => (field_error.reason, field_error.message),
+                    None => (RejectReason::Unparsable, format!("unparsable: {error}")),
+                }),
+            }
+        }
         Some(b'[') => {
             Err((RejectReason::InvalidValue, "a message must hold exactly one event object, not an array".to_string()))
         }
@@ -140,30 +142,39 @@ fn parse_json(text: &str, limits: ParseLimits, now_ms: i64) -> Result<Parsed, Bo
     let trimmed = text.trim_start();
     match trimmed.as_bytes().first() {
         None => Err(BodyError::Empty),
-        Some(b'{') => match serde_json::from_str::<RawEvent>(trimmed) {
-            Ok(raw) => {
-                let mut parsed = Parsed::default();
-                push_validated(&mut parsed, 0, raw, limits, now_ms, || text.to_string());
-                Ok(parsed)
-            }
-            // Several objects, one per line, sent without the NDJSON content type.
-            Err(error) if error.to_string().starts_with("trailing characters") && trimmed.contains('\n') => {
-                Ok(parse_ndjson(text, limits, now_ms))
-            }
-            Err(error) => match field_error_from_json(&error) {
-                Some(field_error) => {
-                    Ok(Parsed { events: Vec::new(), rejected: vec![rejection(0, field_error, text, None)] })
+        Some(b'{') => {
+            match super::fast::whole_object(trimmed).map_or_else(|| serde_json::from_str::<RawEvent>(trimmed), Ok) {
+                Ok(raw) => {
+                    let mut parsed = Parsed::default();
+                    push_validated(&mut parsed, 0, raw, limits, now_ms, || text.to_string());
+                    Ok(parsed)
                 }
-                None => Err(BodyError::InvalidJson(error.to_string())),
-            },
-        },
+                // Several objects, one per line, sent without the NDJSON content type.
+                Err(error) if error.to_string().starts_with("trailing characters") && trimmed.contains('\n') => {
+                    Ok(parse_ndjson(text, limits, now_ms))
+                }
+                Err(error) => match field_error_from_json(&error) {
+                    Some(field_error) => {
+                        Ok(Parsed { events: Vec::new(), rejected: vec![rejection(0, field_error, text, None)] })
+                    }
+                    None => Err(BodyError::InvalidJson(error.to_string())),
+                },
+            }
+        }
         Some(b'[') => parse_array(trimmed, limits, now_ms),
         Some(_) => Err(BodyError::NotObjectOrArray),
     }
 }
 
 fn parse_array(text: &str, limits: ParseLimits, now_ms: i64) -> Result<Parsed, BodyError> {
-    // Fast path: decode every element in one pass. Elements only fail here on JSON syntax
+    if let Some(elements) = super::fast::array(text) {
+        let mut parsed = Parsed { events: Vec::with_capacity(elements.len()), rejected: Vec::new() };
+        for (index, (raw, range)) in elements.into_iter().enumerate() {
+            push_validated(&mut parsed, index, raw, limits, now_ms, || text[range].to_string());
+        }
+        return Ok(parsed);
+    }
+    // Serde path: decode every element in one pass. Elements only fail here on JSON syntax
     // (or a number out of f64 range), which the slow path below sorts out per element.
     if let Ok(raws) = serde_json::from_str::<Vec<RawEvent>>(text) {
         let mut parsed = Parsed { events: Vec::with_capacity(raws.len()), rejected: Vec::new() };
@@ -200,6 +211,10 @@ fn parse_ndjson(text: &str, limits: ParseLimits, now_ms: i64) -> Parsed {
 
 /// Parse and validate one element's text.
 fn parse_one(parsed: &mut Parsed, index: usize, text: &str, limits: ParseLimits, now_ms: i64) {
+    if let Some(raw) = super::fast::whole_object(text) {
+        push_validated(parsed, index, raw, limits, now_ms, || text.to_string());
+        return;
+    }
     match serde_json::from_str::<RawEvent>(text) {
         Ok(raw) => push_validated(parsed, index, raw, limits, now_ms, || text.to_string()),
         Err(error) => {
@@ -267,7 +282,7 @@ const FIELDS: [(&str, &str); 6] = [
 
 /// A JSON value as far as validation needs to know it.
 #[derive(Debug, PartialEq)]
-enum Scalar<'a> {
+pub(super) enum Scalar<'a> {
     Str(Cow<'a, str>),
     Int(i64),
     UInt(u64),
@@ -341,13 +356,13 @@ impl<'de> Deserialize<'de> for Scalar<'de> {
 
 /// The fields of one element, before validation. Unknown fields are ignored so
 /// producers can send extra attributes.
-#[derive(Debug, Default)]
-struct RawEvent<'a> {
-    sensor_id: Option<Scalar<'a>>,
-    event_type: Option<Scalar<'a>>,
-    value: Option<Scalar<'a>>,
-    timestamp: Option<Scalar<'a>>,
-    duplicate: Option<&'static str>,
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct RawEvent<'a> {
+    pub(super) sensor_id: Option<Scalar<'a>>,
+    pub(super) event_type: Option<Scalar<'a>>,
+    pub(super) value: Option<Scalar<'a>>,
+    pub(super) timestamp: Option<Scalar<'a>>,
+    pub(super) duplicate: Option<&'static str>,
     /// Set when the element is not a JSON object (its kind).
     not_an_object: Option<&'static str>,
 }
@@ -704,13 +719,90 @@ mod tests {
     }
 
     #[test]
+    fn the_fast_path_takes_the_common_shape() {
+        let text = r#"{"sensorId":"sensor-0001","eventType":"temperature","value":21.5,"timestamp":1767225600000}"#;
+        let raw = crate::ingest::fast::whole_object(text).expect("fast path");
+        assert_eq!(raw, serde_json::from_str::<RawEvent>(text).expect("serde"));
+        for declined in [r#"{"sensorId":"a\u0062"}"#, r#"{"value":[1]}"#, r#"{"value":1e999}"#, r#"{"a":1} x"#] {
+            assert!(crate::ingest::fast::whole_object(declined).is_none(), "{declined}");
+        }
+    }
+
+    #[test]
     fn content_types() {
         assert_eq!(BodyFormat::from_content_type(Some("application/x-ndjson; charset=utf-8")), BodyFormat::Ndjson);
         assert_eq!(BodyFormat::from_content_type(Some("application/json")), BodyFormat::Json);
         assert_eq!(BodyFormat::from_content_type(None), BodyFormat::Json);
     }
 
+    /// Text of one JSON value, chosen to hit both what the fast path takes and what it
+    /// must leave to serde (escapes, nesting, big or odd numbers, bad syntax).
+    fn value_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            "[a-z0-9_-]{0,12}".prop_map(|s| format!("\"{s}\"")),
+            "[ -~]{0,8}".prop_map(|s| serde_json::to_string(&s).unwrap_or_default()),
+            Just("\"caf\u{e9} \\u00e9\"".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_filter("finite", |x| x.is_finite()).prop_map(|x| x.to_string()),
+            any::<f64>().prop_filter("finite", |x| x.is_finite()).prop_map(|x| format!("{x:e}")),
+            "-?(0|[1-9][0-9]{0,25})(\\.[0-9]{1,20})?([eE][+-]?[0-9]{1,3})?",
+            Just("1e999".to_string()),
+            Just("01".to_string()),
+            Just("1.".to_string()),
+            Just("true".to_string()),
+            Just("false".to_string()),
+            Just("null".to_string()),
+            Just("[1,2]".to_string()),
+            Just("{\"a\":1}".to_string()),
+            Just("nul".to_string()),
+        ]
+    }
+
+    fn object_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let key = prop_oneof![
+            Just("sensorId"),
+            Just("sensor_id"),
+            Just("eventType"),
+            Just("event_type"),
+            Just("value"),
+            Just("timestamp"),
+            Just("unit"),
+            Just("sens\\u006frId"),
+        ];
+        let ws = prop_oneof![Just(""), Just(" "), Just("\n\t "), Just("\r\n")];
+        proptest::collection::vec((key, value_text(), ws.clone()), 0..7).prop_map(|fields| {
+            let body: Vec<String> =
+                fields.iter().map(|(key, value, ws)| format!("{ws}\"{key}\"{ws}:{ws}{value}{ws}")).collect();
+            format!("{{{}}}", body.join(","))
+        })
+    }
+
     proptest::proptest! {
+        /// The fast path reads an object exactly as serde does, or leaves it to serde.
+        #[test]
+        fn fast_path_agrees_with_serde(text in object_text()) {
+            let serde = serde_json::from_str::<RawEvent>(&text);
+            if let Some(fast) = crate::ingest::fast::whole_object(&text) {
+                proptest::prop_assert!(serde.is_ok(), "fast path took what serde refuses: {text}");
+                proptest::prop_assert_eq!(Some(fast), serde.ok(), "{}", text);
+            }
+        }
+
+        /// Arrays: same events and rejections whichever path reads them.
+        #[test]
+        fn fast_and_serde_arrays_agree(objects in proptest::collection::vec(object_text(), 0..6)) {
+            let text = format!("[{}]", objects.join(" ,\n"));
+            let fast = crate::ingest::fast::array(&text);
+            let serde = serde_json::from_str::<Vec<RawEvent>>(&text);
+            if let Some(fast) = fast {
+                let fast: Vec<RawEvent> = fast.into_iter().map(|(raw, _)| raw).collect();
+                proptest::prop_assert_eq!(Some(fast), serde.ok(), "{}", text);
+            }
+        }
+
         /// Whatever bytes arrive, parsing returns (it never panics).
         #[test]
         fn arbitrary_bytes_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {

@@ -21,6 +21,9 @@ pub type EventBatch = Arc<Vec<Event>>;
 pub enum PartitionMsg {
     /// Events in position order.
     Events(EventBatch),
+    /// Undecoded messages of a source (Kafka), in position order: the actor decodes them,
+    /// so parsing runs on the partitions' threads rather than the source's one.
+    Raw(RawBatch),
     /// Positions that carry no event (a malformed message, offsets the source skipped),
     /// in order with the events around them, so the partition's accounting covers every
     /// position it consumed.
@@ -38,6 +41,67 @@ pub enum PartitionMsg {
     /// Checkpoint and reply once the checkpoint is handed to the store sink (shutdown).
     CheckpointAndReply(RpcReplyPort<Position>),
     Status(RpcReplyPort<PartitionStatus>),
+}
+
+/// Messages as a source read them: payloads in one buffer, in position order.
+#[derive(Clone, Debug, Default)]
+pub struct RawBatch {
+    pub bytes: Vec<u8>,
+    pub records: Vec<RawRecord>,
+}
+
+/// One message of a [`RawBatch`].
+#[derive(Clone, Copy, Debug)]
+pub struct RawRecord {
+    pub position: Position,
+    /// The message's timestamp (the partition's ingest clock).
+    pub ingest_ms: i64,
+    /// Payload, then key, in `bytes`.
+    pub start: u32,
+    pub payload_len: u32,
+    pub key_len: u32,
+}
+
+impl RawBatch {
+    pub fn with_capacity(records: usize) -> Self {
+        Self { bytes: Vec::with_capacity(records * 112), records: Vec::with_capacity(records) }
+    }
+
+    pub fn push(&mut self, position: Position, ingest_ms: i64, payload: &[u8], key: Option<&[u8]>) {
+        let key = key.unwrap_or_default();
+        let start = self.bytes.len() as u32;
+        self.bytes.extend_from_slice(payload);
+        self.bytes.extend_from_slice(key);
+        self.records.push(RawRecord {
+            position,
+            ingest_ms,
+            start,
+            payload_len: payload.len() as u32,
+            key_len: key.len() as u32,
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn last_position(&self) -> Option<Position> {
+        self.records.last().map(|record| record.position)
+    }
+
+    pub fn payload(&self, record: &RawRecord) -> &[u8] {
+        let start = record.start as usize;
+        &self.bytes[start..start + record.payload_len as usize]
+    }
+
+    pub fn key(&self, record: &RawRecord) -> Option<&[u8]> {
+        let start = (record.start + record.payload_len) as usize;
+        (record.key_len > 0).then(|| &self.bytes[start..start + record.key_len as usize])
+    }
 }
 
 /// Positions `from..to` of a partition that carry no event.

@@ -22,7 +22,9 @@
 //! actor has `kafka.max_in_flight` events to process.
 //!
 //! Polling runs on a thread of its own (the consumer's callbacks block on the store and
-//! on actors), never on the async workers; a panic there fails the source loudly.
+//! on actors), never on the async workers; a panic there fails the source loudly. The
+//! thread only copies messages into per-partition batches: the partition actors decode
+//! them, so parsing runs in parallel on their threads.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -34,8 +36,7 @@ use parking_lot::{Mutex, RwLock};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Timestamp};
@@ -43,10 +44,9 @@ use serde::Serialize;
 
 use crate::actors::sinks::{CheckpointListener, Sinks};
 use crate::config::Config;
-use crate::ingest::{ParseLimits, SourceStatus};
+use crate::ingest::SourceStatus;
 use crate::messages::{
-    DeadLetter, Event, MAX_DEAD_LETTER_PAYLOAD, NoEvent, NoEventKind, PartitionId, PartitionMsg, Position,
-    RejectReason, Source, truncate_payload,
+    DeadLetter, NoEvent, NoEventKind, PartitionId, PartitionMsg, Position, RawBatch, RejectReason, Source,
 };
 use crate::metrics::{Metrics, PartitionLabels, RejectLabels, SourceLabels};
 use crate::router::PartitionRouter;
@@ -117,8 +117,6 @@ pub struct KafkaShared {
     pub sinks: Arc<Sinks>,
     pub topology: Arc<Topology>,
     pub runtime: tokio::runtime::Handle,
-    /// Dead-letter topic producer.
-    pub producer: FutureProducer,
     attach: Mutex<VecDeque<Attach>>,
     consumer: RwLock<Option<Arc<BaseConsumer<SourceContext>>>>,
     /// Assigned partitions. Written on the poll thread (and in its rebalance callback).
@@ -134,7 +132,6 @@ pub struct KafkaShared {
 }
 
 impl KafkaShared {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
         router: Arc<PartitionRouter>,
@@ -142,7 +139,6 @@ impl KafkaShared {
         sinks: Arc<Sinks>,
         topology: Arc<Topology>,
         runtime: tokio::runtime::Handle,
-        producer: FutureProducer,
     ) -> Self {
         Self {
             config,
@@ -151,7 +147,6 @@ impl KafkaShared {
             sinks,
             topology,
             runtime,
-            producer,
             attach: Mutex::new(VecDeque::new()),
             consumer: RwLock::new(None),
             cursors: Mutex::new(BTreeMap::new()),
@@ -166,10 +161,12 @@ impl KafkaShared {
         &self.config.kafka.topic
     }
 
-    /// The in-flight bound: `kafka.max_in_flight`, or half the partition's share.
+    /// The in-flight bound: `kafka.max_in_flight`, or a quarter of the partition's share
+    /// (with the checkpoint requested at a quarter too, a checkpoint is taken and
+    /// written before the share fills).
     fn max_in_flight(&self) -> u64 {
         match self.config.kafka.max_in_flight {
-            0 => (self.router.limit() / 2).max(1) as u64,
+            0 => (self.router.limit() / 4).max(1) as u64,
             explicit => explicit as u64,
         }
     }
@@ -608,15 +605,9 @@ fn topic_partition_count(consumer: &BaseConsumer<SourceContext>, topic: &str) ->
     }
 }
 
-/// One message, as far as a partition needs to know it.
-enum Polled {
-    Event(Event),
-    Rejected(Box<DeadLetter>),
-}
-
 /// What a partition's actor is handed, in offset order.
 enum Item {
-    Events(Vec<Event>),
+    Raw(RawBatch),
     NoEvent(NoEvent),
 }
 
@@ -626,11 +617,9 @@ fn poll_loop(
     stop: &AtomicBool,
     failed: &Mutex<Option<String>>,
 ) -> Result<(), String> {
-    let limits = ParseLimits { max_string_bytes: shared.config.ingest.max_string_bytes };
     let mut last_tick = Instant::now();
     let received = shared.metrics.events_received.get_or_create(&SourceLabels { source: "kafka" }).clone();
-    let accepted = shared.metrics.events_accepted.get_or_create(&SourceLabels { source: "kafka" }).clone();
-    let mut taken: Vec<(PartitionId, i64, Polled)> = Vec::with_capacity(POLL_BATCH);
+    let mut taken: Vec<BorrowedMessage<'_>> = Vec::with_capacity(POLL_BATCH);
     let mut items: BTreeMap<PartitionId, Vec<Item>> = BTreeMap::new();
     while !stop.load(Ordering::SeqCst) {
         if let Some(reason) = failed.lock().take() {
@@ -659,12 +648,7 @@ fn poll_loop(
                             shared.router.partitions(),
                         ));
                     }
-                    let offset = message.offset();
-                    let polled = match decode(shared, &message, limits) {
-                        Ok(event) => Polled::Event(event),
-                        Err(letter) => Polled::Rejected(letter),
-                    };
-                    taken.push((partition, offset, polled));
+                    taken.push(message);
                 }
             }
             timeout = Duration::ZERO;
@@ -672,11 +656,13 @@ fn poll_loop(
         if shared.rebalances.load(Ordering::SeqCst) != rebalances {
             // Partitions were repositioned at their checkpoints meanwhile: what was
             // polled before is read again from there.
+            taken.clear();
             continue;
         }
         received.inc_by(taken.len() as u64);
-        sort_into_items(shared, consumer, &mut taken, &mut items, &accepted);
+        sort_into_items(shared, consumer, &mut taken, &mut items);
         deliver(shared, consumer, &mut items).map_err(|error| format!("cannot pause a partition: {error}"))?;
+        wait_for_actors(shared, stop);
         backpressure(shared, consumer).map_err(|error| format!("cannot pause or resume a partition: {error}"))?;
         if last_tick.elapsed() >= TICK_INTERVAL {
             last_tick = Instant::now();
@@ -691,12 +677,14 @@ fn poll_loop(
 fn sort_into_items(
     shared: &KafkaShared,
     consumer: &BaseConsumer<SourceContext>,
-    taken: &mut Vec<(PartitionId, i64, Polled)>,
+    taken: &mut Vec<BorrowedMessage<'_>>,
     items: &mut BTreeMap<PartitionId, Vec<Item>>,
-    accepted: &prometheus_client::metrics::counter::Counter,
 ) {
     let mut cursors = shared.cursors.lock();
-    for (partition, offset, polled) in taken.drain(..) {
+    let partitions = cursors.len().max(1);
+    for message in taken.drain(..) {
+        let partition = message.partition() as PartitionId;
+        let offset = message.offset();
         let Some(cursor) = cursors.get_mut(&partition) else {
             continue; // revoked since it was fetched
         };
@@ -724,24 +712,18 @@ fn sort_into_items(
             }
         }
         cursor.expected = Some(offset + 1);
-        match polled {
-            Polled::Event(event) => {
-                accepted.inc();
-                match queue.last_mut() {
-                    Some(Item::Events(events)) => events.push(event),
-                    _ => {
-                        let mut events = Vec::with_capacity(256);
-                        events.push(event);
-                        queue.push(Item::Events(events));
-                    }
-                }
+        let ingest_ms = match message.timestamp() {
+            Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) => ms,
+            Timestamp::NotAvailable => chrono::Utc::now().timestamp_millis(),
+        };
+        let payload = message.payload().unwrap_or_default();
+        match queue.last_mut() {
+            Some(Item::Raw(batch)) => batch.push(offset as Position, ingest_ms, payload, message.key()),
+            _ => {
+                let mut batch = RawBatch::with_capacity(POLL_BATCH / partitions);
+                batch.push(offset as Position, ingest_ms, payload, message.key());
+                queue.push(Item::Raw(batch));
             }
-            Polled::Rejected(letter) => queue.push(Item::NoEvent(NoEvent {
-                from: offset as Position,
-                to: offset as Position + 1,
-                kind: NoEventKind::DeadLettered,
-                letter: Some(*letter),
-            })),
         }
     }
 }
@@ -813,7 +795,7 @@ fn deliver(
                 continue;
             }
             delivered = match item {
-                Item::Events(events) => shared.router.deliver(partition, events),
+                Item::Raw(batch) => shared.router.deliver_raw(partition, batch),
                 Item::NoEvent(no_event) => shared.router.deliver_no_event(partition, no_event),
             };
         }
@@ -831,6 +813,27 @@ fn deliver(
         }
     }
     Ok(())
+}
+
+/// Longest the poll thread waits for busy actors before pausing their partitions.
+const IN_FLIGHT_WAIT: Duration = Duration::from_millis(250);
+
+/// Hold off polling while an actor has `max_in_flight` events to process. Short stalls
+/// end here: pausing a partition makes librdkafka drop what it prefetched for it and
+/// fetch it again on resume, so it is kept for stalls longer than [`IN_FLIGHT_WAIT`].
+fn wait_for_actors(shared: &KafkaShared, stop: &AtomicBool) {
+    let max_in_flight = shared.max_in_flight();
+    let started = Instant::now();
+    loop {
+        let busy = {
+            let cursors = shared.cursors.lock();
+            cursors.keys().any(|&partition| shared.router.in_flight(partition) >= max_in_flight)
+        };
+        if !busy || started.elapsed() >= IN_FLIGHT_WAIT || stop.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
 }
 
 /// Pause partitions at the memory bound (events since the last complete checkpoint) or
@@ -883,55 +886,4 @@ fn tick_caught_up(shared: &KafkaShared, consumer: &BaseConsumer<SourceContext>) 
             shared.router.send(partition, PartitionMsg::Tick { now_ms });
         }
     }
-}
-
-/// One message, one event. Anything else is a dead letter with the reason (also sent to
-/// the dead-letter topic); the partition's actor keeps it in the store with the
-/// checkpoint that covers its offset.
-fn decode(shared: &KafkaShared, message: &BorrowedMessage<'_>, limits: ParseLimits) -> Result<Event, Box<DeadLetter>> {
-    let partition = message.partition() as PartitionId;
-    let offset = message.offset();
-    let ingest_ms = match message.timestamp() {
-        Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) => ms,
-        Timestamp::NotAvailable => chrono::Utc::now().timestamp_millis(),
-    };
-    let payload = message.payload().unwrap_or_default();
-    let (reason, error) = match crate::ingest::parse::parse_event(payload, limits, ingest_ms) {
-        Ok(mut event) => {
-            event.position = offset as Position;
-            return Ok(event);
-        }
-        Err(rejection) => rejection,
-    };
-    shared.metrics.events_rejected.get_or_create(&RejectLabels { source: "kafka", reason: reason.as_str() }).inc();
-    let text = String::from_utf8_lossy(payload);
-    let letter = Box::new(DeadLetter {
-        received_at_ms: ingest_ms,
-        source: Source::Kafka,
-        reason,
-        error: format!("{} partition {partition} offset {offset}: {error}", shared.topic()),
-        sensor_id: message.key().and_then(|k| std::str::from_utf8(k).ok()).map(Into::into),
-        event_type: None,
-        event_time_ms: None,
-        partition: Some(partition),
-        position: Some(offset as Position),
-        payload: truncate_payload(&text, MAX_DEAD_LETTER_PAYLOAD),
-    });
-    let dlq = shared.config.kafka.dlq_topic();
-    let partition_text = partition.to_string();
-    let offset_text = offset.to_string();
-    let headers = OwnedHeaders::new()
-        .insert(Header { key: "tidemark.reason", value: Some(reason.as_str()) })
-        .insert(Header { key: "tidemark.error", value: Some(error.as_str()) })
-        .insert(Header { key: "tidemark.source.topic", value: Some(shared.topic()) })
-        .insert(Header { key: "tidemark.source.partition", value: Some(partition_text.as_str()) })
-        .insert(Header { key: "tidemark.source.offset", value: Some(offset_text.as_str()) });
-    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&dlq).payload(payload).headers(headers);
-    if let Some(key) = message.key() {
-        record = record.key(key);
-    }
-    if let Err((error, _)) = shared.producer.send_result(record) {
-        tracing::warn!(error = %error, partition, offset, "cannot queue a message for the dead-letter topic");
-    }
-    Err(letter)
 }
