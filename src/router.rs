@@ -42,6 +42,9 @@ pub struct SlotProgress {
     /// last failure. The actor dead-letters them instead of processing them.
     quarantine: Mutex<BTreeMap<Position, String>>,
     has_quarantine: AtomicBool,
+    /// The actor's status, published after every batch, so `/api/status` never waits
+    /// behind the events queued in its mailbox.
+    status: Mutex<Option<crate::messages::PartitionStatus>>,
 }
 
 impl Default for SlotProgress {
@@ -51,11 +54,21 @@ impl Default for SlotProgress {
             processed: AtomicU64::new(0),
             quarantine: Mutex::new(BTreeMap::new()),
             has_quarantine: AtomicBool::new(false),
+            status: Mutex::new(None),
         }
     }
 }
 
 impl SlotProgress {
+    /// The status the partition's actor last published (`None` before its first).
+    pub fn status(&self) -> Option<crate::messages::PartitionStatus> {
+        self.status.lock().clone()
+    }
+
+    pub fn publish_status(&self, status: crate::messages::PartitionStatus) {
+        *self.status.lock() = Some(status);
+    }
+
     /// The failure that got `position` quarantined, if it was (cheap when none is).
     #[inline]
     pub fn quarantined(&self, position: Position) -> Option<String> {

@@ -112,6 +112,8 @@ pub struct PartitionState {
     dead_letters: Vec<DeadLetter>,
     metrics: Counters,
     windows_fired: u64,
+    /// Counted at each checkpoint (it walks every key), published with the status.
+    open_windows: usize,
     #[cfg(feature = "chaos")]
     chaos_rng: rand_chacha::ChaCha8Rng,
 }
@@ -199,6 +201,7 @@ impl Actor for PartitionActor {
             dead_letters: Vec::new(),
             metrics: metric_counters,
             windows_fired: 0,
+            open_windows: 0,
             #[cfg(feature = "chaos")]
             chaos_rng,
         })
@@ -337,7 +340,16 @@ impl PartitionState {
         self.sweep_if_due(previous_clock);
     }
 
-    fn publish_counters(&self) {
+    fn publish_counters(&mut self) {
+        self.progress.publish_status(PartitionStatus {
+            partition: self.partition,
+            open_keys: self.keys.len(),
+            open_windows: self.open_windows,
+            next_position: self.next_position,
+            windows_fired: self.windows_fired,
+            last_checkpoint_id: self.checkpoint_id,
+            counters: self.counters,
+        });
         let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
         let counters = &self.counters;
         self.metrics.consumed.set(gauge(self.next_position.saturating_sub(counters.base_position)));
@@ -602,6 +614,7 @@ impl PartitionState {
             }
         }
         self.checkpoint_id += 1;
+        self.open_windows = self.keys.values().map(|key| key.windows.open_windows()).sum();
         let checkpoint = CheckpointData {
             partition: self.partition,
             partitions: self.context.partitions,
@@ -620,11 +633,12 @@ impl PartitionState {
         Ok(())
     }
 
-    fn status(&self) -> PartitionStatus {
+    fn status(&mut self) -> PartitionStatus {
+        self.open_windows = self.keys.values().map(|key| key.windows.open_windows()).sum();
         PartitionStatus {
             partition: self.partition,
             open_keys: self.keys.len(),
-            open_windows: self.keys.values().map(|key| key.windows.open_windows()).sum(),
+            open_windows: self.open_windows,
             next_position: self.next_position,
             windows_fired: self.windows_fired,
             last_checkpoint_id: self.checkpoint_id,

@@ -10,7 +10,6 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppContext;
-use crate::messages::PartitionMsg;
 
 /// `GET /health` — the process is alive and serving.
 pub async fn health() -> Json<Value> {
@@ -70,14 +69,9 @@ pub async fn status(State(app): State<Arc<AppContext>>) -> Json<Value> {
     let mut partitions = Vec::new();
     for partition in app.owned_partitions() {
         let slot = app.router.status(partition);
-        let actor_status = match app.router.actor(partition) {
-            Some(actor) => actor
-                .call(PartitionMsg::Status, Some(Duration::from_secs(1)))
-                .await
-                .ok()
-                .and_then(|reply| reply.success_or(()).ok()),
-            None => None,
-        };
+        // Published by the actor after each batch: no message that would wait behind
+        // the events queued for it.
+        let actor_status = app.router.progress(partition).status();
         partitions.push(json!({
             "partition": partition,
             "live": slot.live,

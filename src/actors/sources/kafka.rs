@@ -106,6 +106,8 @@ struct Cursor {
     detached: bool,
     committed: i64,
     offsets_skipped: u64,
+    /// The partition's leader was connected at the last statistics report.
+    leader_up: bool,
 }
 
 /// Everything the source shares with its poll thread, the partition supervisor (as the
@@ -129,6 +131,12 @@ pub struct KafkaShared {
     redrive: AtomicBool,
     /// Whether the consumer is running (for `/ready`).
     running: AtomicBool,
+    /// When librdkafka last reported statistics, and when it last reported trouble (a
+    /// client error, or a leader of an assigned partition not connected): the ingest
+    /// clock only moves with fresh statistics and after an idle timeout of unbroken
+    /// connection (see [`tick_caught_up`]).
+    stats_at: Mutex<Option<Instant>>,
+    trouble_at: Mutex<Option<Instant>>,
 }
 
 impl KafkaShared {
@@ -154,6 +162,8 @@ impl KafkaShared {
             assigning: AtomicBool::new(false),
             redrive: AtomicBool::new(false),
             running: AtomicBool::new(false),
+            stats_at: Mutex::new(None),
+            trouble_at: Mutex::new(None),
         }
     }
 
@@ -401,10 +411,33 @@ pub struct SourceContext {
 }
 
 impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        *self.shared.trouble_at.lock() = Some(Instant::now());
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+
     fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        *self.shared.stats_at.lock() = Some(Instant::now());
         let Some(topic) = statistics.topics.get(self.shared.topic()) else {
             return;
         };
+        let up: std::collections::HashSet<i32> =
+            statistics.brokers.values().filter(|b| b.state == "UP").map(|b| b.nodeid).collect();
+        {
+            let mut cursors = self.shared.cursors.lock();
+            let mut all_up = true;
+            for (id, partition) in &topic.partitions {
+                if let Ok(partition_id) = PartitionId::try_from(*id)
+                    && let Some(cursor) = cursors.get_mut(&partition_id)
+                {
+                    cursor.leader_up = partition.leader >= 0 && up.contains(&partition.leader);
+                    all_up &= cursor.leader_up;
+                }
+            }
+            if !all_up {
+                *self.shared.trouble_at.lock() = Some(Instant::now());
+            }
+        }
         let assigned: Vec<PartitionId> = self.shared.cursors.lock().keys().copied().collect();
         for (id, partition) in &topic.partitions {
             let Ok(partition_id) = PartitionId::try_from(*id) else {
@@ -866,12 +899,23 @@ fn backpressure(shared: &KafkaShared, consumer: &BaseConsumer<SourceContext>) ->
 /// Move the ingest clock of partitions that have read everything the broker has and
 /// processed it: only then can no event older than the wall clock still be on its way,
 /// so an idle decision never closes a window whose events are waiting in the topic (a
-/// backlog older than `idle_timeout` is read before any key of it counts as idle).
+/// backlog older than `idle_timeout` is read before any key of it counts as idle, and a
+/// broker outage does not make every sensor look idle).
 fn tick_caught_up(shared: &KafkaShared, consumer: &BaseConsumer<SourceContext>) {
+    // Only with a view of the broker that is fresh. While it cannot be reached, its high
+    // watermark is unknown, and producers cannot deliver either: their events (stamped
+    // when they were sent) arrive once it is back. So the clock stands still from the
+    // first trouble until the connection has held for one idle timeout: a sensor counts
+    // as idle only after being silent that long while we could have seen its events.
+    let fresh = |at: Option<Instant>, within: Duration| at.is_some_and(|at| at.elapsed() < within);
+    let grace = shared.config.pipeline.idle_timeout.max(Duration::from_secs(5));
+    if !fresh(*shared.stats_at.lock(), Duration::from_secs(3)) || fresh(*shared.trouble_at.lock(), grace) {
+        return;
+    }
     let now_ms = chrono::Utc::now().timestamp_millis();
     let cursors = shared.cursors.lock();
     for (&partition, cursor) in cursors.iter() {
-        if cursor.detached || cursor.backpressure {
+        if cursor.detached || cursor.backpressure || !cursor.leader_up {
             continue;
         }
         let Some((low, high)) = crate::kafka::cached_watermarks(consumer.client(), shared.topic(), partition as i32)
