@@ -237,6 +237,8 @@ pub struct ChaosConfig {
     /// Every event of this sensor panics its partition (a poison event); empty: off.
     pub poison_sensor_id: String,
     pub store_batch_failure_rate: f64,
+    /// The Kafka poll thread panics after this many messages, once per process (0: off).
+    pub source_panic_after_messages: u64,
     pub seed: u64,
 }
 

@@ -31,6 +31,40 @@ use rdkafka::producer::FutureProducer;
 /// How often the ingest clock ticks partitions that receive no events.
 const TICK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Refuse to start when `kafka.topic` exists with another partition count than
+/// `pipeline.partitions` (each Kafka partition is one partition actor, and checkpoints are
+/// keyed by partition). A broker that cannot be reached yet is not an error here: the
+/// source checks again when it connects.
+async fn check_topic_partitions(producer: FutureProducer, config: &Config) -> anyhow::Result<()> {
+    use rdkafka::producer::Producer;
+    let topic = config.kafka.topic.clone();
+    let lookup = topic.clone();
+    let metadata = tokio::task::spawn_blocking(move || {
+        producer.client().fetch_metadata(Some(&lookup), Duration::from_secs(5)).map(|metadata| {
+            metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == lookup && t.error().is_none())
+                .map(|t| t.partitions().len() as u32)
+        })
+    })
+    .await?;
+    match metadata {
+        Ok(Some(count)) if count > 0 && count != config.pipeline.partitions => {
+            anyhow::bail!(crate::actors::sources::kafka::partition_count_mismatch(
+                &topic,
+                count,
+                config.pipeline.partitions
+            ))
+        }
+        Ok(_) => Ok(()),
+        Err(error) => {
+            tracing::warn!(topic = %topic, error = %error, "cannot read the topic's metadata at start-up");
+            Ok(())
+        }
+    }
+}
+
 /// This instance's name for operators: host name and process id.
 pub fn instance_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -85,6 +119,9 @@ impl Runtime {
         } else {
             None
         };
+        if let (Some(producer), true) = (&producer, kafka_consume) {
+            check_topic_partitions(producer.clone(), &config).await?;
+        }
         let sinks = Arc::new(Sinks::with_kafka(4096, outputs_configured));
         let topology = Arc::new(Topology::default());
         let kafka = kafka_consume.then(|| {
@@ -230,6 +267,13 @@ impl Runtime {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.parts.metrics
+    }
+
+    /// The running partition supervisor (tests restart the partition tree through it).
+    pub fn partition_supervisor(
+        &self,
+    ) -> Option<ractor::ActorRef<crate::supervision::partition::PartitionSupervisorMsg>> {
+        self.parts.topology.partition_supervisor()
     }
 
     pub fn sinks(&self) -> &Arc<Sinks> {

@@ -20,6 +20,7 @@ backend_tests!(
         scenario_with_out_of_order_late_and_invalid_events,
         whole_body_errors_and_limits,
         queries_filter_paginate_and_aggregate,
+        a_stale_owner_cannot_overwrite_a_checkpoint,
     ]
 );
 backend_tests!(
@@ -29,6 +30,7 @@ backend_tests!(
         scenario_with_out_of_order_late_and_invalid_events,
         whole_body_errors_and_limits,
         queries_filter_paginate_and_aggregate,
+        a_stale_owner_cannot_overwrite_a_checkpoint,
     ]
 );
 
@@ -321,4 +323,48 @@ async fn queries_filter_paginate_and_aggregate(backend: Backend) {
     assert_eq!(temperature["sensors"], 3);
     assert!(temperature["anomalies"].as_i64().unwrap_or(0) >= 1);
     runtime.shutdown().await;
+}
+
+/// Ownership epochs: once another owner took a partition, a checkpoint of the earlier
+/// owner (a rebalance it has not noticed yet) is refused with its key states, and the
+/// new owner's checkpoint stands.
+async fn a_stale_owner_cannot_overwrite_a_checkpoint(backend: Backend) {
+    use tidemark::messages::{CheckpointData, KeyStateBlob, PartitionCounters};
+    use tidemark::store::WriteBatch;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = common::config(sources_on(backend, dir.path()).await);
+    let store = tidemark::store::open(&config.store).await.expect("store");
+    let checkpoint = |epoch: u64, position: u64, state: u8| CheckpointData {
+        partition: 2,
+        partitions: 4,
+        next_position: position,
+        clock_ms: 0,
+        checkpoint_id: position,
+        taken_at_ms: 0,
+        owner_epoch: epoch,
+        counters: PartitionCounters { events_processed: position, ..PartitionCounters::default() },
+        upserts: vec![KeyStateBlob { sensor_id: "s".into(), event_type: "t".into(), state: vec![state] }],
+        deletes: Vec::new(),
+    };
+    let write = |checkpoint: CheckpointData| {
+        let store = std::sync::Arc::clone(&store);
+        async move {
+            let batch = [checkpoint];
+            store.write(&WriteBatch { checkpoints: &batch, ..WriteBatch::default() }).await.expect("write")
+        }
+    };
+    let old = store.acquire_partition(2, "old-owner").await.expect("acquire");
+    assert!(write(checkpoint(old, 100, 1)).await.fenced.is_empty());
+    let new = store.acquire_partition(2, "new-owner").await.expect("acquire");
+    assert!(new > old, "epochs grow: {old} then {new}");
+    let restored = store.load_checkpoint(2, 4).await.expect("load").expect("a checkpoint");
+    assert_eq!(restored.next_position, 100, "the new owner starts from what the old one completed");
+    assert!(write(checkpoint(new, 150, 2)).await.fenced.is_empty());
+    let outcome = write(checkpoint(old, 180, 3)).await;
+    assert_eq!(outcome.fenced, vec![(2, 180)], "the stale owner's checkpoint is refused");
+    let restored = store.load_checkpoint(2, 4).await.expect("load").expect("a checkpoint");
+    assert_eq!(restored.next_position, 150);
+    assert_eq!(restored.counters.events_processed, 150);
+    assert_eq!(restored.keys[0].state, vec![2], "nor did its key states land");
+    store.close().await;
 }

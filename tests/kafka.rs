@@ -256,6 +256,9 @@ async fn a_backlog_consumed_by_one_instance_equals_replay() {
     assert!(lines.len() >= 100_000, "{} events", lines.len());
     produce(&producer(&broker.servers), &lines).await;
     let expected = replay_table(&lines).await;
+    // A backlog older than the idle timeout: no key may count as idle while its events
+    // are still waiting in the topic.
+    tokio::time::sleep(Duration::from_secs(11)).await;
 
     let url = fresh_postgres_database().await;
     let dir = tempfile::tempdir().expect("temp dir");
@@ -265,6 +268,8 @@ async fn a_backlog_consumed_by_one_instance_equals_replay() {
         .await;
     wait_for_table(&url, &expected, Duration::from_secs(120)).await;
     assert_status_identity(&client).await;
+    let late = client.get_ok("/api/dead-letters?reason=late").await;
+    assert_eq!(late["count"], 0, "nothing lost to late: {late}");
     runtime.shutdown().await;
     wait_for_checkpoints(&url, lines.len(), Duration::from_secs(5)).await;
     assert_accounting(&url, lines.len()).await;
@@ -548,4 +553,278 @@ async fn producer_ingestion_answers_202_only_for_acknowledged_events() {
     assert_eq!(answer["error"]["code"], "broker_unavailable");
     broker.mock.control("up 1").expect("broker up");
     runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_count_mismatch_is_refused_naming_both_numbers() {
+    let broker = broker(PARTITIONS);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = common::config(
+        sources(dir.path())
+            .with("kafka.enabled", true)
+            .with("ingest.mode", "kafka")
+            .with("kafka.brokers", broker.servers.as_str())
+            .with("pipeline.partitions", 4),
+    );
+    let error = match tidemark::runtime::Runtime::start(config).await {
+        Ok(runtime) => {
+            runtime.shutdown().await;
+            panic!("started against a topic with another partition count");
+        }
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains("has 8 partitions") && error.contains("pipeline.partitions is 4"), "{error}");
+}
+
+/// Produce `count` events to `topic`, uncompressed and padded, so the mock broker's
+/// retention (5 MB per partition) deletes the oldest ones.
+async fn produce_padded(brokers: &str, topic: &str, first: usize, count: usize) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("compression.type", "none")
+        .create()
+        .expect("producer");
+    let pad = "x".repeat(400);
+    for chunk_start in (first..first + count).step_by(10_000) {
+        let deliveries: Vec<_> = (chunk_start..(chunk_start + 10_000).min(first + count))
+            .map(|i| {
+                let payload = format!(
+                    r#"{{"sensorId":"s-{}","eventType":"t","value":{i},"timestamp":{},"note":"{pad}"}}"#,
+                    i % 10,
+                    1_767_225_600_000i64 + i as i64 * 10
+                );
+                producer.send_result(FutureRecord::to(topic).key("k").payload(&payload)).expect("queued")
+            })
+            .collect();
+        for delivery in deliveries {
+            delivery.await.expect("delivered").expect("acknowledged");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_gap_is_logged_counted_and_dead_lettered() {
+    let broker = broker(PARTITIONS);
+    broker.mock.control("topic retained 1").expect("topic");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let settings = sources(dir.path())
+        .with("kafka.enabled", true)
+        .with("ingest.mode", "kafka")
+        .with("kafka.brokers", broker.servers.as_str())
+        .with("kafka.topic", "retained")
+        .with("kafka.group_id", "retention")
+        .with("pipeline.partitions", 1);
+    produce_padded(&broker.servers, "retained", 0, 1_000).await;
+    let runtime = start(settings.clone()).await;
+    let client = Client::new(&runtime);
+    eventually(Duration::from_secs(30), "the first 1,000 processed", || async {
+        let status = client.get_ok("/api/status").await;
+        (status["partitions"][0]["positions"]["processed"] == 1000).then_some(())
+    })
+    .await;
+    runtime.shutdown().await;
+
+    // While tidemark is stopped, enough is produced for retention to delete the offsets
+    // after its checkpoint (1,000) before it reads them.
+    produce_padded(&broker.servers, "retained", 1_000, 20_000).await;
+    let reader: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &broker.servers).create().expect("client");
+    let (low, high) = reader.fetch_watermarks("retained", 0, Duration::from_secs(5)).expect("watermarks");
+    assert!(low > 1_000, "retention deleted offsets after the checkpoint: log starts at {low}");
+
+    let runtime = start(settings).await;
+    let client = Client::new(&runtime);
+    let lost = (low - 1_000) as u64;
+    eventually(Duration::from_secs(60), "the rest processed", || async {
+        let status = client.get_ok("/api/status").await;
+        (status["partitions"][0]["positions"]["consumed"] == high as u64).then_some(())
+    })
+    .await;
+    let status = client.get_ok("/api/status").await;
+    let positions = &status["partitions"][0]["positions"];
+    assert_eq!(positions["skipped"], lost, "{positions}");
+    assert_eq!(positions["processed"].as_u64(), Some(high as u64 - lost), "{positions}");
+    assert_eq!(status["kafka"]["partitions"][0]["offsetsSkipped"], lost);
+    assert_status_identity(&client).await;
+    let letters = eventually(Duration::from_secs(10), "the retention gap dead letter", || async {
+        let letters = client.get_ok("/api/dead-letters?reason=retention_gap").await;
+        (letters["count"] == 1).then_some(letters)
+    })
+    .await;
+    let error = letters["items"][0]["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains(&format!("offsets 1000..{low}")) && error.contains("retention"), "{error}");
+    let metrics = client.get("/metrics").await.1.as_str().unwrap_or_default().to_string();
+    assert!(metrics.contains(&format!("tidemark_kafka_offsets_skipped_total{{partition=\"0\"}} {lost}")), "{metrics}");
+    runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_partition_tree_takes_its_kafka_partitions_back() {
+    let broker = broker(PARTITIONS);
+    let lines = workload(200, 150);
+    let expected = replay_table(&lines).await;
+    let url = fresh_postgres_database().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(in_process(dir.path(), &kafka_settings(&broker.servers, "redrive", &url))).await;
+    let client = Client::new(&runtime);
+    let producer = producer(&broker.servers);
+    let (head, tail) = lines.split_at(lines.len() / 2);
+    produce(&producer, head).await;
+    eventually(Duration::from_secs(30), "the first half processed", || async {
+        let status = client.get_ok("/api/status").await;
+        let processed: u64 =
+            status["partitions"].as_array()?.iter().filter_map(|p| p["positions"]["processed"].as_u64()).sum();
+        (processed == head.len() as u64).then_some(())
+    })
+    .await;
+    // The whole partition tree goes (as when it escalates); the root starts a new one,
+    // which must get the instance's Kafka partitions back from their checkpoints.
+    let supervisor = runtime.partition_supervisor().expect("partition supervisor");
+    supervisor.kill();
+    eventually(Duration::from_secs(30), "a new partition supervisor with its partitions", || async {
+        let restarted = runtime.partition_supervisor().is_some_and(|s| s.get_id() != supervisor.get_id());
+        (restarted && client.get("/ready").await.0 == 200).then_some(())
+    })
+    .await;
+    produce(&producer, tail).await;
+    wait_for_table(&url, &expected, Duration::from_secs(120)).await;
+    assert_status_identity(&client).await;
+    runtime.shutdown().await;
+    wait_for_checkpoints(&url, lines.len(), Duration::from_secs(5)).await;
+    assert_accounting(&url, lines.len()).await;
+}
+
+#[cfg(feature = "chaos")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_quarantined_by_offset_and_the_partition_goes_on() {
+    let broker = broker(PARTITIONS);
+    let lines = workload(100, 60);
+    let (head, tail) = lines.split_at(lines.len() / 2);
+    let producer = producer(&broker.servers);
+    produce(&producer, head).await;
+    let poison = r#"{"sensorId":"poison","eventType":"temperature","value":1.0,"timestamp":1767225630000}"#;
+    produce(&producer, &[poison.to_string()]).await;
+    produce(&producer, tail).await;
+    let url = fresh_postgres_database().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(
+        in_process(dir.path(), &kafka_settings(&broker.servers, "poison", &url))
+            .with("chaos.poison_sensor_id", "poison"),
+    )
+    .await;
+    let client = Client::new(&runtime);
+    let letter = eventually(Duration::from_secs(60), "the poison message in the dead-letter store", || async {
+        let body = client.get_ok("/api/dead-letters?reason=poison").await;
+        (body["count"] == 1).then(|| body["items"][0].clone())
+    })
+    .await;
+    assert_eq!(letter["sensorId"], "poison");
+    let error = letter["error"].as_str().unwrap_or_default();
+    assert!(error.contains("crashed partition") && error.contains("chaos: poison event"), "{error}");
+    eventually(Duration::from_secs(60), "every other message processed", || async {
+        let status = client.get_ok("/api/status").await;
+        let positions: Vec<Value> = status["partitions"].as_array()?.iter().map(|p| p["positions"].clone()).collect();
+        let processed: u64 = positions.iter().filter_map(|p| p["processed"].as_u64()).sum();
+        let dead: u64 = positions.iter().filter_map(|p| p["deadLettered"].as_u64()).sum();
+        (processed == lines.len() as u64 && dead == 1).then_some(())
+    })
+    .await;
+    assert_status_identity(&client).await;
+    assert_eq!(client.get("/ready").await.0, 200, "the partition went on");
+    runtime.shutdown().await;
+}
+
+fn resident_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_pauses_consumption_with_flat_memory_and_loses_nothing() {
+    let broker = broker(PARTITIONS);
+    let lines = workload(400, 300);
+    let (backlog, during) = lines.split_at(lines.len() * 2 / 3);
+    let producer = producer(&broker.servers);
+    produce(&producer, backlog).await;
+    let expected = replay_table(&lines).await;
+
+    let server = common::PrivatePostgres::start();
+    let bound = 65_536usize;
+    let share = bound / PARTITIONS as usize;
+    let mut settings = kafka_settings(&broker.servers, "outage", &server.url());
+    settings.push(("TIDEMARK__PIPELINE__MAX_BUFFERED_EVENTS", bound.to_string()));
+    settings.push(("TIDEMARK__STORE__STATEMENT_TIMEOUT", "2s".into()));
+    let process = Process::start(&settings);
+    let client = process.client();
+    eventually(Duration::from_secs(30), "consumption under way", || async {
+        let status = client.get_ok("/api/status").await;
+        let processed: u64 =
+            status["kafka"]["partitions"].as_array()?.iter().filter_map(|p| p["processed"].as_u64()).sum();
+        (processed > 0).then_some(())
+    })
+    .await;
+    server.stop();
+    produce(&producer, during).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, ready) = client.get("/ready").await;
+    assert_eq!(status, 503, "not ready while PostgreSQL is down: {ready}");
+    assert!(ready["problems"].to_string().contains("store"), "{ready}");
+    let start_kib = resident_kib(process.child.id());
+    let mut peak_kib = start_kib;
+    for _ in 0..17 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        peak_kib = peak_kib.max(resident_kib(process.child.id()));
+        let status = client.get_ok("/api/status").await;
+        for partition in status["kafka"]["partitions"].as_array().cloned().unwrap_or_default() {
+            let unconfirmed = partition["unconfirmed"].as_u64().unwrap_or(u64::MAX) as usize;
+            // Paused at the share; what was fetched before the pause still arrives.
+            assert!(unconfirmed <= share * 2, "partition beyond its bound: {partition}");
+        }
+    }
+    let status = client.get_ok("/api/status").await;
+    let paused =
+        status["kafka"]["partitions"].as_array().map_or(0, |p| p.iter().filter(|p| p["paused"] == true).count());
+    assert!(paused > 0, "partitions with a backlog are paused while checkpoints cannot complete: {status}");
+    eprintln!("resident memory through the store outage: {start_kib} KiB at its start, {peak_kib} KiB at the peak");
+    assert!(
+        peak_kib < start_kib + 64 * 1024,
+        "memory flat through the outage: {start_kib} KiB at its start, {peak_kib} KiB at the peak"
+    );
+    server.resume();
+    wait_for_table(&server.url(), &expected, Duration::from_secs(150)).await;
+    assert_status_identity(&client).await;
+    let mut process = process;
+    process.signal("TERM");
+    assert!(process.wait(Duration::from_secs(30)).success(), "{}", process.log());
+    wait_for_checkpoints(&server.url(), lines.len(), Duration::from_secs(5)).await;
+    assert_accounting(&server.url(), lines.len()).await;
+}
+
+#[cfg(feature = "chaos")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_poll_thread_fails_the_source_loudly_and_it_recovers() {
+    let broker = broker(PARTITIONS);
+    let lines = workload(200, 150);
+    produce(&producer(&broker.servers), &lines).await;
+    let expected = replay_table(&lines).await;
+    let url = fresh_postgres_database().await;
+    let mut settings = kafka_settings(&broker.servers, "panic", &url);
+    settings.push(("TIDEMARK__CHAOS__SOURCE_PANIC_AFTER_MESSAGES", (lines.len() / 2).to_string()));
+    let process = Process::start(&settings);
+    let client = process.client();
+    wait_for_table(&url, &expected, Duration::from_secs(120)).await;
+    let log = process.log();
+    assert!(log.contains("the poll thread panicked") && log.contains("kafka source failed"), "{log}");
+    let metrics = client.get("/metrics").await.1.as_str().unwrap_or_default().to_string();
+    assert!(metrics.contains("tidemark_actor_restarts_total{actor=\"source-kafka\"} 1"), "{metrics}");
+    assert_status_identity(&client).await;
+    let mut process = process;
+    process.signal("TERM");
+    assert!(process.wait(Duration::from_secs(30)).success(), "{}", process.log());
+    wait_for_checkpoints(&url, lines.len(), Duration::from_secs(5)).await;
+    assert_accounting(&url, lines.len()).await;
 }

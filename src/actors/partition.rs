@@ -646,3 +646,194 @@ impl PartitionState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ractor::{Actor, ActorProcessingErr, ActorRef};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::config::Config;
+
+    /// A store sink that reports what it receives (checkpoints complete at once).
+    struct FakeStore;
+
+    impl Actor for FakeStore {
+        type Msg = StoreMsg;
+        type State = mpsc::UnboundedSender<StoreMsg>;
+        type Arguments = mpsc::UnboundedSender<StoreMsg>;
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<StoreMsg>,
+            sender: mpsc::UnboundedSender<StoreMsg>,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(sender)
+        }
+
+        async fn handle(
+            &self,
+            _myself: ActorRef<StoreMsg>,
+            message: StoreMsg,
+            sender: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            let _ = sender.send(message);
+            Ok(())
+        }
+    }
+
+    struct Harness {
+        actor: ActorRef<PartitionMsg>,
+        progress: Arc<SlotProgress>,
+        store: mpsc::UnboundedReceiver<StoreMsg>,
+    }
+
+    async fn harness(restored: Option<RestoredPartition>) -> Harness {
+        let config = Config::embedded().expect("defaults");
+        let (sender, store) = mpsc::unbounded_channel();
+        let (fake, _) = Actor::spawn(None, FakeStore, sender).await.expect("fake store");
+        let sinks = Arc::new(Sinks::new(16));
+        sinks.set_store(Some(fake));
+        let context = Arc::new(PartitionContext {
+            limits: crate::ingest::ParseLimits::default(),
+            raw_source: Some(RawSource {
+                source: crate::messages::Source::Kafka,
+                origin: "topic".into(),
+                rejects: None,
+            }),
+            partitions: 1,
+            spec: WindowSpec::from_config(&config.pipeline),
+            scoring: crate::scoring::Scoring::from_config(&config.scoring),
+            checkpoint_interval: Duration::from_secs(5),
+            checkpoint_max_events: 0,
+            metrics: Arc::new(Metrics::new()),
+            sinks,
+            chaos: config.chaos.clone(),
+        });
+        let progress = Arc::new(SlotProgress::default());
+        let args = PartitionArgs { partition: 0, context, progress: Arc::clone(&progress), restored, owner_epoch: 7 };
+        let (actor, _) = Actor::spawn(None, PartitionActor, args).await.expect("partition actor");
+        Harness { actor, progress, store }
+    }
+
+    /// Let spawned tasks run (the clock is paused: this does not move it).
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn raw(records: &[(Position, &str)]) -> RawBatch {
+        let mut batch = RawBatch::with_capacity(records.len());
+        for (position, payload) in records {
+            batch.push(*position, 1_767_225_600_000, payload.as_bytes(), Some(b"key"));
+        }
+        batch
+    }
+
+    /// The next checkpoint the store receives.
+    async fn next_checkpoint(store: &mut mpsc::UnboundedReceiver<StoreMsg>) -> CheckpointData {
+        loop {
+            match store.recv().await {
+                Some(StoreMsg::Checkpoint(checkpoint)) => return *checkpoint,
+                Some(_) => continue,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn checkpoints_follow_the_interval_on_a_paused_clock() {
+        let mut harness = harness(None).await;
+        settle().await;
+        let event = r#"{"sensorId":"s","eventType":"t","value":1,"timestamp":1767225600000}"#;
+        harness.actor.send_message(PartitionMsg::Raw(raw(&[(0, event)]))).expect("sent");
+        settle().await;
+        let mut next = tokio_test::task::spawn(next_checkpoint(&mut harness.store));
+        tokio_test::assert_pending!(next.poll(), "nothing before the interval");
+        tokio::time::advance(Duration::from_millis(4_900)).await;
+        settle().await;
+        tokio_test::assert_pending!(next.poll(), "4.9 s: still nothing");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        settle().await;
+        let checkpoint = tokio_test::assert_ready!(next.poll(), "one checkpoint at 5 s");
+        assert_eq!(checkpoint.next_position, 1);
+        assert_eq!(checkpoint.owner_epoch, 7, "fenced with the actor's epoch");
+        drop(next);
+        // Nothing changed since: the next interval sends nothing.
+        let mut next = tokio_test::task::spawn(next_checkpoint(&mut harness.store));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        settle().await;
+        tokio_test::assert_pending!(next.poll(), "an unchanged state is not checkpointed again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_position_is_accounted_for() {
+        let mut harness = harness(None).await;
+        let good = r#"{"sensorId":"s","eventType":"t","value":1,"timestamp":1767225600000}"#;
+        // A Kafka partition read from offset 100: a good event, a malformed one, a gap
+        // reported by the source, an unreported gap, then a quarantined poison event.
+        harness
+            .actor
+            .send_message(PartitionMsg::Raw(raw(&[(100, good), (101, "{broken"), (102, good)])))
+            .expect("sent");
+        harness
+            .actor
+            .send_message(PartitionMsg::NoEvent(NoEvent {
+                from: 103,
+                to: 110,
+                kind: NoEventKind::Skipped,
+                letter: None,
+            }))
+            .expect("sent");
+        harness.actor.send_message(PartitionMsg::Raw(raw(&[(112, good)]))).expect("sent");
+        harness.progress.quarantine_for_test(113, "crashed three times".into());
+        harness.actor.send_message(PartitionMsg::Raw(raw(&[(113, good), (114, good)]))).expect("sent");
+        harness.actor.send_message(PartitionMsg::Checkpoint).expect("sent");
+        settle().await;
+        let status = harness.progress.status().expect("published");
+        let counters = status.counters;
+        assert_eq!(counters.base_position, 100, "accounting starts at the first offset read");
+        assert_eq!(status.next_position, 115);
+        assert_eq!(
+            (counters.events_processed, counters.dead_lettered, counters.skipped),
+            (4, 2, 9),
+            "processed 100, 102, 112, 114; dead-lettered 101 and 113; skipped 103..110 and 110..112"
+        );
+        assert_eq!(status.next_position - counters.base_position, counters.accounted());
+        let mut reasons = Vec::new();
+        while let Ok(message) = harness.store.try_recv() {
+            if let StoreMsg::DeadLetters(letters) = message {
+                reasons.extend(letters.into_iter().map(|l| (l.position, l.reason)));
+            }
+        }
+        assert_eq!(reasons, vec![(Some(101), RejectReason::Unparsable), (Some(113), RejectReason::Poison)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restored_state_continues_its_accounting() {
+        let restored = RestoredPartition {
+            next_position: 50,
+            clock_ms: 0,
+            checkpoint_id: 3,
+            counters: PartitionCounters {
+                base_position: 10,
+                events_processed: 38,
+                dead_lettered: 2,
+                ..Default::default()
+            },
+            keys: Vec::new(),
+        };
+        let harness = harness(Some(restored)).await;
+        let good = r#"{"sensorId":"s","eventType":"t","value":1,"timestamp":1767225600000}"#;
+        // A re-read from before the checkpoint is skipped, not counted twice.
+        harness.actor.send_message(PartitionMsg::Raw(raw(&[(48, good), (49, good), (50, good)]))).expect("sent");
+        settle().await;
+        let status = harness.progress.status().expect("published");
+        assert_eq!(status.next_position, 51);
+        assert_eq!(status.counters.events_processed, 39);
+        assert_eq!(status.next_position - status.counters.base_position, status.counters.accounted());
+    }
+}

@@ -212,7 +212,13 @@ impl KafkaShared {
     /// Take the partition and start its actor; the offset to read from.
     fn start_partition(&self, partition: PartitionId) -> Result<Offset, String> {
         if !self.router.contains(partition) {
-            return Err(partition_count_mismatch(self.topic(), partition + 1, self.router.partitions()));
+            let count = self
+                .consumer
+                .read()
+                .clone()
+                .and_then(|consumer| topic_partition_count(&consumer, self.topic()))
+                .unwrap_or(partition + 1);
+            return Err(partition_count_mismatch(self.topic(), count, self.router.partitions()));
         }
         let supervisor = self.topology.partition_supervisor().ok_or("the partition supervisor is not running")?;
         let started = self.runtime.block_on(async {
@@ -322,9 +328,9 @@ impl KafkaShared {
 /// The message for a topic whose partition count differs from `pipeline.partitions`.
 pub fn partition_count_mismatch(topic: &str, topic_partitions: u32, pipeline_partitions: u32) -> String {
     format!(
-        "kafka.topic {topic:?} has {topic_partitions} or more partitions but pipeline.partitions is \
-         {pipeline_partitions}: set pipeline.partitions = {topic_partitions} (each Kafka partition is one partition \
-         actor)"
+        "kafka.topic {topic:?} has {topic_partitions} partitions but pipeline.partitions is {pipeline_partitions} \
+         (TIDEMARK__PIPELINE__PARTITIONS): set pipeline.partitions = {topic_partitions}, one partition actor per \
+         Kafka partition"
     )
 }
 
@@ -675,11 +681,9 @@ fn poll_loop(
                 Some(Ok(message)) => {
                     let partition = message.partition() as PartitionId;
                     if !shared.router.contains(partition) {
-                        return Err(partition_count_mismatch(
-                            shared.topic(),
-                            partition + 1,
-                            shared.router.partitions(),
-                        ));
+                        // The topic grew since start-up.
+                        let count = topic_partition_count(consumer, shared.topic()).unwrap_or(partition + 1);
+                        return Err(partition_count_mismatch(shared.topic(), count, shared.router.partitions()));
                     }
                     taken.push(message);
                 }
@@ -693,6 +697,8 @@ fn poll_loop(
             continue;
         }
         received.inc_by(taken.len() as u64);
+        #[cfg(feature = "chaos")]
+        chaos_panic(shared, taken.len());
         sort_into_items(shared, consumer, &mut taken, &mut items);
         deliver(shared, consumer, &mut items).map_err(|error| format!("cannot pause a partition: {error}"))?;
         wait_for_actors(shared, stop);
@@ -703,6 +709,20 @@ fn poll_loop(
         }
     }
     Ok(())
+}
+
+/// Fault injection: panic the poll thread once, after `chaos.source_panic_after_messages`.
+#[cfg(feature = "chaos")]
+fn chaos_panic(shared: &KafkaShared, taken: usize) {
+    static TAKEN: AtomicU64 = AtomicU64::new(0);
+    static PANICKED: AtomicBool = AtomicBool::new(false);
+    let after = shared.config.chaos.source_panic_after_messages;
+    if after > 0
+        && TAKEN.fetch_add(taken as u64, Ordering::SeqCst) + taken as u64 >= after
+        && !PANICKED.swap(true, Ordering::SeqCst)
+    {
+        panic!("chaos: the kafka poll thread panics after {after} messages");
+    }
 }
 
 /// Check each polled message against its partition's expected offset (duplicates after
