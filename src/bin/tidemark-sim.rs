@@ -30,7 +30,8 @@ enum SimCommand {
     Load(Load),
     /// Serve librdkafka's mock Kafka cluster from this process (for tests and
     /// benchmarks across processes): prints `bootstrap=HOST:PORT,…`, then reads control
-    /// lines on stdin (`down ID`, `up ID`, `topic NAME PARTITIONS`) until stdin closes.
+    /// lines on stdin (`down ID`, `up ID`, `rtt ID MILLIS`, `topic NAME PARTITIONS`) until stdin
+    /// closes.
     KafkaMock(KafkaMock),
 }
 

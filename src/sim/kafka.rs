@@ -101,16 +101,22 @@ impl MockBroker {
         Ok(self.cluster()?.bootstrap_servers())
     }
 
-    /// Apply one control line: `down ID`, `up ID` or `topic NAME PARTITIONS`.
+    /// Apply one control line: `down ID`, `up ID`, `rtt ID MILLIS` (added round-trip
+    /// time) or `topic NAME PARTITIONS`.
     pub fn control(&self, line: &str) -> anyhow::Result<()> {
         let cluster = self.cluster()?;
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["down", id] => Ok(cluster.broker_down(id.parse()?)?),
             ["up", id] => Ok(cluster.broker_up(id.parse()?)?),
+            ["rtt", id, millis] => {
+                Ok(cluster.broker_round_trip_time(id.parse()?, std::time::Duration::from_millis(millis.parse()?))?)
+            }
             ["topic", name, partitions] => Ok(cluster.create_topic(name, partitions.parse()?, 1)?),
             [] => Ok(()),
-            _ => anyhow::bail!("unknown command {line:?}: expected `down ID`, `up ID` or `topic NAME PARTITIONS`"),
+            _ => anyhow::bail!(
+                "unknown command {line:?}: expected `down ID`, `up ID`, `rtt ID MILLIS` or `topic NAME PARTITIONS`"
+            ),
         }
     }
 }
