@@ -50,6 +50,28 @@ pub struct HttpConfig {
 pub struct IngestConfig {
     pub max_string_bytes: usize,
     pub mode: IngestMode,
+    /// When a `202` is given in embedded mode (see [`Durability`]).
+    pub durability: Durability,
+    /// Directory of the embedded ingest log; empty: next to the SQLite database
+    /// (`<db>.ingest-log`), or `data/ingest-log` with PostgreSQL.
+    pub log_dir: String,
+    /// Size at which the ingest log starts a new segment file.
+    pub log_segment_bytes: u64,
+}
+
+/// What a `202` from embedded ingestion promises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// The events are on disk (`fdatasync`, one per group of requests): they survive a
+    /// crash of the process and of the machine.
+    Fsync,
+    /// The events are written to the operating system: they survive a crash of the
+    /// process, not a power loss.
+    Os,
+    /// The events are in memory only (the replay buffer): a crash loses what no
+    /// checkpoint covers yet.
+    Memory,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -551,6 +573,23 @@ fn redact_user_info(url: &str) -> String {
 /// Milliseconds of a duration, saturating.
 pub fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Config {
+    /// Where the embedded ingest log lives (see [`IngestConfig::log_dir`]).
+    pub fn ingest_log_dir(&self) -> std::path::PathBuf {
+        if !self.ingest.log_dir.is_empty() {
+            return std::path::PathBuf::from(&self.ingest.log_dir);
+        }
+        match sqlite_path(&self.store.url) {
+            Some(db) => {
+                let mut name = db.as_os_str().to_os_string();
+                name.push(".ingest-log");
+                std::path::PathBuf::from(name)
+            }
+            _ => std::path::PathBuf::from("data/ingest-log"),
+        }
+    }
 }
 
 /// A path-like view of the sqlite URL, for creating its directory.

@@ -107,6 +107,7 @@ pub struct Metrics {
     pub positions: Family<PositionLabels, Gauge>,
     pub ingest_to_fire: Latency,
     pub fire_to_ack: Latency,
+    pub ingest_log: crate::ingest::log::LogMetrics,
 }
 
 impl Default for Metrics {
@@ -148,9 +149,20 @@ impl Metrics {
             positions: Family::default(),
             ingest_to_fire: Latency::default(),
             fire_to_ack: Latency::default(),
+            ingest_log: crate::ingest::log::LogMetrics::default(),
             registry: Registry::default(),
         };
         registry.register("events_received", "Events received, valid or not", metrics.events_received.clone());
+        registry.register(
+            "ingest_log_syncs",
+            "Group commits (fdatasync rounds) of the embedded ingest log",
+            metrics.ingest_log.syncs.clone(),
+        );
+        registry.register(
+            "ingest_log_written_bytes",
+            "Bytes written to the embedded ingest log",
+            metrics.ingest_log.bytes.clone(),
+        );
         registry.register("events_accepted", "Events accepted into the pipeline", metrics.events_accepted.clone());
         registry.register(
             "events_rejected",

@@ -22,6 +22,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, MutexGuard};
 use ractor::ActorRef;
 
+use crate::ingest::log::{IngestLog, Recovered};
 use crate::messages::{Event, EventBatch, NoEvent, PartitionId, PartitionMsg, Position};
 use crate::metrics::{Metrics, PartitionLabels};
 use crate::routing::partition_for;
@@ -168,6 +169,11 @@ struct Slot {
 pub enum SubmitError {
     #[error("partition {partition} has {buffered} events waiting for a checkpoint (limit {limit}); retry later")]
     Backpressure { partition: PartitionId, buffered: usize, limit: usize, retry_after: Duration },
+    #[error(
+        "the request puts {events} events into partition {partition}, which holds at most {limit} unconfirmed \
+         events (pipeline.max_buffered_events / pipeline.partitions); split it into smaller requests"
+    )]
+    TooLarge { partition: PartitionId, events: usize, limit: usize },
     #[error("tidemark is shutting down")]
     Closed,
 }
@@ -192,6 +198,8 @@ pub struct SlotStatus {
 
 pub struct PartitionRouter {
     slots: Vec<Slot>,
+    /// The on-disk ingest log (embedded mode with `ingest.durability` fsync or os).
+    disk: Option<Arc<IngestLog>>,
     /// Buffer share of each partition.
     limit: usize,
     mode: LogMode,
@@ -220,11 +228,49 @@ impl PartitionRouter {
             .collect();
         Self {
             slots,
+            disk: None,
             limit: Self::share(max_buffered_events, partitions),
             mode,
             closed: AtomicBool::new(false),
             metrics,
         }
+    }
+
+    /// Make `log` the router's durable log, and take back what it held: the partitions
+    /// continue after the last logged position and replay the logged entries their
+    /// checkpoints do not cover when their actors attach.
+    pub fn with_disk_log(mut self, log: Arc<IngestLog>, recovered: Vec<Vec<Recovered>>) -> Self {
+        for (slot, entries) in self.slots.iter().zip(recovered) {
+            let mut guard = slot.state.lock();
+            for entry in entries {
+                match entry {
+                    Recovered::Events(events) => {
+                        let Some(last) = events.last() else { continue };
+                        guard.next_position = guard.next_position.max(last.position + 1);
+                        guard.clock_ms = guard.clock_ms.max(last.ingest_ms);
+                        guard.buffered += events.len();
+                        guard.log.push_back(LogEntry::Events(Arc::new(events)));
+                    }
+                    Recovered::Tick { position, now_ms } => {
+                        guard.clock_ms = guard.clock_ms.max(now_ms);
+                        if let Some(LogEntry::Tick { position: last, .. }) = guard.log.back()
+                            && *last == position
+                        {
+                            guard.log.pop_back();
+                        }
+                        guard.log.push_back(LogEntry::Tick { position, now_ms });
+                    }
+                }
+            }
+            slot.progress.processed.store(guard.next_position, Ordering::Release);
+        }
+        self.disk = Some(log);
+        self
+    }
+
+    /// The durable ingest log, if there is one.
+    pub fn disk_log(&self) -> Option<&Arc<IngestLog>> {
+        self.disk.as_ref()
     }
 
     /// Each partition's share of `pipeline.max_buffered_events`.
@@ -279,12 +325,18 @@ impl PartitionRouter {
 
     /// Accept `events` (all or none), assigning positions in arrival order per partition.
     pub fn submit(&self, events: Vec<Event>) -> Result<usize, SubmitError> {
+        self.submit_logged(events).map(|(total, _)| total)
+    }
+
+    /// [`Self::submit`], also returning the ingest-log tickets to wait for before the
+    /// events count as accepted (none without a disk log).
+    pub fn submit_logged(&self, events: Vec<Event>) -> Result<(usize, Vec<(PartitionId, u64)>), SubmitError> {
         if self.is_closed() {
             return Err(SubmitError::Closed);
         }
         let total = events.len();
         if total == 0 {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         }
         let mut groups: Vec<Vec<Event>> = (0..self.slots.len()).map(|_| Vec::new()).collect();
         if self.slots.len() == 1 {
@@ -302,6 +354,14 @@ impl PartitionRouter {
             if group.is_empty() {
                 continue;
             }
+            if group.len() > self.limit {
+                // No amount of waiting makes room for it: say so instead of "retry".
+                return Err(SubmitError::TooLarge {
+                    partition: partition as PartitionId,
+                    events: group.len(),
+                    limit: self.limit,
+                });
+            }
             let slot = &self.slots[partition];
             let guard = slot.state.lock();
             let pending = self.pending(&guard, slot);
@@ -316,11 +376,14 @@ impl PartitionRouter {
             }
             guards.push((partition as PartitionId, guard));
         }
+        let mut tickets = Vec::with_capacity(guards.len());
         for (partition, mut guard) in guards {
             let group = std::mem::take(&mut groups[partition as usize]);
-            self.append(partition, &mut guard, group);
+            if let Some(ticket) = self.append(partition, &mut guard, group) {
+                tickets.push((partition, ticket));
+            }
         }
-        Ok(total)
+        Ok((total, tickets))
     }
 
     /// Accept events already known to belong to `partition` (a file replay, which
@@ -330,8 +393,9 @@ impl PartitionRouter {
         self.append(partition, &mut guard, events);
     }
 
-    /// Assign positions and ingest times, deliver to the live actor, keep for replay.
-    fn append(&self, partition: PartitionId, guard: &mut SlotState, mut group: Vec<Event>) {
+    /// Assign positions and ingest times, deliver to the live actor, keep for replay
+    /// (and in the disk log: returns the ticket to wait for).
+    fn append(&self, partition: PartitionId, guard: &mut SlotState, mut group: Vec<Event>) -> Option<u64> {
         if self.keeps_log() {
             guard.clock_ms = guard.clock_ms.max(chrono::Utc::now().timestamp_millis());
         }
@@ -343,6 +407,7 @@ impl PartitionRouter {
             }
         }
         let batch: EventBatch = Arc::new(group);
+        let ticket = self.disk.as_ref().map(|disk| disk.append_events(partition, &batch));
         if let Some(actor) = &guard.actor {
             // A failed send means the actor just died: the supervisor replays the log.
             let _ = actor.send_message(PartitionMsg::Events(Arc::clone(&batch)));
@@ -353,6 +418,7 @@ impl PartitionRouter {
             self.metrics.buffered_events.get_or_create(&PartitionLabels { partition }).set(guard.buffered as i64);
         }
         self.checkpoint_if_pressed(guard);
+        ticket
     }
 
     /// Past a quarter of the bound, ask the partition for a checkpoint (once until one
@@ -469,7 +535,7 @@ impl PartitionRouter {
     /// Advance every partition's ingest clock (idle flushing while no events arrive).
     /// Ticks are logged like events so a replay flushes at the same points.
     pub fn tick(&self, now_ms: i64) {
-        for slot in &self.slots {
+        for (partition, slot) in self.slots.iter().enumerate() {
             let mut guard = slot.state.lock();
             guard.clock_ms = guard.clock_ms.max(now_ms);
             let now_ms = guard.clock_ms;
@@ -485,6 +551,9 @@ impl PartitionRouter {
                     guard.log.pop_back();
                 }
                 guard.log.push_back(LogEntry::Tick { position, now_ms });
+                if let Some(disk) = &self.disk {
+                    disk.append_tick(partition as PartitionId, position, now_ms);
+                }
             }
         }
     }
@@ -525,6 +594,9 @@ impl PartitionRouter {
             let released = entry.events();
             guard.buffered -= released;
             guard.log.pop_front();
+        }
+        if let Some(disk) = &self.disk {
+            disk.release(partition, next_position);
         }
         guard.pressure_checkpoint_requested = false;
         // Still past the threshold (events kept arriving while it was written): ask for
@@ -642,10 +714,19 @@ impl PartitionRouter {
 impl crate::ingest::Ingest for PartitionRouter {
     async fn accept(&self, events: Vec<Event>) -> Result<(), crate::ingest::IngestRefusal> {
         use crate::ingest::IngestRefusal;
-        match self.submit(events) {
-            Ok(_) => Ok(()),
+        match self.submit_logged(events) {
+            Ok((_, tickets)) => match (&self.disk, tickets.is_empty()) {
+                (Some(disk), false) => disk
+                    .wait(tickets.iter().map(|&(_, ticket)| ticket).max().unwrap_or(0))
+                    .await
+                    .map_err(|error| IngestRefusal::Unavailable { reason: error.to_string() }),
+                _ => Ok(()),
+            },
             Err(SubmitError::Backpressure { partition, buffered, limit, retry_after }) => {
                 Err(IngestRefusal::Backpressure { partition, buffered, limit, retry_after })
+            }
+            Err(SubmitError::TooLarge { partition, events, limit }) => {
+                Err(IngestRefusal::TooLarge { partition, events, limit })
             }
             Err(SubmitError::Closed) => Err(IngestRefusal::Closed),
         }
@@ -784,8 +865,11 @@ mod tests {
         let events: Vec<Event> = sensors.iter().take(30).map(|s| event(s, 0)).collect();
         assert_eq!(router.submit(events), Ok(30));
         let before: Vec<_> = (0..2).map(|p| router.status(p).next_position).collect();
-        let big: Vec<Event> = sensors.iter().map(|s| event(s, 0)).collect();
-        assert!(matches!(router.submit(big), Err(SubmitError::Backpressure { .. })));
+        let more: Vec<Event> = sensors.iter().skip(30).take(50).map(|s| event(s, 0)).collect();
+        assert!(matches!(router.submit(more), Err(SubmitError::Backpressure { .. })));
+        // Larger than a partition's share: no retry could ever succeed.
+        let huge: Vec<Event> = sensors.iter().map(|s| event(s, 0)).collect();
+        assert!(matches!(router.submit(huge), Err(SubmitError::TooLarge { limit: 32, .. })));
         let after: Vec<_> = (0..2).map(|p| router.status(p).next_position).collect();
         assert_eq!(before, after, "nothing of a refused request was taken");
         router.close();

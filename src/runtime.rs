@@ -102,13 +102,41 @@ impl Runtime {
             .await
             .with_context(|| format!("cannot open store {}", crate::config::redact_url(&config.store.url)))?;
         let kafka_consume = config.kafka.enabled;
-        let router = Arc::new(PartitionRouter::new(
+        let router = PartitionRouter::new(
             config.pipeline.partitions,
             config.pipeline.max_buffered_events,
             // With Kafka the topic is the log: nothing to keep in memory for replays.
             if kafka_consume { LogMode::External } else { LogMode::Replay },
             Arc::clone(&metrics),
-        ));
+        );
+        let router = Arc::new(
+            if !kafka_consume
+                && config.ingest.mode == IngestMode::Embedded
+                && config.ingest.durability != crate::config::Durability::Memory
+            {
+                let dir = config.ingest_log_dir();
+                let (log, recovered) = crate::ingest::log::IngestLog::open(
+                    &dir,
+                    config.pipeline.partitions,
+                    config.ingest.durability,
+                    config.ingest.log_segment_bytes,
+                    metrics.ingest_log.clone(),
+                )
+                .context("cannot open the ingest log (ingest.log_dir)")?;
+                let logged: usize = recovered
+                    .iter()
+                    .flatten()
+                    .map(|entry| match entry {
+                        crate::ingest::log::Recovered::Events(events) => events.len(),
+                        crate::ingest::log::Recovered::Tick { .. } => 0,
+                    })
+                    .sum();
+                tracing::info!(dir = %dir.display(), logged_events = logged, durability = ?config.ingest.durability, "ingest log open");
+                router.with_disk_log(Arc::new(log), recovered)
+            } else {
+                router
+            },
+        );
         let outputs_configured = !config.kafka.results_topic.is_empty() || !config.kafka.alerts_topic.is_empty();
         let producer = if kafka_consume || outputs_configured || config.ingest.mode == IngestMode::Kafka {
             Some(

@@ -15,6 +15,13 @@ use crate::messages::{Event, PartitionId};
 pub enum IngestRefusal {
     #[error("the pipeline is behind on checkpoints (partition {partition}: {buffered} of {limit} events); retry later")]
     Backpressure { partition: PartitionId, buffered: usize, limit: usize, retry_after: Duration },
+    #[error(
+        "the request puts {events} events into partition {partition}, which holds at most {limit} unconfirmed \
+         events (pipeline.max_buffered_events / pipeline.partitions); split it into smaller requests"
+    )]
+    TooLarge { partition: PartitionId, events: usize, limit: usize },
+    #[error("tidemark cannot make the events durable: {reason}")]
+    Unavailable { reason: String },
     #[error("tidemark is shutting down")]
     Closed,
     #[error("Kafka did not acknowledge the events ({reason}); {acknowledged} of {total} were written")]

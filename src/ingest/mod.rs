@@ -3,6 +3,7 @@
 
 mod fast;
 pub mod handle;
+pub mod log;
 pub mod parse;
 
 pub use handle::{Ingest, IngestRefusal, SourceStatus};

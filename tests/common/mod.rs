@@ -16,6 +16,7 @@ pub fn sources(dir: &Path) -> ConfigSources {
     ConfigSources::default()
         .with("http.listen", "127.0.0.1:0")
         .with("store.url", url)
+        .with("ingest.log_dir", dir.join("ingest-log").display().to_string())
         .with("store.linger", "20ms")
         .with("checkpoint.interval", "200ms")
         .with("supervision.backoff_initial", "20ms")
@@ -63,6 +64,22 @@ impl Client {
 
     pub async fn post_json(&self, body: &Value) -> (u16, Value) {
         self.post("/api/events", "application/json", body.to_string()).await
+    }
+
+    /// POST events; `None` when the connection failed or broke before a full answer
+    /// (the server was killed).
+    pub async fn try_post_json(&self, body: &Value) -> Option<u16> {
+        let response = self
+            .http
+            .post(format!("{}/api/events", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        response.bytes().await.ok()?;
+        Some(status)
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -199,6 +216,17 @@ impl Process {
             .stderr(std::process::Stdio::piped());
         for (key, value) in env {
             command.env(key, value);
+        }
+        // One ingest log per store (a restart with the same store finds its log).
+        if !env.iter().any(|(key, _)| *key == "TIDEMARK__INGEST__LOG_DIR")
+            && let Some((_, url)) = env.iter().find(|(key, _)| *key == "TIDEMARK__STORE__URL")
+            && url.starts_with("postgres")
+        {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            url.hash(&mut hasher);
+            let dir = std::env::temp_dir().join(format!("tidemark-test-log-{:016x}", hasher.finish()));
+            command.env("TIDEMARK__INGEST__LOG_DIR", dir);
         }
         let mut child = command.spawn().expect("tidemark binary starts");
         let stderr = child.stderr.take().expect("stderr");

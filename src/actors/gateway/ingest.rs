@@ -131,6 +131,17 @@ fn refused(app: &AppContext, refusal: IngestRefusal, source: &SourceLabels) -> A
             )
         }
         IngestRefusal::Closed => ApiError::unavailable("shutting_down", "tidemark is shutting down", 5),
+        refusal @ IngestRefusal::TooLarge { .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", refusal.to_string())
+        }
+        IngestRefusal::Unavailable { reason } => {
+            tracing::error!(reason = %reason, "accepted events could not be made durable");
+            ApiError::unavailable(
+                "ingest_log_unavailable",
+                format!("tidemark cannot make the events durable ({reason}); retry the request"),
+                5,
+            )
+        }
         IngestRefusal::BrokerUnavailable { acknowledged, total, reason } => {
             // Those the broker has are on the topic: count them as accepted.
             app.metrics.events_accepted.get_or_create(source).inc_by(acknowledged as u64);

@@ -40,6 +40,9 @@ pub async fn ready(State(app): State<Arc<AppContext>>) -> Response {
     for source in &app.sources {
         problems.extend(source.problems());
     }
+    if let Some(failure) = app.router.disk_log().and_then(|log| log.failure()) {
+        problems.push(format!("ingest log: {failure}"));
+    }
     // Only the partitions this instance serves: in a consumer group the others belong
     // to other members, and a member with none is still ready to answer queries.
     for partition in app.owned_partitions() {
