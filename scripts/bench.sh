@@ -6,6 +6,7 @@
 #   scripts/bench.sh keys       # resident bytes per open key with 1,000,000 keys
 #   scripts/bench.sh startup    # process start-up: replay of 1,000 events; server to /health
 #   scripts/bench.sh http       # ingestion: batched NDJSON and single-event POSTs
+#   scripts/bench.sh durability # batched NDJSON with ingest.durability memory, os, fsync
 #   scripts/bench.sh latency    # window fire -> store ack at 100,000 events/s for 3 min
 #   scripts/bench.sh all
 #
@@ -56,7 +57,8 @@ startup() {
 
 with_server() {
   rm -rf "$dir/http"
-  TIDEMARK__HTTP__LISTEN=127.0.0.1:18182 TIDEMARK__STORE__URL="sqlite://$dir/http/h.db" TIDEMARK__LOG__LEVEL=warn \
+  TIDEMARK__INGEST__DURABILITY="${DURABILITY:-fsync}" \
+    TIDEMARK__HTTP__LISTEN=127.0.0.1:18182 TIDEMARK__STORE__URL="sqlite://$dir/http/h.db" TIDEMARK__LOG__LEVEL=warn \
     $bin/tidemark run 2>"$dir/http.log" &
   server=$!
   until curl -sf http://127.0.0.1:18182/health >/dev/null; do sleep 0.05; done
@@ -72,6 +74,16 @@ http() {
   with_server $bin/tidemark-sim load --url http://127.0.0.1:18182 --mode single --concurrency 32 --duration 15s --quiet
 }
 
+durability() {
+  for durability in memory os fsync; do
+    for _ in 1 2 3; do
+      echo "ingest.durability = $durability"
+      DURABILITY=$durability with_server $bin/tidemark-sim load --url http://127.0.0.1:18182 --mode ndjson \
+        --batch-size 1000 --concurrency 4 --duration 10s --quiet 2>&1 | grep -v "^{"
+    done
+  done
+}
+
 latency() {
   with_server $bin/tidemark-sim load --url http://127.0.0.1:18182 --mode ndjson --batch-size 100 --concurrency 4 \
     --rate 100000 --duration 185s --quiet
@@ -82,7 +94,8 @@ case "${1:-all}" in
   keys) keys ;;
   startup) startup ;;
   http) http ;;
+  durability) durability ;;
   latency) latency ;;
   all) replay; keys; startup; http; latency ;;
-  *) echo "usage: $0 replay|keys|startup|http|latency|all" >&2; exit 2 ;;
+  *) echo "usage: $0 replay|keys|startup|http|durability|latency|all" >&2; exit 2 ;;
 esac

@@ -22,7 +22,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, MutexGuard};
 use ractor::ActorRef;
 
-use crate::ingest::log::{IngestLog, Recovered};
+use crate::ingest::log::{EncodedEvents, IngestLog, Recovered};
 use crate::messages::{Event, EventBatch, NoEvent, PartitionId, PartitionMsg, Position};
 use crate::metrics::{Metrics, PartitionLabels};
 use crate::routing::partition_for;
@@ -347,6 +347,11 @@ impl PartitionRouter {
                 groups[partition].push(event);
             }
         }
+        // The log's encoding of the events, the costly part of an append, before any lock.
+        let mut encoded: Vec<Option<EncodedEvents>> = groups
+            .iter()
+            .map(|group| (self.disk.is_some() && !group.is_empty()).then(|| EncodedEvents::new(group)))
+            .collect();
         // Lock the involved partitions in index order (no deadlock), check every bound,
         // then append: a request is accepted whole or refused whole.
         let mut guards: Vec<(PartitionId, MutexGuard<'_, SlotState>)> = Vec::new();
@@ -379,9 +384,15 @@ impl PartitionRouter {
         let mut tickets = Vec::with_capacity(guards.len());
         for (partition, mut guard) in guards {
             let group = std::mem::take(&mut groups[partition as usize]);
-            if let Some(ticket) = self.append(partition, &mut guard, group) {
+            let encoded = encoded[partition as usize].take();
+            if let Some(ticket) = self.append(partition, &mut guard, group, encoded) {
                 tickets.push((partition, ticket));
             }
+        }
+        if let Some(disk) = &self.disk
+            && !tickets.is_empty()
+        {
+            disk.commit();
         }
         Ok((total, tickets))
     }
@@ -390,12 +401,22 @@ impl PartitionRouter {
     /// waits for [`Self::has_room`] itself).
     pub fn submit_to(&self, partition: PartitionId, events: Vec<Event>) {
         let mut guard = self.slot(partition).state.lock();
-        self.append(partition, &mut guard, events);
+        let encoded = self.disk.as_ref().map(|_| EncodedEvents::new(&events));
+        self.append(partition, &mut guard, events, encoded);
+        if let Some(disk) = &self.disk {
+            disk.commit();
+        }
     }
 
     /// Assign positions and ingest times, deliver to the live actor, keep for replay
     /// (and in the disk log: returns the ticket to wait for).
-    fn append(&self, partition: PartitionId, guard: &mut SlotState, mut group: Vec<Event>) -> Option<u64> {
+    fn append(
+        &self,
+        partition: PartitionId,
+        guard: &mut SlotState,
+        mut group: Vec<Event>,
+        encoded: Option<EncodedEvents>,
+    ) -> Option<u64> {
         if self.keeps_log() {
             guard.clock_ms = guard.clock_ms.max(chrono::Utc::now().timestamp_millis());
         }
@@ -407,7 +428,10 @@ impl PartitionRouter {
             }
         }
         let batch: EventBatch = Arc::new(group);
-        let ticket = self.disk.as_ref().map(|disk| disk.append_events(partition, &batch));
+        let ticket = match (&self.disk, &encoded) {
+            (Some(disk), Some(encoded)) => Some(disk.append_events(partition, &batch, encoded)),
+            _ => None,
+        };
         if let Some(actor) = &guard.actor {
             // A failed send means the actor just died: the supervisor replays the log.
             let _ = actor.send_message(PartitionMsg::Events(Arc::clone(&batch)));

@@ -42,9 +42,10 @@ pub enum Recovered {
     Tick { position: Position, now_ms: i64 },
 }
 
-#[derive(Serialize)]
-enum RecordRef<'a> {
-    Events { partition: PartitionId, first: Position, ingest_ms: i64, events: Vec<EventRef<'a>> },
+/// A record's head; an events record continues with the events (`Vec<EventRef>`).
+#[derive(Serialize, Deserialize)]
+enum Head {
+    Events { partition: PartitionId, first: Position, ingest_ms: i64 },
     Tick { partition: PartitionId, position: Position, now_ms: i64 },
 }
 
@@ -57,17 +58,38 @@ struct EventRef<'a> {
 }
 
 #[derive(Deserialize)]
-enum Record {
-    Events { partition: PartitionId, first: Position, ingest_ms: i64, events: Vec<StoredEvent> },
-    Tick { partition: PartitionId, position: Position, now_ms: i64 },
-}
-
-#[derive(Deserialize)]
 struct StoredEvent {
     sensor_id: CompactString,
     event_type: CompactString,
     value: f64,
     timestamp_ms: i64,
+}
+
+/// A batch's events encoded ahead of the partition's lock (the costly part of an
+/// append, done on the request's own thread).
+pub struct EncodedEvents {
+    bytes: Vec<u8>,
+    crc: crc32fast::Hasher,
+}
+
+impl EncodedEvents {
+    pub fn new(batch: &[Event]) -> Self {
+        let events: Vec<EventRef<'_>> = batch
+            .iter()
+            .map(|e| EventRef {
+                sensor_id: &e.sensor_id,
+                event_type: &e.event_type,
+                value: e.value,
+                timestamp_ms: e.timestamp_ms,
+            })
+            .collect();
+        // Serialising these types into a Vec cannot fail; an empty payload decodes as
+        // no events if it ever did.
+        let bytes = postcard::to_allocvec(&events).unwrap_or_else(|_| vec![0]);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&bytes);
+        Self { bytes, crc }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,64 +232,60 @@ impl IngestLog {
         &self.dir
     }
 
-    /// Append a batch (consecutive positions, one ingest time). Call in position order
-    /// per partition. Returns the ticket to wait for.
-    pub fn append_events(&self, partition: PartitionId, batch: &[Event]) -> u64 {
+    /// Append a batch (consecutive positions, one ingest time) whose events were
+    /// encoded by [`EncodedEvents::new`]. Call in position order per partition, then
+    /// [`Self::commit`]. Returns the ticket to wait for.
+    pub fn append_events(&self, partition: PartitionId, batch: &[Event], encoded: &EncodedEvents) -> u64 {
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             return self.shared.pending.lock().appended;
         };
-        let record = RecordRef::Events {
-            partition,
-            first: first.position,
-            ingest_ms: first.ingest_ms,
-            events: batch
-                .iter()
-                .map(|e| EventRef {
-                    sensor_id: &e.sensor_id,
-                    event_type: &e.event_type,
-                    value: e.value,
-                    timestamp_ms: e.timestamp_ms,
-                })
-                .collect(),
-        };
-        self.append(partition, last.position, &record, true)
+        let head = Head::Events { partition, first: first.position, ingest_ms: first.ingest_ms };
+        self.append(partition, last.position, &head, Some(encoded))
     }
 
     /// Append an ingest-clock tick at `position` (no one waits for it).
     pub fn append_tick(&self, partition: PartitionId, position: Position, now_ms: i64) {
-        self.append(partition, position, &RecordRef::Tick { partition, position, now_ms }, false);
+        self.append(partition, position, &Head::Tick { partition, position, now_ms }, None);
     }
 
-    fn append(&self, partition: PartitionId, last: Position, record: &RecordRef<'_>, events: bool) -> u64 {
-        let ticket = {
-            let mut pending = self.shared.pending.lock();
-            let start = pending.buf.len();
-            pending.buf.extend_from_slice(&[0; HEADER]);
-            pending.buf.push(FORMAT_VERSION);
-            // Serialising into a Vec cannot fail for these types; if it ever did, the
-            // record is dropped whole and the log stays readable.
-            if postcard::to_io(record, &mut pending.buf).is_err() {
-                pending.buf.truncate(start);
-                return pending.appended;
-            }
-            let payload_len = (pending.buf.len() - start - HEADER) as u32;
-            let crc = crc32fast::hash(&pending.buf[start + HEADER..]);
-            pending.buf[start..start + 4].copy_from_slice(&payload_len.to_le_bytes());
-            pending.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-            let max = &mut pending.max_positions[partition as usize];
-            *max = Some(max.map_or(last, |m| m.max(last)));
-            pending.appended += (pending.buf.len() - start) as u64;
-            pending.events |= events;
-            pending.appended
+    fn append(&self, partition: PartitionId, last: Position, head: &Head, events: Option<&EncodedEvents>) -> u64 {
+        let mut head_bytes = [0u8; 48];
+        head_bytes[0] = FORMAT_VERSION;
+        let head_len = match postcard::to_slice(head, &mut head_bytes[1..]) {
+            Ok(used) => used.len() + 1,
+            // A head always fits; if it ever did not, nothing is appended.
+            Err(_) => return self.shared.pending.lock().appended,
         };
-        if !events {
-            // Written with the next round (at the latest a second from now).
-            return ticket;
+        let head_bytes = &head_bytes[..head_len];
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(head_bytes);
+        let payload_len = head_len + events.map_or(0, |e| e.bytes.len());
+        if let Some(events) = events {
+            crc.combine(&events.crc);
         }
+        let crc = crc.finalize();
+        let mut pending = self.shared.pending.lock();
+        pending.buf.reserve(HEADER + payload_len);
+        pending.buf.extend_from_slice(&(payload_len as u32).to_le_bytes());
+        pending.buf.extend_from_slice(&crc.to_le_bytes());
+        pending.buf.extend_from_slice(head_bytes);
+        if let Some(events) = events {
+            pending.buf.extend_from_slice(&events.bytes);
+        }
+        let max = &mut pending.max_positions[partition as usize];
+        *max = Some(max.map_or(last, |m| m.max(last)));
+        pending.appended += (HEADER + payload_len) as u64;
+        pending.events |= events.is_some();
+        pending.appended
+    }
+
+    /// Start writing what was appended (call once after the appends of one request, so
+    /// they share one write and sync). Ticks alone are written with the next round, at
+    /// the latest a second later.
+    pub fn commit(&self) {
         let mut work = self.shared.work.lock();
         *work = true;
         self.shared.wake.notify_one();
-        ticket
     }
 
     /// Wait until everything up to `ticket` is written (and synced with `fsync`).
@@ -403,8 +421,9 @@ fn read_records(data: &[u8], out: &mut [Vec<Recovered>], max_positions: &mut [Op
         if crc32fast::hash(payload) != crc || payload[0] != FORMAT_VERSION {
             break;
         }
-        let (partition, last, entry) = match postcard::from_bytes::<Record>(&payload[1..]) {
-            Ok(Record::Events { partition, first, ingest_ms, events }) => {
+        let (partition, last, entry) = match postcard::take_from_bytes::<Head>(&payload[1..]) {
+            Ok((Head::Events { partition, first, ingest_ms }, rest)) => {
+                let Ok(events) = postcard::from_bytes::<Vec<StoredEvent>>(rest) else { break };
                 let last = first + events.len().saturating_sub(1) as u64;
                 let events = events
                     .into_iter()
@@ -420,7 +439,7 @@ fn read_records(data: &[u8], out: &mut [Vec<Recovered>], max_positions: &mut [Op
                     .collect();
                 (partition, last, Recovered::Events(events))
             }
-            Ok(Record::Tick { partition, position, now_ms }) => {
+            Ok((Head::Tick { partition, position, now_ms }, _)) => {
                 (partition, position, Recovered::Tick { position, now_ms })
             }
             Err(_) => break,
@@ -572,9 +591,11 @@ mod tests {
         {
             let (log, recovered) = open(dir.path(), 1 << 20);
             assert!(recovered.iter().all(Vec::is_empty));
-            let ticket = log.append_events(1, &batch[..60]);
+            let ticket = log.append_events(1, &batch[..60], &EncodedEvents::new(&batch[..60]));
+            log.commit();
             log.append_tick(1, 60, 99);
-            let ticket2 = log.append_events(1, &batch[60..]);
+            let ticket2 = log.append_events(1, &batch[60..], &EncodedEvents::new(&batch[60..]));
+            log.commit();
             log.wait(ticket.max(ticket2)).await.expect("durable");
         }
         let (_log, recovered) = open(dir.path(), 1 << 20);
@@ -595,9 +616,11 @@ mod tests {
         let batch: Vec<Event> = (0..10).map(|p| event("s-2", p, 1)).collect();
         {
             let (log, _) = open(dir.path(), 1 << 20);
-            let ticket = log.append_events(0, &batch[..5]);
+            let ticket = log.append_events(0, &batch[..5], &EncodedEvents::new(&batch[..5]));
+            log.commit();
             log.wait(ticket).await.expect("durable");
-            let ticket = log.append_events(0, &batch[5..]);
+            let ticket = log.append_events(0, &batch[5..], &EncodedEvents::new(&batch[5..]));
+            log.commit();
             log.wait(ticket).await.expect("durable");
         }
         let segment = segment_path(dir.path(), 0);
@@ -607,7 +630,8 @@ mod tests {
         {
             let (log, recovered) = open(dir.path(), 1 << 20);
             assert_eq!(recovered[0], vec![Recovered::Events(batch[..5].to_vec())]);
-            let ticket = log.append_events(0, &batch[5..]);
+            let ticket = log.append_events(0, &batch[5..], &EncodedEvents::new(&batch[5..]));
+            log.commit();
             log.wait(ticket).await.expect("durable");
         }
         let (_log, recovered) = open(dir.path(), 1 << 20);
@@ -622,7 +646,8 @@ mod tests {
         for _ in 0..50 {
             let batch: Vec<Event> = (position..position + 20).map(|p| event("s-3", p, 1)).collect();
             position += 20;
-            let ticket = log.append_events(0, &batch);
+            let ticket = log.append_events(0, &batch, &EncodedEvents::new(&batch));
+            log.commit();
             log.wait(ticket).await.expect("durable");
         }
         let segments = || {
@@ -639,7 +664,9 @@ mod tests {
         ));
         log.release(0, position);
         // Partition 1 has no records: it holds nothing back.
-        let ticket = log.append_events(0, &[event("s-3", position, 1)]);
+        let last = [event("s-3", position, 1)];
+        let ticket = log.append_events(0, &last, &EncodedEvents::new(&last));
+        log.commit();
         log.wait(ticket).await.expect("durable");
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while segments() > 1 && std::time::Instant::now() < deadline {
@@ -651,5 +678,33 @@ mod tests {
             IngestLog::open(dir.path(), 3, Durability::Fsync, 4096, LogMetrics::default()),
             Err(LogError::Partitions { found: 2, expected: 3, .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_segment_stays_while_any_partition_still_needs_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (log, _) = open(dir.path(), 4096);
+        let early = [event("s-4", 0, 1)];
+        let ticket = log.append_events(1, &early, &EncodedEvents::new(&early));
+        log.commit();
+        log.wait(ticket).await.expect("durable");
+        let mut position = 0;
+        for _ in 0..30 {
+            let batch: Vec<Event> = (position..position + 20).map(|p| event("s-5", p, 1)).collect();
+            position += 20;
+            let ticket = log.append_events(0, &batch, &EncodedEvents::new(&batch));
+            log.commit();
+            log.wait(ticket).await.expect("durable");
+        }
+        log.release(0, position);
+        let last = [event("s-5", position, 1)];
+        let ticket = log.append_events(0, &last, &EncodedEvents::new(&last));
+        log.commit();
+        log.wait(ticket).await.expect("durable");
+        std::thread::sleep(Duration::from_millis(200));
+        drop(log);
+        // Partition 1's event (in the first segment) is not checkpointed: it survives.
+        let (_log, recovered) = open(dir.path(), 4096);
+        assert_eq!(recovered[1], vec![Recovered::Events(early.to_vec())]);
     }
 }
