@@ -177,6 +177,10 @@ pub struct PipelineConfig {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     pub max_buffered_events: usize,
+    /// Events stamped further ahead of the ingest clock are rejected (`clock_skew`);
+    /// `0s`: no limit.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -133,7 +133,7 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
     };
     sinks.set_store(Some(sink.clone()));
     let context = Arc::new(PartitionContext {
-        limits: ParseLimits { max_string_bytes: config.ingest.max_string_bytes },
+        limits: ParseLimits::from_config(&config),
         raw_source: None,
         partitions,
         spec: WindowSpec::from_config(&config.pipeline),
@@ -162,7 +162,7 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
 
     let input =
         std::fs::File::open(&options.input).with_context(|| format!("cannot open {}", options.input.display()))?;
-    let limits = ParseLimits { max_string_bytes: config.ingest.max_string_bytes };
+    let limits = ParseLimits::from_config(&config);
     let parsers = options.parsers.max(1);
     let rss_before_input = resident_bytes();
     let feed_router = Arc::clone(&router);
@@ -338,6 +338,7 @@ fn parse_block(block: Block, partitions: u32, limits: ParseLimits) -> ParsedBloc
                     message: format!("block of {} bytes: {error}", block.bytes.len()),
                     raw: String::new(),
                     sensor_id: None,
+                    event_time_ms: None,
                 }],
                 first_line: block.first_line,
             };
@@ -364,7 +365,7 @@ fn dead_letter(sinks: &Sinks, rejected: Vec<Rejection>, first_line: u64) {
             error: format!("line {}: {}", first_line + r.index as u64 + 1, r.message),
             sensor_id: r.sensor_id,
             event_type: None,
-            event_time_ms: None,
+            event_time_ms: r.event_time_ms,
             partition: None,
             position: None,
             payload: r.raw,

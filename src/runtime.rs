@@ -188,7 +188,7 @@ impl Runtime {
             _ => None,
         };
         let context = Arc::new(PartitionContext {
-            limits: ParseLimits { max_string_bytes: config.ingest.max_string_bytes },
+            limits: ParseLimits::from_config(&config),
             raw_source: match (&producer, kafka_consume) {
                 (Some(producer), true) => Some(crate::actors::partition::RawSource {
                     source: crate::messages::Source::Kafka,
@@ -220,7 +220,7 @@ impl Runtime {
             store: Arc::clone(&store),
             sinks: Arc::clone(&sinks),
             metrics: Arc::clone(&metrics),
-            limits: ParseLimits { max_string_bytes: config.ingest.max_string_bytes },
+            limits: ParseLimits::from_config(&config),
             started_at: Instant::now(),
             ingest: match producer.filter(|_| config.ingest.mode == IngestMode::Kafka) {
                 Some(producer) => Arc::new(crate::kafka::KafkaIngest {

@@ -21,6 +21,7 @@ backend_tests!(
         whole_body_errors_and_limits,
         queries_filter_paginate_and_aggregate,
         a_stale_owner_cannot_overwrite_a_checkpoint,
+        a_broken_clock_or_a_huge_value_is_rejected_and_harms_nothing,
     ]
 );
 backend_tests!(
@@ -31,6 +32,7 @@ backend_tests!(
         whole_body_errors_and_limits,
         queries_filter_paginate_and_aggregate,
         a_stale_owner_cannot_overwrite_a_checkpoint,
+        a_broken_clock_or_a_huge_value_is_rejected_and_harms_nothing,
     ]
 );
 
@@ -367,4 +369,64 @@ async fn a_stale_owner_cannot_overwrite_a_checkpoint(backend: Backend) {
     assert_eq!(restored.counters.events_processed, 150);
     assert_eq!(restored.keys[0].state, vec![2], "nor did its key states land");
     store.close().await;
+}
+
+async fn a_broken_clock_or_a_huge_value_is_rejected_and_harms_nothing(backend: Backend) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(
+        sources_on(backend, dir.path())
+            .await
+            .with("pipeline.window", "10s")
+            .with("pipeline.max_out_of_orderness", "2s")
+            .with("pipeline.idle_timeout", "1h"),
+    )
+    .await;
+    let client = Client::new(&runtime);
+    let now = chrono::Utc::now().timestamp_millis();
+    let at = |sensor: &str, value: f64, time: i64| json!({"sensorId": sensor, "eventType": "temperature", "value": value, "timestamp": time});
+    let year_2100 = 4_102_444_800_000;
+    let (status, body) = client
+        .post_json(&json!([
+            at("s-1", 1.0, now - 60_000),
+            at("s-1", 2.0, year_2100),
+            at("s-2", 1.7e308, now - 60_000),
+            at("s-1", 3.0, now - 59_000)
+        ]))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!((body["accepted"].as_u64(), body["rejected"].as_u64()), (Some(2), Some(2)), "{body}");
+    assert_eq!(body["errors"][0]["index"], 1);
+    assert_eq!(body["errors"][0]["reason"], "clock_skew");
+    assert_eq!(body["errors"][0]["field"], "timestamp");
+    let message = body["errors"][0]["error"].as_str().unwrap_or("");
+    assert!(message.contains("2100-01-01") && message.contains("max_future_skew"), "{message}");
+    assert_eq!(body["errors"][1]["reason"], "invalid_value");
+    assert_eq!(body["errors"][1]["field"], "value");
+
+    // The sensor's later, correct events are not late: its watermark never saw 2100.
+    for (value, time) in [(4.0, now - 50_000), (5.0, now - 30_000)] {
+        let (status, body) = client.post_json(&at("s-1", value, time)).await;
+        assert_eq!((status, body["accepted"].as_u64()), (202, Some(1)), "{body}");
+    }
+    eventually(Duration::from_secs(15), "s-1's first three events in fired windows", || async {
+        let page = client.get_ok("/api/predictions?sensorId=s-1").await;
+        let counted: u64 = page["items"].as_array()?.iter().filter_map(|row| row["eventCount"].as_u64()).sum();
+        (counted == 3).then_some(())
+    })
+    .await;
+    let late = client.get_ok("/api/dead-letters?reason=late").await;
+    assert_eq!(late["count"], 0, "{late}");
+
+    let skew = eventually(Duration::from_secs(15), "s-1 listed as skewed", || async {
+        let skew = client.get_ok("/api/sensors/skew").await;
+        (skew["count"] == 1).then_some(skew)
+    })
+    .await;
+    assert_eq!(skew["items"][0]["sensorId"], "s-1", "{skew}");
+    assert_eq!(skew["items"][0]["rejected"], 1, "{skew}");
+    let offset = skew["items"][0]["medianOffsetMs"].as_i64().unwrap_or(0);
+    assert!(offset > 70 * 365 * 86_400_000, "a clock about 74 years ahead: {skew}");
+    let letters = client.get_ok("/api/dead-letters?reason=clock_skew").await;
+    assert_eq!(letters["items"][0]["eventTime"], "2100-01-01T00:00:00.000Z", "{letters}");
+    runtime.shutdown().await;
 }

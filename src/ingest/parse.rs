@@ -21,11 +21,28 @@ pub const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
 #[derive(Clone, Copy, Debug)]
 pub struct ParseLimits {
     pub max_string_bytes: usize,
+    /// Events stamped further than this ahead of the ingest clock are rejected
+    /// (`clock_skew`); `None`: no check.
+    pub max_future_skew_ms: Option<i64>,
 }
+
+impl ParseLimits {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            max_string_bytes: config.ingest.max_string_bytes,
+            max_future_skew_ms: (!config.pipeline.max_future_skew.is_zero())
+                .then(|| i64::try_from(config.pipeline.max_future_skew.as_millis()).unwrap_or(i64::MAX)),
+        }
+    }
+}
+
+/// Largest accepted magnitude of `value`: every aggregate (sums, Welford's squared
+/// deviations over up to 2^32 events) and every model's arithmetic stays finite below it.
+pub const MAX_ABS_VALUE: f64 = 1e100;
 
 impl Default for ParseLimits {
     fn default() -> Self {
-        Self { max_string_bytes: 256 }
+        Self { max_string_bytes: 256, max_future_skew_ms: None }
     }
 }
 
@@ -68,6 +85,8 @@ pub struct Rejection {
     /// The element's text (truncated), for the dead-letter store.
     pub raw: String,
     pub sensor_id: Option<CompactString>,
+    /// The event time, when it was read (a `clock_skew` rejection carries it).
+    pub event_time_ms: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -95,11 +114,12 @@ pub struct FieldError {
     pub field: Option<&'static str>,
     pub reason: RejectReason,
     pub message: String,
+    pub event_time_ms: Option<i64>,
 }
 
 impl FieldError {
     fn new(field: &'static str, reason: RejectReason, message: impl fmt::Display) -> Self {
-        Self { field: Some(field), reason, message: format!("{field}: {message}") }
+        Self { field: Some(field), reason, message: format!("{field}: {message}"), event_time_ms: None }
     }
 }
 
@@ -222,6 +242,7 @@ fn parse_one(parsed: &mut Parsed, index: usize, text: &str, limits: ParseLimits,
                 field: None,
                 reason: RejectReason::Unparsable,
                 message: format!("unparsable: {error}"),
+                event_time_ms: None,
             });
             parsed.rejected.push(rejection(index, field_error, text, None));
         }
@@ -254,6 +275,7 @@ fn rejection(index: usize, error: FieldError, raw: &str, sensor_id: Option<Compa
         message: error.message,
         raw: truncate_payload(raw, crate::messages::MAX_DEAD_LETTER_PAYLOAD),
         sensor_id,
+        event_time_ms: error.event_time_ms,
     }
 }
 
@@ -267,6 +289,7 @@ fn field_error_from_json(error: &serde_json::Error) -> Option<FieldError> {
         field: Some(field),
         reason: RejectReason::NonFinite,
         message: format!("{field}: non-finite value ({rest})"),
+        event_time_ms: None,
     })
 }
 
@@ -466,6 +489,7 @@ impl<'a> RawEvent<'a> {
                 field: None,
                 reason: RejectReason::WrongType,
                 message: format!("event: expected a JSON object, found {kind}"),
+                event_time_ms: None,
             });
         }
         if let Some(field) = self.duplicate {
@@ -479,6 +503,25 @@ impl<'a> RawEvent<'a> {
         let event_type = required_string("eventType", self.event_type.as_ref(), limits)?;
         let value = number("value", self.value.as_ref())?;
         let timestamp_ms = timestamp("timestamp", self.timestamp.as_ref(), now_ms)?;
+        if let Some(skew) = limits.max_future_skew_ms
+            && timestamp_ms > now_ms.saturating_add(skew)
+        {
+            let mut error = FieldError::new(
+                "timestamp",
+                RejectReason::ClockSkew,
+                format_args!(
+                    "{} is {} ahead of tidemark's clock, more than pipeline.max_future_skew ({}); check the sensor's \
+                     clock",
+                    crate::store::ser::rfc3339(timestamp_ms),
+                    humantime::format_duration(std::time::Duration::from_secs(
+                        u64::try_from((timestamp_ms - now_ms) / 1000).unwrap_or(0)
+                    )),
+                    humantime::format_duration(std::time::Duration::from_millis(u64::try_from(skew).unwrap_or(0))),
+                ),
+            );
+            error.event_time_ms = Some(timestamp_ms);
+            return Err(error);
+        }
         Ok(Event { sensor_id, event_type, value, timestamp_ms, ingest_ms: now_ms, position: 0 })
     }
 }
@@ -525,7 +568,12 @@ fn has_control_character(text: &str) -> bool {
 fn number(field: &'static str, value: Option<&Scalar<'_>>) -> Result<f64, FieldError> {
     match value {
         None | Some(Scalar::Null) => Err(FieldError::new(field, RejectReason::MissingField, "missing")),
-        Some(Scalar::Float(v)) if v.is_finite() => Ok(*v),
+        Some(Scalar::Float(v)) if v.is_finite() && v.abs() <= MAX_ABS_VALUE => Ok(*v),
+        Some(Scalar::Float(v)) if v.is_finite() => Err(FieldError::new(
+            field,
+            RejectReason::InvalidValue,
+            format_args!("{v:e} is larger in magnitude than {MAX_ABS_VALUE:e}, the largest accepted value"),
+        )),
         Some(Scalar::Float(v)) => {
             Err(FieldError::new(field, RejectReason::NonFinite, format_args!("non-finite number {v}")))
         }

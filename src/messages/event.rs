@@ -111,10 +111,12 @@ pub enum RejectReason {
     StoreRejected,
     /// Kafka offsets that were deleted by the topic's retention before they were read.
     RetentionGap,
+    /// Stamped further ahead of the ingest clock than `pipeline.max_future_skew`.
+    ClockSkew,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 11] = [
+    pub const ALL: [RejectReason; 12] = [
         Self::MissingField,
         Self::WrongType,
         Self::NonFinite,
@@ -126,6 +128,7 @@ impl RejectReason {
         Self::Poison,
         Self::StoreRejected,
         Self::RetentionGap,
+        Self::ClockSkew,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -141,6 +144,7 @@ impl RejectReason {
             Self::Poison => "poison",
             Self::StoreRejected => "store_rejected",
             Self::RetentionGap => "retention_gap",
+            Self::ClockSkew => "clock_skew",
         }
     }
 

@@ -189,7 +189,7 @@ fn dead_letter(rejection: Rejection, now_ms: i64) -> DeadLetter {
         error: format!("event {}: {}", rejection.index, rejection.message),
         sensor_id: rejection.sensor_id,
         event_type: None,
-        event_time_ms: None,
+        event_time_ms: rejection.event_time_ms,
         partition: None,
         position: None,
         payload: rejection.raw,

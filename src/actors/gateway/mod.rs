@@ -65,6 +65,7 @@ pub fn routes(app: Arc<AppContext>) -> Router {
         .route("/api/predictions", get(query::predictions))
         .route("/api/alerts", get(query::alerts))
         .route("/api/sensors/top", get(query::top_sensors))
+        .route("/api/sensors/skew", get(query::skewed_sensors))
         .route("/api/summary", get(query::summary))
         .route("/api/dead-letters", get(query::dead_letters))
         .route("/api/status", get(ops::status))

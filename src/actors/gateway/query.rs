@@ -162,3 +162,82 @@ pub async fn dead_letters(
         "totalsByReason": counts,
     })))
 }
+
+/// Clock-skew rejections read for `/api/sensors/skew`: the newest this many.
+const SKEW_SAMPLE: usize = 10_000;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SkewedSensor {
+    sensor_id: String,
+    rejected: usize,
+    /// Median of event time − receive time over the rejected events, in milliseconds.
+    median_offset_ms: i64,
+    median_offset: String,
+    #[serde(serialize_with = "crate::store::ser::millis_rfc3339")]
+    last_rejected_at: i64,
+}
+
+/// `GET /api/sensors/skew?limit=` — sensors whose clocks run ahead: events rejected as
+/// `clock_skew` (stamped further ahead than `pipeline.max_future_skew`), per sensor,
+/// with the median offset of their clocks, most rejections first. Read from the newest
+/// 10,000 such dead letters.
+pub async fn skewed_sensors(
+    State(app): State<Arc<AppContext>>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let mut params = Params::parse(raw.as_deref())?;
+    let limit = params.number(&["limit"], 1, MAX_LIMIT, DEFAULT_LIMIT)? as usize;
+    params.finish(&["limit"])?;
+    let mut offsets: BTreeMap<String, (Vec<i64>, i64)> = BTreeMap::new();
+    let mut before_id = None;
+    let mut read = 0;
+    while read < SKEW_SAMPLE {
+        let rows = app
+            .store
+            .dead_letters(&DeadLetterQuery {
+                reason: Some(RejectReason::ClockSkew),
+                sensor_id: None,
+                limit: MAX_LIMIT,
+                before_id,
+            })
+            .await?;
+        read += rows.len();
+        for row in &rows {
+            if let (Some(sensor), Some(event_time)) = (&row.sensor_id, row.event_time) {
+                let entry = offsets.entry(sensor.clone()).or_default();
+                entry.0.push(event_time - row.received_at);
+                entry.1 = entry.1.max(row.received_at);
+            }
+        }
+        match rows.last() {
+            Some(last) if rows.len() == MAX_LIMIT as usize => before_id = Some(last.id),
+            _ => break,
+        }
+    }
+    let mut sensors: Vec<SkewedSensor> = offsets
+        .into_iter()
+        .map(|(sensor_id, (mut offsets, last))| {
+            offsets.sort_unstable();
+            let median = offsets[offsets.len() / 2];
+            SkewedSensor {
+                sensor_id,
+                rejected: offsets.len(),
+                median_offset_ms: median,
+                median_offset: humantime::format_duration(std::time::Duration::from_secs(
+                    u64::try_from(median / 1000).unwrap_or(0),
+                ))
+                .to_string(),
+                last_rejected_at: last,
+            }
+        })
+        .collect();
+    sensors.sort_by(|a, b| b.rejected.cmp(&a.rejected).then_with(|| a.sensor_id.cmp(&b.sensor_id)));
+    sensors.truncate(limit);
+    Ok(Json(json!({
+        "count": sensors.len(),
+        "items": sensors,
+        "maxFutureSkew": humantime::format_duration(app.config.pipeline.max_future_skew).to_string(),
+        "sampledRejections": read,
+    })))
+}
