@@ -202,6 +202,18 @@ async fn whole_body_errors_and_limits(backend: Backend) {
         client.post("/api/events", "application/json", vec!['\u{0}'; 10].into_iter().collect::<String>()).await;
     assert_eq!(status, 400, "{body}");
 
+    // Only JSON and NDJSON: a browser's cross-origin text/plain or form POST is refused.
+    let one = event("a", 1.0, 0).to_string();
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let (status, body) = client.post("/api/events", content_type, one.clone()).await;
+        assert_eq!(status, 415, "{content_type}: {body}");
+        assert_eq!(body["error"]["code"], "unsupported_media_type");
+        assert!(body["error"]["message"].as_str().unwrap_or("").contains(content_type), "{body}");
+    }
+    let (status, body) = client.get("/api/events").await;
+    assert_eq!(status, 405, "{body}");
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+
     // Unknown routes and bad parameters get JSON errors naming what is wrong.
     let (status, body) = client.get("/api/nope").await;
     assert_eq!(status, 404, "{body}");

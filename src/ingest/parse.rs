@@ -57,18 +57,19 @@ pub enum BodyFormat {
 
 impl BodyFormat {
     /// The format a `Content-Type` header announces.
-    pub fn from_content_type(content_type: Option<&str>) -> Self {
-        let Some(content_type) = content_type else {
-            return Self::Json;
-        };
-        let mime = content_type.split(';').next().unwrap_or("").trim();
-        match mime.to_ascii_lowercase().as_str() {
+    /// The body format a `Content-Type` names; `None` for anything but JSON and NDJSON
+    /// (a browser's cross-origin `text/plain` or form POST among them).
+    pub fn from_content_type(content_type: Option<&str>) -> Option<Self> {
+        let mime = content_type?.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        match mime.as_str() {
             "application/x-ndjson"
             | "application/ndjson"
             | "application/jsonl"
             | "application/x-jsonlines"
-            | "application/jsonlines" => Self::Ndjson,
-            _ => Self::Json,
+            | "application/jsonlines" => Some(Self::Ndjson),
+            "application/json" => Some(Self::Json),
+            other if other.starts_with("application/") && other.ends_with("+json") => Some(Self::Json),
+            _ => None,
         }
     }
 }
@@ -778,9 +779,17 @@ mod tests {
 
     #[test]
     fn content_types() {
-        assert_eq!(BodyFormat::from_content_type(Some("application/x-ndjson; charset=utf-8")), BodyFormat::Ndjson);
-        assert_eq!(BodyFormat::from_content_type(Some("application/json")), BodyFormat::Json);
-        assert_eq!(BodyFormat::from_content_type(None), BodyFormat::Json);
+        assert_eq!(
+            BodyFormat::from_content_type(Some("application/x-ndjson; charset=utf-8")),
+            Some(BodyFormat::Ndjson)
+        );
+        assert_eq!(BodyFormat::from_content_type(Some("application/json")), Some(BodyFormat::Json));
+        assert_eq!(BodyFormat::from_content_type(Some("Application/cloudevents+json")), Some(BodyFormat::Json));
+        for refused in
+            [None, Some("text/plain"), Some("application/x-www-form-urlencoded"), Some("multipart/form-data")]
+        {
+            assert_eq!(BodyFormat::from_content_type(refused), None, "{refused:?}");
+        }
     }
 
     /// Text of one JSON value, chosen to hit both what the fast path takes and what it

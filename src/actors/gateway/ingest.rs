@@ -68,7 +68,18 @@ pub async fn post_events(
     if app.sinks.store().is_none() {
         return Err(ApiError::unavailable("store_sink_restarting", "the store sink is restarting; retry shortly", 1));
     }
-    let format = BodyFormat::from_content_type(headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()));
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let Some(format) = BodyFormat::from_content_type(content_type) else {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "Content-Type {}: send application/json (an event or an array of events) or application/x-ndjson \
+                 (one event per line)",
+                content_type.map_or_else(|| "missing".to_string(), |c| format!("{c:?}"))
+            ),
+        ));
+    };
     let now_ms = chrono::Utc::now().timestamp_millis();
     let limits = app.limits;
     let parsed = if body.len() > INLINE_PARSE_LIMIT {

@@ -73,6 +73,7 @@ pub fn routes(app: Arc<AppContext>) -> Router {
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(Arc::clone(&app), track_requests))
         .with_state(app)
@@ -83,6 +84,14 @@ async fn not_found(request: Request) -> ApiError {
         axum::http::StatusCode::NOT_FOUND,
         "not_found",
         format!("no route for {} {}", request.method(), request.uri().path()),
+    )
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", request.method(), request.uri().path()),
     )
 }
 
