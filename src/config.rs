@@ -207,6 +207,8 @@ pub struct StoreConfig {
     pub max_connections: u32,
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
+    /// SQLite: past this size the write-ahead log is checkpointed in full and truncated.
+    pub sqlite_wal_max_bytes: u64,
 }
 
 impl fmt::Debug for StoreConfig {
@@ -217,6 +219,7 @@ impl fmt::Debug for StoreConfig {
             .field("linger", &self.linger)
             .field("max_connections", &self.max_connections)
             .field("statement_timeout", &self.statement_timeout)
+            .field("sqlite_wal_max_bytes", &self.sqlite_wal_max_bytes)
             .finish()
     }
 }

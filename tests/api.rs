@@ -442,3 +442,41 @@ async fn a_broken_clock_or_a_huge_value_is_rejected_and_harms_nothing(backend: B
     assert_eq!(letters["items"][0]["eventTime"], "2100-01-01T00:00:00.000Z", "{letters}");
     runtime.shutdown().await;
 }
+
+/// SQLite's write-ahead log stays bounded: past `store.sqlite_wal_max_bytes` it is
+/// checkpointed in full and truncated (a PASSIVE checkpoint alone leaves the file at its
+/// high-water mark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_wal_is_truncated_past_its_limit() {
+    use tidemark::messages::{DeadLetter, RejectReason, Source};
+    use tidemark::store::WriteBatch;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = common::config(common::sources(dir.path()).with("store.sqlite_wal_max_bytes", 1 << 20));
+    let store = tidemark::store::open(&config.store).await.expect("store");
+    let letters: Vec<DeadLetter> = (0..1000)
+        .map(|i| DeadLetter {
+            received_at_ms: T0,
+            source: Source::Http,
+            reason: RejectReason::Unparsable,
+            error: format!("event {i}: unparsable"),
+            sensor_id: None,
+            event_type: None,
+            event_time_ms: None,
+            partition: None,
+            position: None,
+            payload: "x".repeat(1000),
+        })
+        .collect();
+    for _ in 0..10 {
+        store.write(&WriteBatch { dead_letters: &letters, ..WriteBatch::default() }).await.expect("write");
+    }
+    let wal = dir.path().join("tidemark.db-wal");
+    let peak = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert!(peak > 4 << 20, "the writes grew the WAL first: {peak} bytes");
+    eventually(Duration::from_secs(10), "the WAL truncated", || async {
+        let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        (size <= 1 << 20).then_some(())
+    })
+    .await;
+    store.close().await;
+}

@@ -37,8 +37,15 @@ const WAL_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// Copy the WAL into the database every second with a PASSIVE checkpoint, which never
 /// blocks the writer (pages still being read are left for the next round), so the WAL
-/// stays small without any commit paying for it.
-fn spawn_checkpointer(pool: SqlitePool) -> tokio::task::JoinHandle<()> {
+/// stays small without any commit paying for it. PASSIVE never shrinks the file, and
+/// steady readers can keep SQLite from ever restarting the WAL at its beginning: once
+/// it holds more than `max_bytes`, a TRUNCATE checkpoint waits for the readers (the
+/// busy timeout), copies everything and truncates the file to zero.
+fn spawn_checkpointer(
+    pool: SqlitePool,
+    wal_path: Option<std::path::PathBuf>,
+    max_bytes: u64,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(WAL_CHECKPOINT_EVERY);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -49,6 +56,13 @@ fn spawn_checkpointer(pool: SqlitePool) -> tokio::task::JoinHandle<()> {
             }
             if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
                 tracing::debug!(error = %error, "wal checkpoint skipped");
+            }
+            let size = wal_path.as_ref().and_then(|path| std::fs::metadata(path).ok()).map_or(0, |m| m.len());
+            if size > max_bytes {
+                match sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&pool).await {
+                    Ok(_) => tracing::debug!(wal_bytes = size, "wal truncated"),
+                    Err(error) => tracing::warn!(error = %error, wal_bytes = size, "wal could not be truncated"),
+                }
             }
         }
     })
@@ -108,7 +122,12 @@ impl SqliteStore {
             .acquire_timeout(config.statement_timeout)
             .connect_with(options)
             .await?;
-        let checkpointer = spawn_checkpointer(pool.clone());
+        let wal_path = sqlite_path(&config.url).map(|db| {
+            let mut name = db.as_os_str().to_os_string();
+            name.push("-wal");
+            std::path::PathBuf::from(name)
+        });
+        let checkpointer = spawn_checkpointer(pool.clone(), wal_path, config.sqlite_wal_max_bytes);
         Ok(Self { pool, writer, timeout: config.statement_timeout, checkpointer })
     }
 
