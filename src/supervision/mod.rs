@@ -25,16 +25,15 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
-use tokio::time::Instant;
 
 use self::partition::{PartitionSupervisor, PartitionSupervisorArgs, PartitionSupervisorMsg};
-use self::policy::{Decision, ExitStatus, RestartBudget, RestartPolicy, RestartTracker};
+use self::policy::{ExitStatus, RestartBudget, RestartTracker};
 use self::sinks::{SinkSupervisor, SinkSupervisorArgs, SinkSupervisorMsg};
 use crate::actors::gateway::{AppContext, GatewayActor, GatewayArgs, GatewayMsg};
 use crate::actors::partition::PartitionContext;
 use crate::actors::sinks::Sinks;
 use crate::config::Config;
-use crate::metrics::{ActorLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::router::PartitionRouter;
 use crate::store::Store;
 
@@ -273,20 +272,8 @@ impl Actor for RootSupervisor {
         }
         tracing::error!(child = child.name(), reason = status.message(), "subtree exited");
         let tracker = state.trackers.entry(child).or_default();
-        match tracker.decide(Instant::now(), &status, RestartPolicy::Permanent, &state.budget) {
-            Decision::Restart { after, .. } => {
-                state.parts.metrics.actor_restarts.get_or_create(&ActorLabels { actor: child.name().into() }).inc();
-                myself.send_after(after, move || RootMsg::Restart(child));
-                Ok(())
-            }
-            Decision::Ignore => Ok(()),
-            Decision::Escalate { restarts, window } => Err(format!(
-                "{} failed {restarts} times within {}; stopping tidemark (last: {})",
-                child.name(),
-                humantime::format_duration(window),
-                status.message()
-            )
-            .into()),
-        }
+        policy::on_child_exit(&myself, child.name(), &status, tracker, &state.budget, &state.parts.metrics, move || {
+            RootMsg::Restart(child)
+        })
     }
 }

@@ -8,12 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tokio::time::Instant;
 
-use super::policy::{Decision, ExitStatus, RestartBudget, RestartPolicy, RestartTracker, RetryBackoff};
+use super::policy::{ExitStatus, RestartBudget, RestartTracker, RetryBackoff};
 use crate::actors::partition::{PartitionActor, PartitionArgs, PartitionContext};
 use crate::messages::{PartitionId, PartitionMsg, Position, RestoredPartition};
-use crate::metrics::{ActorLabels, PartitionLabels};
+use crate::metrics::PartitionLabels;
 use crate::router::PartitionRouter;
 use crate::store::Store;
 
@@ -244,29 +243,15 @@ impl Actor for PartitionSupervisor {
         if let (ExitStatus::Failed(message), Some(position)) = (&status, failed_at) {
             state.count_attempt(partition, position, message);
         }
-        let decision =
-            state.trackers[index].decide(Instant::now(), &status, RestartPolicy::Permanent, &state.args.budget);
-        match decision {
-            Decision::Restart { after, attempt } => {
-                state
-                    .args
-                    .context
-                    .metrics
-                    .actor_restarts
-                    .get_or_create(&ActorLabels { actor: format!("partition-{partition}") })
-                    .inc();
-                tracing::warn!(partition, attempt, delay_ms = after.as_millis() as u64, "restarting partition");
-                myself.send_after(after, move || PartitionSupervisorMsg::Restart(partition));
-                Ok(())
-            }
-            Decision::Ignore => Ok(()),
-            Decision::Escalate { restarts, window } => Err(format!(
-                "partition {partition} failed {restarts} times within {}; escalating (last: {})",
-                humantime::format_duration(window),
-                status.message()
-            )
-            .into()),
-        }
+        super::policy::on_child_exit(
+            &myself,
+            &format!("partition-{partition}"),
+            &status,
+            &mut state.trackers[index],
+            &state.args.budget,
+            &state.args.context.metrics,
+            move || PartitionSupervisorMsg::Restart(partition),
+        )
     }
 }
 

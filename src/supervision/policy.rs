@@ -135,6 +135,36 @@ impl RestartTracker {
     }
 }
 
+/// What every supervisor does when a child exits, in one place: ask the child's
+/// tracker, then count the restart (`tidemark_actor_restarts_total{actor=child}`) and
+/// send `restart` to `myself` after the backoff, leave the child stopped, or fail the
+/// supervisor with an error naming the child so its own parent decides.
+pub fn on_child_exit<M: ractor::Message>(
+    myself: &ractor::ActorRef<M>,
+    child: &str,
+    status: &ExitStatus,
+    tracker: &mut RestartTracker,
+    budget: &RestartBudget,
+    metrics: &crate::metrics::Metrics,
+    restart: impl FnOnce() -> M + Send + 'static,
+) -> Result<(), ActorProcessingErr> {
+    match tracker.decide(Instant::now(), status, RestartPolicy::Permanent, budget) {
+        Decision::Restart { after, attempt } => {
+            metrics.actor_restarts.get_or_create(&crate::metrics::ActorLabels { actor: child.to_string() }).inc();
+            tracing::warn!(child, attempt, delay_ms = after.as_millis() as u64, "restarting");
+            myself.send_after(after, restart);
+            Ok(())
+        }
+        Decision::Ignore => Ok(()),
+        Decision::Escalate { restarts, window } => Err(format!(
+            "{child} failed {restarts} times within {}; escalating (last: {})",
+            humantime::format_duration(window),
+            status.message()
+        )
+        .into()),
+    }
+}
+
 /// Exponential backoff with full jitter for retrying I/O (sinks, checkpoint loads).
 #[derive(Clone, Debug)]
 pub struct RetryBackoff {
@@ -227,5 +257,66 @@ mod tests {
         }
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+
+    /// A stand-in supervisor that forwards the restart messages it receives.
+    struct Forward;
+
+    impl ractor::Actor for Forward {
+        type Msg = u32;
+        type State = tokio::sync::mpsc::UnboundedSender<u32>;
+        type Arguments = tokio::sync::mpsc::UnboundedSender<u32>;
+
+        async fn pre_start(
+            &self,
+            _myself: ractor::ActorRef<u32>,
+            sender: Self::Arguments,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(sender)
+        }
+
+        async fn handle(
+            &self,
+            _myself: ractor::ActorRef<u32>,
+            message: u32,
+            sender: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            let _ = sender.send(message);
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_child_exit_restarts_after_the_backoff_counts_it_and_escalates_when_spent() {
+        let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let (myself, _) = ractor::Actor::spawn(None, Forward, sender).await.expect("actor");
+        let metrics = crate::metrics::Metrics::new();
+        let mut tracker = RestartTracker::default();
+        let failed = ExitStatus::Failed("boom".into());
+        for attempt in 1..=3u32 {
+            on_child_exit(&myself, "sink-test", &failed, &mut tracker, &BUDGET, &metrics, move || attempt)
+                .expect("restarts");
+        }
+        // Nothing arrives before the first backoff (100 ms), all three by the cap.
+        tokio::time::advance(Duration::from_millis(99)).await;
+        tokio::task::yield_now().await;
+        assert!(received.try_recv().is_err());
+        tokio::time::advance(Duration::from_millis(200)).await;
+        let mut restarts = Vec::new();
+        for _ in 0..3 {
+            restarts.push(received.recv().await.expect("restart message"));
+        }
+        restarts.sort_unstable();
+        assert_eq!(restarts, vec![1, 2, 3]);
+        let counted =
+            metrics.actor_restarts.get_or_create(&crate::metrics::ActorLabels { actor: "sink-test".into() }).get();
+        assert_eq!(counted, 3);
+        let error = on_child_exit(&myself, "sink-test", &failed, &mut tracker, &BUDGET, &metrics, || 4)
+            .expect_err("the budget is spent");
+        assert!(
+            error.to_string().starts_with("sink-test failed 3 times within 10s; escalating (last: boom)"),
+            "{error}"
+        );
+        myself.stop(None);
     }
 }

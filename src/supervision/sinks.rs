@@ -5,15 +5,14 @@
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
-use tokio::time::Instant;
 
 use super::Topology;
-use super::policy::{Decision, ExitStatus, RestartBudget, RestartPolicy, RestartTracker};
+use super::policy::{ExitStatus, RestartBudget, RestartTracker};
 use crate::actors::sinks::kafka::{KafkaSink, KafkaSinkArgs};
 use crate::actors::sinks::store::{StoreSink, StoreSinkArgs};
 use crate::actors::sinks::{CheckpointListener, Sinks};
 use crate::config::{ChaosConfig, StoreConfig};
-use crate::metrics::{ActorLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 pub struct SinkSupervisor;
@@ -156,23 +155,15 @@ impl Actor for SinkSupervisor {
             return Ok(());
         }
         tracing::error!(sink = name, reason = status.message(), "sink actor exited");
-        match tracker.decide(Instant::now(), &status, RestartPolicy::Permanent, &state.args.budget) {
-            Decision::Restart { after, .. } => {
-                state.args.metrics.actor_restarts.get_or_create(&ActorLabels { actor: format!("sink-{name}") }).inc();
-                if is_kafka {
-                    myself.send_after(after, || SinkSupervisorMsg::RestartKafka);
-                } else {
-                    myself.send_after(after, || SinkSupervisorMsg::RestartStore);
-                }
-                Ok(())
-            }
-            Decision::Ignore => Ok(()),
-            Decision::Escalate { restarts, window } => Err(format!(
-                "{name} sink failed {restarts} times within {}; escalating (last: {})",
-                humantime::format_duration(window),
-                status.message()
-            )
-            .into()),
-        }
+        let restart = if is_kafka { SinkSupervisorMsg::RestartKafka } else { SinkSupervisorMsg::RestartStore };
+        super::policy::on_child_exit(
+            &myself,
+            &format!("sink-{name}"),
+            &status,
+            tracker,
+            &state.args.budget,
+            &state.args.metrics,
+            move || restart,
+        )
     }
 }

@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tokio::time::Instant;
 
-use super::policy::{Decision, ExitStatus, RestartBudget, RestartPolicy, RestartTracker};
+use super::policy::{ExitStatus, RestartBudget, RestartTracker};
 use crate::actors::sources::kafka::{KafkaShared, KafkaSource, KafkaSourceMsg};
-use crate::metrics::{ActorLabels, Metrics};
+use crate::metrics::Metrics;
 
 pub struct SourceSupervisor;
 
@@ -98,19 +97,14 @@ impl Actor for SourceSupervisor {
             return Ok(());
         }
         tracing::error!(source = "kafka", reason = status.message(), "source exited");
-        match state.tracker.decide(Instant::now(), &status, RestartPolicy::Permanent, &state.args.budget) {
-            Decision::Restart { after, .. } => {
-                state.args.metrics.actor_restarts.get_or_create(&ActorLabels { actor: "source-kafka".into() }).inc();
-                myself.send_after(after, || SourceSupervisorMsg::Restart);
-                Ok(())
-            }
-            Decision::Ignore => Ok(()),
-            Decision::Escalate { restarts, window } => Err(format!(
-                "kafka source failed {restarts} times within {}; escalating (last: {})",
-                humantime::format_duration(window),
-                status.message()
-            )
-            .into()),
-        }
+        super::policy::on_child_exit(
+            &myself,
+            "source-kafka",
+            &status,
+            &mut state.tracker,
+            &state.args.budget,
+            &state.args.metrics,
+            || SourceSupervisorMsg::Restart,
+        )
     }
 }
