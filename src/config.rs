@@ -43,6 +43,15 @@ pub struct HttpConfig {
     pub listen: String,
     pub max_body_bytes: usize,
     pub max_errors_listed: usize,
+    /// A connection whose request header has not fully arrived this long after it
+    /// started is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A request whose body has not fully arrived within this gets 408.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Open connections at most; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -404,6 +413,11 @@ impl Config {
         };
         check(self.http.listen.parse::<SocketAddr>().is_ok(), "http.listen: expected an address like 127.0.0.1:8080");
         check(self.http.max_body_bytes >= 1024, "http.max_body_bytes: must be at least 1024");
+        check(self.http.max_connections >= 1, "http.max_connections: must be at least 1");
+        check(
+            !self.http.header_read_timeout.is_zero() && !self.http.body_read_timeout.is_zero(),
+            "http.header_read_timeout and http.body_read_timeout: must be above 0",
+        );
         check(
             (1..=4096).contains(&self.ingest.max_string_bytes),
             "ingest.max_string_bytes: must be between 1 and 4096",

@@ -480,3 +480,56 @@ async fn the_sqlite_wal_is_truncated_past_its_limit() {
     .await;
     store.close().await;
 }
+
+/// Slow clients do not hold connections: a header that never completes, a connection
+/// that sends nothing, and a body that stops arriving are all cut off, and the server
+/// keeps answering everyone else meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(
+        common::sources(dir.path())
+            .with("http.header_read_timeout", "1s")
+            .with("http.body_read_timeout", "1s")
+            .with("http.max_connections", 64),
+    )
+    .await;
+    let addr = runtime.addr();
+    let mut half_headers = Vec::new();
+    for _ in 0..40 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.expect("write");
+        half_headers.push(stream);
+    }
+    let silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut slow_body = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    slow_body
+        .write_all(
+            b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n[",
+        )
+        .await
+        .expect("write");
+    // Everyone else is still served.
+    let client = Client::new(&runtime);
+    assert_eq!(client.get_ok("/health").await["status"], "ok");
+
+    let started = std::time::Instant::now();
+    let closed = |mut stream: tokio::net::TcpStream| async move {
+        let mut buffer = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buffer)).await {
+            Ok(_) => String::from_utf8_lossy(&buffer).to_string(),
+            Err(_) => panic!("the server kept a slow connection open for 10 s"),
+        }
+    };
+    for stream in half_headers {
+        closed(stream).await;
+    }
+    let answer = closed(slow_body).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    closed(silent).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "cut off after about the timeouts: {:?}", started.elapsed());
+    assert_eq!(client.get_ok("/health").await["status"], "ok");
+    runtime.shutdown().await;
+}

@@ -39,6 +39,18 @@ pub struct IngestError {
     pub error: String,
 }
 
+/// Whether reading the body failed on `http.body_read_timeout`.
+fn is_timeout(rejection: &BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = source {
+        if error.is::<tower_http::timeout::TimeoutError>() || error.to_string().contains("timed out") {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 pub async fn post_events(
     State(app): State<Arc<AppContext>>,
     headers: HeaderMap,
@@ -52,6 +64,15 @@ pub async fn post_events(
                 format!(
                     "request body is larger than http.max_body_bytes ({} bytes); split it into smaller batches",
                     app.config.http.max_body_bytes
+                ),
+            )
+        } else if is_timeout(&rejection) {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within http.body_read_timeout ({})",
+                    humantime::format_duration(app.config.http.body_read_timeout)
                 ),
             )
         } else {

@@ -9,6 +9,7 @@ mod ingest;
 mod ops;
 mod params;
 mod query;
+pub mod serve;
 
 pub use error::ApiError;
 
@@ -75,6 +76,7 @@ pub fn routes(app: Arc<AppContext>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(app.config.http.body_read_timeout))
         .layer(middleware::from_fn_with_state(Arc::clone(&app), track_requests))
         .with_state(app)
 }
@@ -156,13 +158,17 @@ impl Actor for GatewayActor {
                 .map_err(|error| format!("cannot listen on {}: {error}", args.addr))?,
         };
         let (shutdown, shutdown_signal) = oneshot::channel::<()>();
+        let limits = serve::ServeLimits {
+            header_read_timeout: args.app.config.http.header_read_timeout,
+            max_connections: args.app.config.http.max_connections,
+            drain_timeout: args.app.config.shutdown.timeout,
+        };
         let app = routes(args.app);
         let server = tokio::spawn(async move {
-            let outcome = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = shutdown_signal.await;
-                })
-                .await;
+            let outcome = serve::serve(listener, app, limits, async move {
+                let _ = shutdown_signal.await;
+            })
+            .await;
             let reason = match outcome {
                 Ok(()) => "server stopped".to_string(),
                 Err(error) => format!("server failed: {error}"),
