@@ -34,7 +34,25 @@ pub struct Config {
     pub supervision: SupervisionConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
     pub chaos: ChaosConfig,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `[[auth.api_keys]]` entries: name, sha256 of the key, scopes.
+    #[serde(default)]
+    pub api_keys: Vec<crate::auth::ApiKeyConfig>,
+    /// A TOML file with more `[[api_keys]]` entries (e.g. a mounted Secret); empty: none.
+    pub keys_file: String,
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.api_keys.iter().map(|k| k.name.as_str()).collect();
+        f.debug_struct("AuthConfig").field("api_keys", &names).field("keys_file", &self.keys_file).finish()
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -52,6 +70,9 @@ pub struct HttpConfig {
     pub body_read_timeout: Duration,
     /// Open connections at most; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Serve a non-loopback address without API keys (behind a proxy that
+    /// authenticates, say).
+    pub allow_unauthenticated: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -379,6 +400,7 @@ impl Config {
         let supervision = section!("supervision");
         let shutdown = section!("shutdown");
         let log = section!("log");
+        let auth = section!("auth");
         let chaos = section!("chaos");
 
         if let (
@@ -392,11 +414,24 @@ impl Config {
             Some(supervision),
             Some(shutdown),
             Some(log),
+            Some(auth),
             Some(chaos),
-        ) = (http, ingest, pipeline, kafka, scoring, store, checkpoint, supervision, shutdown, log, chaos)
+        ) = (http, ingest, pipeline, kafka, scoring, store, checkpoint, supervision, shutdown, log, auth, chaos)
         {
-            let config =
-                Config { http, ingest, pipeline, kafka, scoring, store, checkpoint, supervision, shutdown, log, chaos };
+            let config = Config {
+                http,
+                ingest,
+                pipeline,
+                kafka,
+                scoring,
+                store,
+                checkpoint,
+                supervision,
+                shutdown,
+                log,
+                auth,
+                chaos,
+            };
             config.validate(&mut errors);
             if errors.is_empty() {
                 return Ok(config);

@@ -4,6 +4,7 @@
 //!
 //! | module          | owns                                                                  |
 //! |-----------------|-----------------------------------------------------------------------|
+//! | [`auth`]        | API keys and scopes                                                   |
 //! | [`config`]      | configuration layers, validation listing every error, redaction       |
 //! | [`messages`]    | events, window results, dead letters, checkpoints, actor messages     |
 //! | [`ingest`]      | parsing and validating request bodies (JSON, arrays, NDJSON)          |
@@ -28,6 +29,7 @@
 //! query API. See `docs/architecture.md`.
 
 pub mod actors;
+pub mod auth;
 pub mod config;
 pub mod ingest;
 pub mod kafka;

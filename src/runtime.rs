@@ -210,6 +210,18 @@ impl Runtime {
             sinks: Arc::clone(&sinks),
             chaos: config.chaos.clone(),
         });
+        let keys = Arc::new(
+            crate::auth::KeyRing::load(&config.auth.api_keys, &config.auth.keys_file)
+                .map_err(|errors| anyhow::anyhow!("invalid API keys:\n  {}", errors.join("\n  ")))?,
+        );
+        if !keys.is_enabled() && !config.listen_addr().ip().is_loopback() && !config.http.allow_unauthenticated {
+            anyhow::bail!(
+                "http.listen {} is not a loopback address and no API keys are configured: anyone who can reach it \
+                 could ingest and read. Add auth.api_keys (tidemark hash-key makes one), or set \
+                 http.allow_unauthenticated = true if something in front authenticates",
+                config.http.listen
+            );
+        }
         let listener = tokio::net::TcpListener::bind(config.listen_addr())
             .await
             .with_context(|| format!("cannot listen on {} (http.listen)", config.http.listen))?;
@@ -231,6 +243,7 @@ impl Runtime {
                 None => Arc::clone(&router) as Arc<dyn crate::ingest::Ingest>,
             },
             sources: kafka.iter().map(|kafka| Arc::clone(kafka) as Arc<dyn crate::ingest::SourceStatus>).collect(),
+            keys,
         });
         let parts = Arc::new(RuntimeParts {
             config,

@@ -533,3 +533,91 @@ async fn slow_clients_are_cut_off_and_others_are_served() {
     assert_eq!(client.get_ok("/health").await["status"], "ok");
     runtime.shutdown().await;
 }
+
+/// API keys with scopes: probes stay open, everything else needs a key with the right
+/// scope, and answers say what is missing without echoing the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_every_endpoint_by_scope() {
+    use tidemark::auth::hash_key;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let keys_file = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys_file,
+        format!("[[api_keys]]\nname = \"ops\"\nsha256 = \"{}\"\nscopes = [\"admin\"]\n", hash_key("k-admin")),
+    )
+    .expect("keys file");
+    let runtime = start(
+        common::sources(dir.path()).with("auth.keys_file", keys_file.display().to_string()).with(
+            "auth.api_keys",
+            toml::Value::try_from(json!([
+                {"name": "devices", "sha256": hash_key("k-ingest"), "scopes": ["ingest"]},
+                {"name": "grafana", "sha256": hash_key("k-read"), "scopes": ["read"]},
+            ]))
+            .expect("toml"),
+        ),
+    )
+    .await;
+    let base = format!("http://{}", runtime.addr());
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, key: Option<&str>| {
+        let mut request = http.request(method.clone(), format!("{base}{path}"));
+        if method == reqwest::Method::POST {
+            request = request.header("content-type", "application/json").body(event("s-1", 1.0, 0).to_string());
+        }
+        if let Some(key) = key {
+            request = if key == "k-ingest" {
+                request.header("x-api-key", key)
+            } else {
+                request.header("authorization", format!("Bearer {key}"))
+            };
+        }
+        async move {
+            let response = request.send().await.expect("request");
+            let status = response.status().as_u16();
+            let challenge = response.headers().get("www-authenticate").is_some();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (status, challenge, body)
+        }
+    };
+    use reqwest::Method;
+    for path in ["/health", "/ready"] {
+        assert_eq!(call(Method::GET, path, None).await.0, 200, "{path} stays open for probes");
+    }
+    let (status, challenge, body) = call(Method::GET, "/api/predictions", None).await;
+    assert_eq!((status, challenge), (401, true), "{body}");
+    assert_eq!(body["error"]["code"], "unauthorized");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("read"), "{body}");
+    let (status, _, body) = call(Method::GET, "/api/predictions", Some("tdm_guess")).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(!body.to_string().contains("tdm_guess"), "the key is not echoed: {body}");
+    let cases = [
+        (Method::GET, "/api/predictions", "k-ingest", 403),
+        (Method::GET, "/api/predictions", "k-read", 200),
+        (Method::GET, "/api/predictions", "k-admin", 200),
+        (Method::POST, "/api/events", "k-read", 403),
+        (Method::POST, "/api/events", "k-ingest", 202),
+        (Method::GET, "/metrics", "k-read", 403),
+        (Method::GET, "/api/status", "k-read", 403),
+        (Method::GET, "/metrics", "k-admin", 200),
+        (Method::GET, "/api/status", "k-admin", 200),
+    ];
+    for (method, path, key, expected) in cases {
+        let (status, _, body) = call(method.clone(), path, Some(key)).await;
+        assert_eq!(status, expected, "{method} {path} with {key}: {body}");
+        if expected == 403 {
+            assert_eq!(body["error"]["code"], "forbidden");
+            assert!(!body.to_string().contains(key), "{body}");
+        }
+    }
+    runtime.shutdown().await;
+
+    // Without keys, a non-loopback address is refused (nothing is bound to it).
+    let error = tidemark::runtime::Runtime::start(common::config(
+        common::sources(dir.path()).with("http.listen", "0.0.0.0:0").with("ingest.durability", "memory"),
+    ))
+    .await
+    .err()
+    .expect("refused");
+    let message = format!("{error:#}");
+    assert!(message.contains("not a loopback address") && message.contains("allow_unauthenticated"), "{message}");
+}

@@ -77,6 +77,17 @@ enum Command {
     CheckConfig,
     /// Create or upgrade the store's schema, then exit.
     Migrate,
+    /// Make an API key (or take KEY) and print it with its `[[auth.api_keys]]` entry.
+    HashKey {
+        /// The key's name, shown in logs and errors.
+        #[arg(long, default_value = "client")]
+        name: String,
+        /// Comma-separated scopes: ingest, read, admin.
+        #[arg(long, default_value = "ingest,read")]
+        scopes: String,
+        /// An existing key to hash instead of a new random one.
+        key: Option<String>,
+    },
 }
 
 fn load(sources: ConfigSources) -> Result<Config, ExitCode> {
@@ -98,6 +109,16 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
+            Command::HashKey { name, scopes, key } => {
+                let scopes: Vec<String> = scopes.split(',').map(|s| format!("{:?}", s.trim())).collect();
+                let key = key.unwrap_or_else(tidemark::auth::generate_key);
+                println!("# API key (give it to the client; it is not stored anywhere): {key}");
+                println!("[[auth.api_keys]]");
+                println!("name = {name:?}");
+                println!("sha256 = {:?}", tidemark::auth::hash_key(&key));
+                println!("scopes = [{}]", scopes.join(", "));
+                ExitCode::SUCCESS
+            }
             Command::CheckConfig => match load(sources) {
                 Ok(config) => {
                     print!("{}", config.to_redacted_toml());

@@ -46,6 +46,8 @@ pub struct AppContext {
     pub ingest: Arc<dyn crate::ingest::Ingest>,
     /// Sources with a status of their own (Kafka: assigned partitions, lag).
     pub sources: Vec<Arc<dyn crate::ingest::SourceStatus>>,
+    /// The API keys accepted (none: authentication off).
+    pub keys: Arc<crate::auth::KeyRing>,
 }
 
 impl AppContext {
@@ -77,6 +79,7 @@ pub fn routes(app: Arc<AppContext>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(app.config.http.body_read_timeout))
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), authorize))
         .layer(middleware::from_fn_with_state(Arc::clone(&app), track_requests))
         .with_state(app)
 }
@@ -95,6 +98,35 @@ async fn method_not_allowed(request: Request) -> ApiError {
         "method_not_allowed",
         format!("{} is not allowed on {}", request.method(), request.uri().path()),
     )
+}
+
+/// Check the request's API key against the scope its endpoint needs.
+async fn authorize(State(app): State<Arc<AppContext>>, request: Request, next: Next) -> Response {
+    use axum::response::IntoResponse;
+    let Some(scope) = crate::auth::required_scope(request.method(), request.uri().path()) else {
+        return next.run(request).await;
+    };
+    let headers = request.headers();
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+        .or_else(|| headers.get("x-api-key").and_then(|value| value.to_str().ok()))
+        .map(str::trim);
+    match app.keys.authorize(presented, scope) {
+        Ok(()) => next.run(request).await,
+        Err(error @ crate::auth::AuthError::Forbidden { .. }) => {
+            ApiError::new(axum::http::StatusCode::FORBIDDEN, "forbidden", error.to_string()).into_response()
+        }
+        Err(error) => {
+            let mut response =
+                ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "unauthorized", error.to_string()).into_response();
+            response
+                .headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+            response
+        }
+    }
 }
 
 /// Count requests and their duration per route (the matched pattern, never the raw path).
