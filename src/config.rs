@@ -34,8 +34,25 @@ pub struct Config {
     pub supervision: SupervisionConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub dead_letters: DeadLetterConfig,
     pub auth: AuthConfig,
     pub chaos: ChaosConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// Dead letters older than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// At most this many are kept (the newest).
+    pub max_rows: u64,
+    /// Rejected events handed to the store and not yet written, at most; past it,
+    /// ingestion answers 503 instead of queueing more.
+    pub max_pending: usize,
+    /// How often retention runs.
+    #[serde(with = "humantime_serde")]
+    pub prune_every: Duration,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -400,6 +417,7 @@ impl Config {
         let supervision = section!("supervision");
         let shutdown = section!("shutdown");
         let log = section!("log");
+        let dead_letters = section!("dead_letters");
         let auth = section!("auth");
         let chaos = section!("chaos");
 
@@ -414,10 +432,24 @@ impl Config {
             Some(supervision),
             Some(shutdown),
             Some(log),
+            Some(dead_letters),
             Some(auth),
             Some(chaos),
-        ) = (http, ingest, pipeline, kafka, scoring, store, checkpoint, supervision, shutdown, log, auth, chaos)
-        {
+        ) = (
+            http,
+            ingest,
+            pipeline,
+            kafka,
+            scoring,
+            store,
+            checkpoint,
+            supervision,
+            shutdown,
+            log,
+            dead_letters,
+            auth,
+            chaos,
+        ) {
             let config = Config {
                 http,
                 ingest,
@@ -429,6 +461,7 @@ impl Config {
                 supervision,
                 shutdown,
                 log,
+                dead_letters,
                 auth,
                 chaos,
             };
@@ -449,6 +482,8 @@ impl Config {
         check(self.http.listen.parse::<SocketAddr>().is_ok(), "http.listen: expected an address like 127.0.0.1:8080");
         check(self.http.max_body_bytes >= 1024, "http.max_body_bytes: must be at least 1024");
         check(self.http.max_connections >= 1, "http.max_connections: must be at least 1");
+        check(self.dead_letters.max_pending >= 1, "dead_letters.max_pending: must be at least 1");
+        check(!self.dead_letters.prune_every.is_zero(), "dead_letters.prune_every: must be above 0");
         check(
             !self.http.header_read_timeout.is_zero() && !self.http.body_read_timeout.is_zero(),
             "http.header_read_timeout and http.body_read_timeout: must be above 0",

@@ -82,6 +82,8 @@ pub struct Runtime {
     root: ActorRef<RootMsg>,
     root_handle: Option<JoinHandle<()>>,
     ticker: JoinHandle<()>,
+    /// Dead-letter retention.
+    pruner: JoinHandle<()>,
 }
 
 /// What a graceful shutdown achieved.
@@ -266,6 +268,28 @@ impl Runtime {
         let (root, root_handle) = Actor::spawn(None, RootSupervisor, Arc::clone(&parts))
             .await
             .map_err(|error| anyhow::anyhow!("cannot start the supervision tree: {error}"))?;
+        let pruner = {
+            let store = Arc::clone(&parts.store);
+            let router = Arc::clone(&router);
+            let settings = parts.config.dead_letters.clone();
+            tokio::spawn(async move {
+                let mut interval = tokio::time::interval(settings.prune_every);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    interval.tick().await;
+                    if router.is_closed() {
+                        break;
+                    }
+                    let retention_ms = i64::try_from(settings.retention.as_millis()).unwrap_or(i64::MAX);
+                    let older_than = chrono::Utc::now().timestamp_millis().saturating_sub(retention_ms);
+                    match store.prune_dead_letters(older_than, settings.max_rows).await {
+                        Ok(0) => {}
+                        Ok(deleted) => tracing::info!(deleted, "dead letters past their retention deleted"),
+                        Err(error) => tracing::warn!(%error, "dead-letter retention failed; retrying next round"),
+                    }
+                }
+            })
+        };
         let ticker = tokio::spawn(async move {
             if kafka_consume {
                 return; // the Kafka source ticks its partitions itself
@@ -287,7 +311,7 @@ impl Runtime {
             window = %humantime::format_duration(parts.config.pipeline.window),
             "tidemark is running"
         );
-        Ok(Self { parts, root, root_handle: Some(root_handle), ticker })
+        Ok(Self { parts, root, root_handle: Some(root_handle), ticker, pruner })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -401,6 +425,7 @@ impl Runtime {
             None => false,
         };
         self.ticker.abort();
+        self.pruner.abort();
         self.root.stop(Some("shutdown".into()));
         if let Some(handle) = self.root_handle.take() {
             let _ = tokio::time::timeout(remaining().max(Duration::from_millis(100)), handle).await;

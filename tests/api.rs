@@ -22,6 +22,7 @@ backend_tests!(
         queries_filter_paginate_and_aggregate,
         a_stale_owner_cannot_overwrite_a_checkpoint,
         a_broken_clock_or_a_huge_value_is_rejected_and_harms_nothing,
+        the_dead_letter_store_is_bounded,
     ]
 );
 backend_tests!(
@@ -33,6 +34,7 @@ backend_tests!(
         queries_filter_paginate_and_aggregate,
         a_stale_owner_cannot_overwrite_a_checkpoint,
         a_broken_clock_or_a_huge_value_is_rejected_and_harms_nothing,
+        the_dead_letter_store_is_bounded,
     ]
 );
 
@@ -620,4 +622,54 @@ async fn api_keys_guard_every_endpoint_by_scope() {
     .expect("refused");
     let message = format!("{error:#}");
     assert!(message.contains("not a loopback address") && message.contains("allow_unauthenticated"), "{message}");
+}
+
+async fn the_dead_letter_store_is_bounded(backend: Backend) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(
+        sources_on(backend, dir.path())
+            .await
+            .with("dead_letters.max_rows", 50)
+            .with("dead_letters.max_pending", 300)
+            .with("dead_letters.prune_every", "100ms"),
+    )
+    .await;
+    let client = Client::new(&runtime);
+    let invalid = |n: usize| {
+        (0..n)
+            .map(|i| json!({"sensorId": format!("s-{i}"), "eventType": "t", "value": "hot"}).to_string())
+            .collect::<Vec<_>>()
+    };
+    // More invalid events in one request than could ever be kept: 413, not a retry loop.
+    let (status, body) = client.post("/api/events", "application/x-ndjson", invalid(301).join("\n")).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("dead_letters.max_pending"), "{body}");
+    // Rejected events wait for the store like accepted ones: past max_pending a request
+    // gets 503 and succeeds once the store caught up.
+    let mut refused = 0;
+    for _ in 0..4 {
+        let mut attempts = 0;
+        loop {
+            let (status, body) = client.post("/api/events", "application/x-ndjson", invalid(100).join("\n")).await;
+            if status == 503 && attempts < 100 {
+                assert_eq!(body["error"]["code"], "dead_letter_backpressure", "{body}");
+                refused += 1;
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            assert_eq!(status, 202, "{body}");
+            break;
+        }
+    }
+    eprintln!("{refused} requests refused while the store caught up");
+    // Retention keeps the newest 50.
+    eventually(Duration::from_secs(15), "the dead letters pruned to 50", || async {
+        let page = client.get_ok("/api/dead-letters?limit=1000").await;
+        (page["count"] == 50).then_some(())
+    })
+    .await;
+    let newest = client.get_ok("/api/dead-letters?limit=1").await;
+    assert!(newest["items"][0]["error"].as_str().unwrap_or("").starts_with("event 99:"), "{newest}");
+    runtime.shutdown().await;
 }

@@ -275,6 +275,10 @@ pub trait Store: Send + Sync {
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetterRow>, StoreError>;
     async fn dead_letter_counts(&self) -> Result<Vec<(String, i64)>, StoreError>;
 
+    /// Delete dead letters received before `older_than_ms`, and all but the newest
+    /// `keep_rows`; returns how many went.
+    async fn prune_dead_letters(&self, older_than_ms: i64, keep_rows: u64) -> Result<u64, StoreError>;
+
     /// Cheap reachability check for `/ready`.
     async fn ping(&self) -> Result<(), StoreError>;
 

@@ -491,6 +491,25 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn prune_dead_letters(&self, older_than_ms: i64, keep_rows: u64) -> Result<u64, StoreError> {
+        self.timed(async {
+            let old = sqlx::query("DELETE FROM dead_letters WHERE received_at < to_timestamp($1::float8 / 1000.0)")
+                .bind(older_than_ms as f64)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            let over = sqlx::query(
+                "DELETE FROM dead_letters WHERE id <= (SELECT id FROM dead_letters ORDER BY id DESC LIMIT 1 OFFSET $1)",
+            )
+            .bind(i64::try_from(keep_rows).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            Ok(old + over)
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.timed(async {
             sqlx::query("SELECT 1").execute(&self.pool).await?;

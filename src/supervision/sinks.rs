@@ -62,6 +62,8 @@ impl SinkSupervisorState {
             health: Arc::clone(&self.args.sinks.store_health),
             chaos: self.args.chaos.clone(),
         };
+        // What a failed sink held is gone; what the new one receives is counted afresh.
+        self.args.sinks.store_health.pending_dead_letters.store(0, std::sync::atomic::Ordering::Relaxed);
         let (actor, _) = Actor::spawn_linked(None, StoreSink, args, myself.get_cell()).await?;
         self.args.sinks.set_store(Some(actor));
         Ok(())

@@ -134,6 +134,34 @@ pub async fn post_events(
         }
     };
     let Parsed { events, rejected } = parsed;
+    if rejected.len() > app.config.dead_letters.max_pending {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!(
+                "the request has {} invalid events, more than dead_letters.max_pending ({}) can ever hold; fix or \
+                 split it",
+                rejected.len(),
+                app.config.dead_letters.max_pending
+            ),
+        ));
+    }
+    let pending = app.sinks.store_health.pending_dead_letters.load(std::sync::atomic::Ordering::Relaxed);
+    if !rejected.is_empty() && pending as usize + rejected.len() > app.config.dead_letters.max_pending {
+        // Rejected events are kept, and keeping them costs memory until the store has
+        // them: a flood of invalid events is refused like any other overload.
+        app.metrics.ingest_backpressure.get_or_create(&source).inc();
+        return Err(ApiError::unavailable(
+            "dead_letter_backpressure",
+            format!(
+                "{} rejected events of this request cannot be kept now: {pending} are waiting for the store \
+                 (dead_letters.max_pending {}); nothing of the request was taken, retry later",
+                rejected.len(),
+                app.config.dead_letters.max_pending
+            ),
+            1,
+        ));
+    }
     let accepted = events.len();
     if let Err(refusal) = app.ingest.accept(events).await {
         return Err(refused(&app, refusal, &source));

@@ -53,6 +53,8 @@ pub struct SinkHealth {
     pub rows: AtomicU64,
     pub pending_results: AtomicU64,
     pub pending_checkpoints: AtomicU64,
+    /// Dead letters sent to the store sink and not yet written.
+    pub pending_dead_letters: AtomicU64,
     pub last_success_ms: AtomicU64,
     pub last_error: Mutex<Option<String>>,
 }
@@ -197,8 +199,16 @@ impl Sinks {
     }
 
     pub fn send_store(&self, message: StoreMsg) -> Result<(), SinkUnavailable> {
+        let letters = match &message {
+            StoreMsg::DeadLetters(letters) => letters.len() as u64,
+            _ => 0,
+        };
         match self.store.read().as_ref() {
-            Some(actor) => actor.send_message(message).map_err(|_| SinkUnavailable("store")),
+            Some(actor) => {
+                actor.send_message(message).map_err(|_| SinkUnavailable("store"))?;
+                self.store_health.pending_dead_letters.fetch_add(letters, Ordering::Relaxed);
+                Ok(())
+            }
             None => Err(SinkUnavailable("store")),
         }
     }

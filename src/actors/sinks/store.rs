@@ -252,6 +252,12 @@ impl StoreSinkState {
         for result in &self.results {
             metrics.fire_to_ack.observe((now_ms - result.fired_at_ms) as f64 / 1000.0);
         }
+        let written = self.dead_letters.len() as u64;
+        let _ = self
+            .args
+            .health
+            .pending_dead_letters
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |pending| Some(pending.saturating_sub(written)));
         self.args.health.record_success(rows);
         self.backoff.reset();
         for checkpoint in self.checkpoints.drain(..) {
