@@ -494,8 +494,10 @@ impl Config {
         );
         check((1..=1024).contains(&self.pipeline.partitions), "pipeline.partitions: must be between 1 and 1024");
         check(
-            self.pipeline.window.as_millis() >= 1 && self.pipeline.window.subsec_nanos().is_multiple_of(1_000_000),
-            "pipeline.window: must be a whole number of milliseconds, at least 1ms",
+            self.pipeline.window.as_millis() >= 1
+                && self.pipeline.window <= Duration::from_secs(365 * 86_400)
+                && self.pipeline.window.subsec_nanos().is_multiple_of(1_000_000),
+            "pipeline.window: must be a whole number of milliseconds, between 1ms and 365 days",
         );
         check(
             self.pipeline.max_out_of_orderness.subsec_nanos().is_multiple_of(1_000_000),

@@ -536,6 +536,47 @@ async fn slow_clients_are_cut_off_and_others_are_served() {
     runtime.shutdown().await;
 }
 
+/// Requests the HTTP parser refuses before any handler runs (a URI or header too
+/// large, a malformed request line) and methods a route does not take still get the
+/// JSON error shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_have_the_json_error_shape() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(common::sources(dir.path())).await;
+    let addr = runtime.addr();
+    let exchange = |request: Vec<u8>| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(&request).await.expect("write");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+            .await
+            .expect("answered and closed")
+            .expect("read");
+        let answer = String::from_utf8(answer).expect("utf-8");
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+        let error: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("JSON body ({e}): {answer}"));
+        (head.lines().next().unwrap_or_default().to_string(), error["error"]["code"].as_str().unwrap_or("").to_string())
+    };
+    let long_uri = format!("GET /api/predictions?sensorId={} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(100_000));
+    assert_eq!(exchange(long_uri.into_bytes()).await, ("HTTP/1.1 414 URI Too Long".into(), "uri_too_long".into()));
+    let big_header = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "b".repeat(200_000));
+    let expected = ("HTTP/1.1 431 Request Header Fields Too Large".to_string(), "header_too_large".to_string());
+    assert_eq!(exchange(big_header.into_bytes()).await, expected);
+    let many_fields: String = (0..200).map(|i| format!("X-F{i}: 1\r\n")).collect();
+    let many_fields = format!("GET /health HTTP/1.1\r\nHost: x\r\n{many_fields}\r\n");
+    assert_eq!(exchange(many_fields.into_bytes()).await, expected);
+    assert_eq!(exchange(b"GARBAGE\r\n\r\n".to_vec()).await, ("HTTP/1.1 400 Bad Request".into(), "bad_request".into()));
+    let put = b"PUT /api/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".to_vec();
+    assert_eq!(exchange(put).await, ("HTTP/1.1 405 Method Not Allowed".into(), "method_not_allowed".into()));
+    // The server is fine afterwards, and ids with invisible characters are refused.
+    let client = Client::new(&runtime);
+    let (status, body) = client.post_json(&json!({"sensorId": "s\u{202e}1", "eventType": "t", "value": 1})).await;
+    assert_eq!((status, &body["accepted"], &body["rejected"]), (202, &json!(0), &json!(1)), "{body}");
+    assert!(body["errors"][0]["error"].as_str().unwrap_or("").contains("bidirectional"), "{body}");
+    runtime.shutdown().await;
+}
+
 /// API keys with scopes: probes stay open, everything else needs a key with the right
 /// scope, and answers say what is missing without echoing the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

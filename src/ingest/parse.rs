@@ -15,8 +15,10 @@ use serde_json::value::RawValue;
 
 use crate::messages::{Event, RejectReason, truncate_payload};
 
-/// Largest epoch-millisecond timestamp accepted (9999-12-31T23:59:59.999Z).
-pub const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
+/// Largest epoch-millisecond timestamp accepted (9998-12-31T23:59:59.999Z): a year
+/// short of RFC 3339's last instant, so the end of any window (a year at most) still
+/// has a four-digit year.
+pub const MAX_TIMESTAMP_MS: i64 = 253_370_764_799_999;
 
 #[derive(Clone, Copy, Debug)]
 pub struct ParseLimits {
@@ -545,6 +547,15 @@ fn required_string(
                 ))
             } else if has_control_character(text) {
                 Err(FieldError::new(field, RejectReason::InvalidValue, "must not contain control characters"))
+            } else if let Some(c) = invisible_character(text) {
+                Err(FieldError::new(
+                    field,
+                    RejectReason::InvalidValue,
+                    format_args!(
+                        "must not contain invisible or bidirectional formatting characters (U+{:04X})",
+                        u32::from(c)
+                    ),
+                ))
             } else {
                 Ok(CompactString::from(text.as_ref()))
             }
@@ -563,6 +574,37 @@ fn has_control_character(text: &str) -> bool {
     let bytes = text.as_bytes();
     bytes.iter().enumerate().any(|(i, &b)| {
         b < 0x20 || b == 0x7f || (b == 0xc2 && bytes.get(i + 1).is_some_and(|&next| (0x80..=0x9f).contains(&next)))
+    })
+}
+
+/// The first character of `text` that renders as nothing or reorders what follows:
+/// zero-width and bidirectional formatting characters (Unicode category Cf as far as
+/// identifiers meet it). Two ids that look the same must be the same id.
+fn invisible_character(text: &str) -> Option<char> {
+    if text.is_ascii() {
+        return None;
+    }
+    text.chars().find(|&c| {
+        matches!(
+            c,
+            '\u{00AD}'
+                | '\u{034F}'
+                | '\u{061C}'
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{17B4}'
+                | '\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FEFF}'
+                | '\u{FFA0}'
+                | '\u{FFF9}'..='\u{FFFB}'
+                | '\u{E0000}'..='\u{E007F}'
+        )
     })
 }
 
@@ -630,7 +672,7 @@ fn timestamp(field: &'static str, value: Option<&Scalar<'_>>, now_ms: i64) -> Re
         return Err(FieldError::new(
             field,
             RejectReason::InvalidTimestamp,
-            format_args!("{millis} is outside 1970-01-01 .. 9999-12-31 (epoch milliseconds)"),
+            format_args!("{millis} is outside 1970-01-01 .. 9998-12-31 (epoch milliseconds)"),
         ));
     }
     Ok(millis)
@@ -757,6 +799,22 @@ mod tests {
             BodyError::InvalidJson(_)
         ));
         assert!(matches!(parse_body(&[0xff, 0xfe], BodyFormat::Json, limits, NOW).unwrap_err(), BodyError::NotUtf8(0)));
+    }
+
+    #[test]
+    fn invisible_and_bidi_characters_are_rejected_in_ids() {
+        for c in ['\u{200B}', '\u{200D}', '\u{202E}', '\u{2066}', '\u{FEFF}', '\u{00AD}', '\u{E0041}'] {
+            let body = format!(r#"{{"sensorId":"s{c}1","eventType":"t","value":1}}"#);
+            let parsed = json(&body);
+            assert_eq!(parsed.rejected.len(), 1, "{c:?}");
+            assert!(parsed.rejected[0].message.contains("sensorId"), "{}", parsed.rejected[0].message);
+        }
+        for id in ["capteur-été", "датчик", "センサー", "s-1"] {
+            let body = format!(r#"{{"sensorId":"{id}","eventType":"t","value":1}}"#);
+            assert_eq!(json(&body).events.len(), 1, "{id}");
+        }
+        let parsed = json(r#"{"sensorId":"a","eventType":"t","value":1,"timestamp":"9999-12-31T23:59:59Z"}"#);
+        assert_eq!(parsed.rejected[0].reason, RejectReason::InvalidTimestamp, "a window end would leave RFC 3339");
     }
 
     #[test]

@@ -3,14 +3,20 @@
 //! connections (`http.max_connections`: past it, new connections wait in the listen
 //! backlog until one closes) — and graceful shutdown of the connections in flight.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+/// The largest request head (request line and header fields) read; larger gets 431.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug)]
 pub struct ServeLimits {
@@ -31,7 +37,7 @@ pub async fn serve(
     let permits = std::sync::Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_buf_size(MAX_HEAD_BYTES);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -55,7 +61,7 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let connection = builder.serve_connection(TokioIo::new(JsonParseErrors::new(stream)), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             // A client that stalls or breaks the protocol only ends its own connection.
@@ -70,4 +76,106 @@ pub async fn serve(
         tracing::warn!(timeout = ?limits.drain_timeout, "requests still in flight at shutdown were cut off");
     }
     Ok(())
+}
+
+/// hyper answers a request head it cannot take (400 malformed, 414 URI too long, 431
+/// header too large) itself, with an empty body, before any handler runs. This wrapper
+/// around the connection rewrites exactly those responses into the API's JSON error
+/// shape; everything else passes through untouched. (The gateway's own responses always
+/// carry a body, so a bodiless 400/414/431 can only be hyper's.)
+struct JsonParseErrors<S> {
+    inner: S,
+    /// A rewritten response being written: its bytes, how many went out, and the
+    /// length of the original buffer to report once done.
+    rewrite: Option<(Vec<u8>, usize)>,
+}
+
+impl<S> JsonParseErrors<S> {
+    fn new(inner: S) -> Self {
+        Self { inner, rewrite: None }
+    }
+}
+
+/// The JSON replacement for `buf` if it is hyper's automatic error response.
+fn automatic_error_response(buf: &[u8]) -> Option<Vec<u8>> {
+    let (status, code, message) = match buf.get(..13)? {
+        b"HTTP/1.1 400 " => (400, "bad_request", "the request is not valid HTTP/1.1"),
+        b"HTTP/1.1 414 " => (414, "uri_too_long", "the request URI is longer than 65,534 bytes"),
+        b"HTTP/1.1 431 " => {
+            (431, "header_too_large", "the request header is too large (more than 100 fields or 64 KiB)")
+        }
+        _ => return None,
+    };
+    // The whole buffer is one bodiless head.
+    let head_end = memchr::memmem::find(buf, b"\r\n\r\n")? + 4;
+    if head_end != buf.len() || memchr::memmem::find(&buf[..head_end], b"\r\ncontent-length: 0\r\n").is_none() {
+        return None;
+    }
+    let reason = std::str::from_utf8(&buf[13..memchr::memmem::find(buf, b"\r\n")?]).ok()?;
+    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+    Some(
+        format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for JsonParseErrors<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if this.rewrite.is_none()
+            && let Some(replacement) = automatic_error_response(buf)
+        {
+            this.rewrite = Some((replacement, 0));
+        }
+        let Some((bytes, written)) = this.rewrite.as_mut() else {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        };
+        while *written < bytes.len() {
+            match Pin::new(&mut this.inner).poll_write(cx, &bytes[*written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => *written += n,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        this.rewrite = None;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    // Not vectored: hyper then writes each response head as one buffer, which is what
+    // the check above looks at.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::automatic_error_response;
+
+    #[test]
+    fn only_bodiless_parse_errors_are_rewritten() {
+        let hyper_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let rewritten = String::from_utf8(automatic_error_response(hyper_431).expect("rewritten")).expect("utf-8");
+        assert!(rewritten.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "{rewritten}");
+        assert!(rewritten.ends_with(r#"{"error":{"code":"header_too_large","message":"the request header is too large (more than 100 fields or 64 KiB)"}}"#), "{rewritten}");
+        let app_400 = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 5\r\n\r\n{...}";
+        assert!(automatic_error_response(app_400).is_none());
+        let app_200 = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        assert!(automatic_error_response(app_200).is_none());
+    }
 }
