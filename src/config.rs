@@ -228,6 +228,16 @@ pub struct PipelineConfig {
     /// `0s`: no limit.
     #[serde(with = "humantime_serde")]
     pub max_future_skew: Duration,
+    /// Open keys one partition holds at most; an event that would open another is
+    /// rejected (`key_limit`). 0: no limit.
+    pub max_keys_per_partition: usize,
+    /// A key without events for this long (ingest clock) and no open window leaves
+    /// memory and the checkpoints. `0s`: keys stay.
+    #[serde(with = "humantime_serde")]
+    pub key_ttl: Duration,
+    /// How long an evicted key's tombstone (where its windows stood) is kept.
+    #[serde(with = "humantime_serde")]
+    pub key_tombstone_ttl: Duration,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -493,6 +503,10 @@ impl Config {
             "ingest.max_string_bytes: must be between 1 and 4096",
         );
         check((1..=1024).contains(&self.pipeline.partitions), "pipeline.partitions: must be between 1 and 1024");
+        check(
+            self.pipeline.key_ttl.is_zero() || self.pipeline.key_ttl > self.pipeline.idle_timeout,
+            "pipeline.key_ttl: must be 0s (keys stay) or longer than pipeline.idle_timeout",
+        );
         check(
             self.pipeline.window.as_millis() >= 1
                 && self.pipeline.window <= Duration::from_secs(365 * 86_400)

@@ -9,6 +9,7 @@ use std::hash::{Hash, Hasher};
 use compact_str::CompactString;
 use hashbrown::HashTable;
 use rustc_hash::{FxHashMap, FxHasher};
+use serde::{Deserialize, Serialize};
 
 pub struct KeyEntry<V> {
     pub sensor_id: CompactString,
@@ -110,6 +111,59 @@ impl<V> KeyTable<V> {
         position
     }
 
+    /// The state of a key; on first sight `make` decides whether it may open (`None`:
+    /// refused, the table is left as it was).
+    #[inline]
+    pub fn get_or_try_insert_with(
+        &mut self,
+        sensor_id: &str,
+        event_type: &str,
+        make: impl FnOnce() -> Option<V>,
+    ) -> Option<&mut V> {
+        let hash = hash_key(sensor_id, event_type);
+        let position = match self.find(hash, sensor_id, event_type) {
+            Some(position) => position,
+            None => self.insert_new(hash, sensor_id, event_type, make()?),
+        };
+        Some(&mut self.entries[position as usize].value)
+    }
+
+    /// Remove every key `remove` picks and hand it back; memory the table no longer
+    /// needs is returned to the allocator.
+    pub fn remove_where(&mut self, mut remove: impl FnMut(&V) -> bool) -> Vec<(CompactString, CompactString, V)> {
+        let mut removed = Vec::new();
+        // Downwards: `swap_remove` brings the last entry, already looked at, into the gap.
+        for position in (0..self.entries.len()).rev() {
+            if !remove(&self.entries[position].value) {
+                continue;
+            }
+            let last = self.entries.len() - 1;
+            let entry = &self.entries[position];
+            let hash = hash_key(&entry.sensor_id, &self.types[entry.type_id as usize]);
+            if let Ok(slot) = self.index.find_entry(hash, |&i| i as usize == position) {
+                slot.remove();
+            }
+            if position != last {
+                let moved = &self.entries[last];
+                let moved_hash = hash_key(&moved.sensor_id, &self.types[moved.type_id as usize]);
+                if let Some(slot) = self.index.find_mut(moved_hash, |&i| i as usize == last) {
+                    *slot = position as u32;
+                }
+            }
+            let entry = self.entries.swap_remove(position);
+            removed.push((entry.sensor_id, self.types[entry.type_id as usize].clone(), entry.value));
+        }
+        if !removed.is_empty() && self.entries.capacity() > 2 * self.entries.len() + 64 {
+            self.entries.shrink_to_fit();
+            let Self { index, entries, types, .. } = self;
+            index.shrink_to_fit(|&i| {
+                let entry = &entries[i as usize];
+                hash_key(&entry.sensor_id, &types[entry.type_id as usize])
+            });
+        }
+        removed
+    }
+
     /// Every key with its state.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&CompactString, &CompactString, &mut V)> {
         let types = &self.types;
@@ -121,9 +175,139 @@ impl<V> KeyTable<V> {
     }
 }
 
+/// A stable 64-bit hash of a key (FNV-1a), for what is persisted: unlike the table's
+/// hasher it does not change with a dependency's version.
+pub fn stable_key_hash(sensor_id: &str, event_type: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in sensor_id.bytes().chain(std::iter::once(0xff)).chain(event_type.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// What is kept of a key that left memory after `pipeline.key_ttl`: where its windows
+/// stood, so an event that comes back for a window already fired is still late (the
+/// result in the store is not replaced by one counting only the newcomer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub max_event_ms: i64,
+    pub closed_before_ms: i64,
+    /// Ingest clock at eviction; the tombstone goes `pipeline.key_tombstone_ttl` later.
+    pub evicted_at_ms: i64,
+}
+
+/// Number of checkpoint blobs the tombstones are spread over, so a checkpoint rewrites
+/// only the shards that changed.
+pub const TOMBSTONE_SHARDS: usize = 16;
+
+/// The tombstones of a partition's evicted keys, by [`stable_key_hash`] (24 bytes each,
+/// against a kilobyte or more for a live key).
+#[derive(Default)]
+pub struct Tombstones {
+    shards: [FxHashMap<u64, Tombstone>; TOMBSTONE_SHARDS],
+    dirty: u32,
+}
+
+impl Tombstones {
+    fn shard_of(hash: u64) -> usize {
+        (hash >> 60) as usize % TOMBSTONE_SHARDS
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(FxHashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.iter().all(FxHashMap::is_empty)
+    }
+
+    pub fn insert(&mut self, hash: u64, tombstone: Tombstone) {
+        let shard = Self::shard_of(hash);
+        self.shards[shard].insert(hash, tombstone);
+        self.dirty |= 1 << shard;
+    }
+
+    /// The tombstone of a key coming back, removed.
+    pub fn take(&mut self, hash: u64) -> Option<Tombstone> {
+        if self.is_empty() {
+            return None;
+        }
+        let shard = Self::shard_of(hash);
+        let tombstone = self.shards[shard].remove(&hash)?;
+        self.dirty |= 1 << shard;
+        Some(tombstone)
+    }
+
+    /// Forget tombstones of keys evicted before `before_ms` (ingest clock).
+    pub fn expire(&mut self, before_ms: i64) {
+        for (index, shard) in self.shards.iter_mut().enumerate() {
+            let len = shard.len();
+            shard.retain(|_, tombstone| tombstone.evicted_at_ms >= before_ms);
+            if shard.len() != len {
+                self.dirty |= 1 << index;
+                if shard.capacity() > 2 * shard.len() + 64 {
+                    shard.shrink_to_fit();
+                }
+            }
+        }
+    }
+
+    /// Shards changed since the last call: their index and their entries.
+    pub fn take_dirty(&mut self) -> Vec<(usize, Vec<(u64, Tombstone)>)> {
+        let dirty = std::mem::take(&mut self.dirty);
+        (0..TOMBSTONE_SHARDS)
+            .filter(|shard| dirty & (1 << shard) != 0)
+            .map(|shard| (shard, self.shards[shard].iter().map(|(&hash, &t)| (hash, t)).collect()))
+            .collect()
+    }
+
+    /// Restore one shard from a checkpoint.
+    pub fn restore(&mut self, entries: Vec<(u64, Tombstone)>) {
+        for (hash, tombstone) in entries {
+            self.shards[Self::shard_of(hash)].insert(hash, tombstone);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn removed_keys_leave_and_the_rest_are_still_found() {
+        let mut table: KeyTable<u32> = KeyTable::default();
+        for i in 0..5_000u32 {
+            table.get_or_insert_with(&format!("s-{i}"), "t", || i);
+        }
+        let removed = table.remove_where(|&v| v % 3 == 0);
+        assert_eq!(removed.len(), 1_667);
+        assert!(removed.iter().all(|(sensor, kind, v)| v % 3 == 0 && *sensor == format!("s-{v}") && kind == "t"));
+        assert_eq!(table.len(), 5_000 - 1_667);
+        for i in 0..5_000u32 {
+            let found = table.get_or_try_insert_with(&format!("s-{i}"), "t", || None).copied();
+            assert_eq!(found, (i % 3 != 0).then_some(i), "s-{i}");
+        }
+        assert!(table.get_or_try_insert_with("s-3", "t", || Some(7)).is_some(), "a removed key can come back");
+        assert_eq!(table.len(), 5_000 - 1_666);
+    }
+
+    #[test]
+    fn tombstones_are_taken_expired_and_sharded() {
+        let mut tombstones = Tombstones::default();
+        for i in 0..100 {
+            let t = Tombstone { max_event_ms: i, closed_before_ms: i, evicted_at_ms: i };
+            tombstones.insert(stable_key_hash(&format!("s-{i}"), "t"), t);
+        }
+        let dirty = tombstones.take_dirty();
+        assert_eq!(dirty.iter().map(|(_, entries)| entries.len()).sum::<usize>(), 100);
+        assert!(tombstones.take_dirty().is_empty(), "clean after a checkpoint");
+        assert_eq!(tombstones.take(stable_key_hash("s-7", "t")).map(|t| t.max_event_ms), Some(7));
+        assert_eq!(tombstones.take(stable_key_hash("s-7", "t")), None);
+        tombstones.expire(50);
+        assert_eq!(tombstones.len(), 50);
+        assert_ne!(stable_key_hash("ab", "c"), stable_key_hash("a", "bc"));
+    }
 
     #[test]
     fn finds_inserts_and_iterates() {

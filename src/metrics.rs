@@ -88,6 +88,8 @@ pub struct Metrics {
     pub window_updates: Family<PartitionLabels, Counter>,
     pub anomalies: Family<SeverityLabels, Counter>,
     pub open_keys: Family<PartitionLabels, Gauge>,
+    pub keys_evicted: Family<PartitionLabels, Counter>,
+    pub keys_refused: Family<PartitionLabels, Counter>,
     pub buffered_events: Family<PartitionLabels, Gauge>,
     pub checkpoints_completed: Family<PartitionLabels, Counter>,
     pub checkpoint_position: Family<PartitionLabels, Gauge>,
@@ -130,6 +132,8 @@ impl Metrics {
             window_updates: Family::default(),
             anomalies: Family::default(),
             open_keys: Family::default(),
+            keys_evicted: Family::default(),
+            keys_refused: Family::default(),
             buffered_events: Family::default(),
             checkpoints_completed: Family::default(),
             checkpoint_position: Family::default(),
@@ -184,6 +188,16 @@ impl Metrics {
         registry.register("window_updates", "Windows re-fired by late events", metrics.window_updates.clone());
         registry.register("anomalies", "Anomalous windows, by severity", metrics.anomalies.clone());
         registry.register("open_keys", "Keys (sensorId, eventType) held by a partition", metrics.open_keys.clone());
+        registry.register(
+            "keys_evicted",
+            "Keys that left memory after pipeline.key_ttl without events",
+            metrics.keys_evicted.clone(),
+        );
+        registry.register(
+            "keys_refused",
+            "Events refused because their partition holds pipeline.max_keys_per_partition keys (key_limit)",
+            metrics.keys_refused.clone(),
+        );
         registry.register(
             "buffered_events",
             "Events accepted but not yet covered by a complete checkpoint",

@@ -144,6 +144,7 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
         metrics: Arc::clone(&metrics),
         sinks: Arc::clone(&sinks),
         chaos: config.chaos.clone(),
+        key_limits: crate::actors::partition::KeyLimits::from_config(&config.pipeline),
     });
     let args = PartitionSupervisorArgs {
         context,

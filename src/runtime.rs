@@ -211,6 +211,7 @@ impl Runtime {
             metrics: Arc::clone(&metrics),
             sinks: Arc::clone(&sinks),
             chaos: config.chaos.clone(),
+            key_limits: crate::actors::partition::KeyLimits::from_config(&config.pipeline),
         });
         let keys = Arc::new(
             crate::auth::KeyRing::load(&config.auth.api_keys, &config.auth.keys_file)

@@ -166,6 +166,17 @@ impl KeyWindows {
         self.last_ingest_ms
     }
 
+    /// Where the windows stand, for a key that leaves memory: its maximum event time and
+    /// the start before which windows are closed.
+    pub fn horizon(&self) -> (i64, i64) {
+        (self.max_event_ms, self.closed_before_ms)
+    }
+
+    /// A key coming back: no window open, closed ones still closed.
+    pub fn resumed(max_event_ms: i64, closed_before_ms: i64) -> Self {
+        Self { max_event_ms, closed_before_ms, ..Self::default() }
+    }
+
     /// Add one event; windows that fire because of it are appended to `fired` in order.
     pub fn add(
         &mut self,

@@ -23,6 +23,7 @@ backend_tests!(
         a_stale_owner_cannot_overwrite_a_checkpoint,
         a_broken_clock_or_a_huge_value_is_rejected_and_harms_nothing,
         the_dead_letter_store_is_bounded,
+        keys_are_bounded_and_idle_keys_leave,
     ]
 );
 backend_tests!(
@@ -35,6 +36,7 @@ backend_tests!(
         a_stale_owner_cannot_overwrite_a_checkpoint,
         a_broken_clock_or_a_huge_value_is_rejected_and_harms_nothing,
         the_dead_letter_store_is_bounded,
+        keys_are_bounded_and_idle_keys_leave,
     ]
 );
 
@@ -712,5 +714,71 @@ async fn the_dead_letter_store_is_bounded(backend: Backend) {
     .await;
     let newest = client.get_ok("/api/dead-letters?limit=1").await;
     assert!(newest["items"][0]["error"].as_str().unwrap_or("").starts_with("event 99:"), "{newest}");
+    runtime.shutdown().await;
+}
+
+/// `pipeline.max_keys_per_partition` refuses keys past the limit (dead letters with
+/// reason `key_limit`); `pipeline.key_ttl` takes idle keys out of memory and the
+/// checkpoints, and their tombstones (kept across a restart) still make an event for a
+/// window already fired late instead of replacing that window's result.
+async fn keys_are_bounded_and_idle_keys_leave(backend: Backend) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sources = sources_on(backend, dir.path())
+        .await
+        .with("pipeline.partitions", 1)
+        .with("pipeline.window", "10s")
+        .with("pipeline.idle_timeout", "1s")
+        .with("pipeline.key_ttl", "2s")
+        .with("pipeline.max_keys_per_partition", 10);
+    let runtime = start(sources.clone()).await;
+    let client = Client::new(&runtime);
+    let batch: Vec<Value> = (0..15).map(|i| event(&format!("k-{i}"), 1.0, 1_000)).collect();
+    let (status, body) = client.post_json(&Value::Array(batch)).await;
+    assert_eq!((status, &body["accepted"]), (202, &json!(15)), "{body}");
+    let refused = eventually(Duration::from_secs(15), "5 key_limit dead letters", || async {
+        let page = client.get_ok("/api/dead-letters?reason=key_limit").await;
+        (page["count"] == 5).then_some(page)
+    })
+    .await;
+    let error = refused["items"][0]["error"].as_str().unwrap_or("");
+    assert!(error.contains("max_keys_per_partition") && error.contains("k-1"), "{refused}");
+    // Idle for the TTL: the ten keys leave (after their windows fired).
+    eventually(Duration::from_secs(20), "the idle keys evicted", || async {
+        let status = client.get_ok("/api/status").await;
+        (status["partitions"][0]["openKeys"] == 0).then_some(())
+    })
+    .await;
+    assert_eq!(common::all_predictions(&client).await.len(), 10, "each kept key fired its window once");
+    // An event for k-0's fired window is late (tombstone); a later window and nine new
+    // keys are accepted now that there is room (k-0 is the tenth).
+    let (status, body) = client.post_json(&json!([event("k-0", 50.0, 2_000), event("k-0", 7.0, 25_000)])).await;
+    assert_eq!(status, 202, "{body}");
+    let batch: Vec<Value> = (20..29).map(|i| event(&format!("k-{i}"), 1.0, 1_000)).collect();
+    let (status, _) = client.post_json(&Value::Array(batch)).await;
+    assert_eq!(status, 202);
+    eventually(Duration::from_secs(15), "one late dead letter for k-0", || async {
+        let page = client.get_ok("/api/dead-letters?reason=late&sensorId=k-0").await;
+        (page["count"] == 1).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(20), "the new keys' windows", || async {
+        (common::all_predictions(&client).await.len() == 20).then_some(())
+    })
+    .await;
+    let first = client.get_ok("/api/predictions?sensorId=k-0").await;
+    let counts: Vec<_> = first["items"].as_array().into_iter().flatten().map(|p| p["eventCount"].clone()).collect();
+    assert_eq!(counts, vec![json!(1), json!(1)], "k-0's first window kept its count: {first}");
+    runtime.shutdown().await;
+
+    // After a restart the tombstones still hold: k-1's fired window stays closed.
+    let runtime = start(sources).await;
+    let client = Client::new(&runtime);
+    let (status, body) = client.post_json(&event("k-1", 50.0, 3_000)).await;
+    assert_eq!(status, 202, "{body}");
+    eventually(Duration::from_secs(15), "one late dead letter for k-1", || async {
+        let page = client.get_ok("/api/dead-letters?reason=late&sensorId=k-1").await;
+        (page["count"] == 1).then_some(())
+    })
+    .await;
     runtime.shutdown().await;
 }

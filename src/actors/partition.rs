@@ -16,7 +16,12 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::{Deserialize, Serialize};
 
 use crate::actors::sinks::Sinks;
-use crate::keys::KeyTable;
+use crate::keys::{KeyTable, Tombstone, Tombstones, stable_key_hash};
+
+/// The event type under which a checkpoint keeps the tombstones of evicted keys, one
+/// blob per shard (sensor id: the shard number). Event types cannot hold control
+/// characters, so no real key has it.
+const TOMBSTONE_TYPE: &str = "\u{1}evicted-keys";
 use crate::messages::{
     CheckpointData, DeadLetter, Event, KeyStateBlob, MAX_DEAD_LETTER_PAYLOAD, NoEvent, NoEventKind, PartitionCounters,
     PartitionId, PartitionMsg, PartitionStatus, Position, RawBatch, RawRecord, RejectReason, RestoredPartition,
@@ -48,6 +53,31 @@ pub struct PartitionContext {
     pub metrics: Arc<Metrics>,
     pub sinks: Arc<Sinks>,
     pub chaos: crate::config::ChaosConfig,
+    pub key_limits: KeyLimits,
+}
+
+/// How many keys a partition holds and how long an idle one stays.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyLimits {
+    /// `usize::MAX`: no limit.
+    pub max_per_partition: usize,
+    /// `None`: keys stay.
+    pub ttl_ms: Option<i64>,
+    pub tombstone_ttl_ms: i64,
+}
+
+impl KeyLimits {
+    pub fn from_config(pipeline: &crate::config::PipelineConfig) -> Self {
+        Self {
+            max_per_partition: match pipeline.max_keys_per_partition {
+                0 => usize::MAX,
+                limit => limit,
+            },
+            ttl_ms: (!pipeline.key_ttl.is_zero())
+                .then(|| i64::try_from(pipeline.key_ttl.as_millis()).unwrap_or(i64::MAX)),
+            tombstone_ttl_ms: i64::try_from(pipeline.key_tombstone_ttl.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
 }
 
 /// A source that hands partitions undecoded messages.
@@ -84,6 +114,8 @@ struct Counters {
     fired: Counter,
     updates: Counter,
     open_keys: Gauge,
+    keys_evicted: Counter,
+    keys_refused: Counter,
     consumed: Gauge,
     positions_processed: Gauge,
     positions_dead_lettered: Gauge,
@@ -95,6 +127,10 @@ pub struct PartitionState {
     context: Arc<PartitionContext>,
     progress: Arc<SlotProgress>,
     keys: KeyTable<KeyState>,
+    /// Where the windows of evicted keys stood ([`Tombstone`]).
+    tombstones: Tombstones,
+    /// Tombstone shards changed since the last checkpoint, serialized.
+    tombstone_upserts: Vec<KeyStateBlob>,
     deleted: Vec<(CompactString, CompactString)>,
     next_position: Position,
     clock_ms: i64,
@@ -148,16 +184,26 @@ impl Actor for PartitionActor {
             fired: metrics.windows_fired.get_or_create(&labels).clone(),
             updates: metrics.window_updates.get_or_create(&labels).clone(),
             open_keys: metrics.open_keys.get_or_create(&labels).clone(),
+            keys_evicted: metrics.keys_evicted.get_or_create(&labels).clone(),
+            keys_refused: metrics.keys_refused.get_or_create(&labels).clone(),
             consumed: metrics.positions_consumed.get_or_create(&labels).clone(),
             positions_processed: position_gauge(metrics, partition, "processed"),
             positions_dead_lettered: position_gauge(metrics, partition, "dead_lettered"),
             positions_skipped: position_gauge(metrics, partition, "skipped"),
         };
         let mut keys: KeyTable<KeyState> = KeyTable::default();
+        let mut tombstones = Tombstones::default();
         let (next_position, clock_ms, checkpoint_id, counters, counting) = match restored {
             Some(restored) => {
                 keys.reserve(restored.keys.len());
                 for blob in restored.keys {
+                    if blob.event_type == TOMBSTONE_TYPE {
+                        let entries: Vec<(u64, Tombstone)> = postcard::from_bytes(&blob.state).map_err(|error| {
+                            format!("partition {partition}: checkpointed tombstones cannot be read: {error}")
+                        })?;
+                        tombstones.restore(entries);
+                        continue;
+                    }
                     let state: KeyState = postcard::from_bytes(&blob.state).map_err(|error| {
                         format!(
                             "partition {partition}: checkpointed state of ({}, {}) cannot be read: {error}",
@@ -187,6 +233,8 @@ impl Actor for PartitionActor {
             context,
             progress,
             keys,
+            tombstones,
+            tombstone_upserts: Vec::new(),
             deleted: Vec::new(),
             next_position,
             clock_ms,
@@ -286,11 +334,39 @@ impl PartitionState {
             self.chaos(event);
             self.clock_ms = self.clock_ms.max(event.ingest_ms);
             let scoring = &self.context.scoring;
-            let key = self.keys.get_or_insert_with(&event.sensor_id, &event.event_type, || KeyState {
-                windows: KeyWindows::default(),
-                scorer: scoring.scorer(&event.event_type).new_state(),
-                dirty: true,
+            let (open_keys, tombstones) = (self.keys.len(), &mut self.tombstones);
+            let max_keys = self.context.key_limits.max_per_partition;
+            let key = self.keys.get_or_try_insert_with(&event.sensor_id, &event.event_type, || {
+                if open_keys >= max_keys {
+                    return None;
+                }
+                let windows = match tombstones.take(stable_key_hash(&event.sensor_id, &event.event_type)) {
+                    Some(tombstone) => KeyWindows::resumed(tombstone.max_event_ms, tombstone.closed_before_ms),
+                    None => KeyWindows::default(),
+                };
+                Some(KeyState { windows, scorer: scoring.scorer(&event.event_type).new_state(), dirty: true })
             });
+            let Some(key) = key else {
+                self.metrics.keys_refused.inc();
+                self.context
+                    .metrics
+                    .events_rejected
+                    .get_or_create(&RejectLabels { source: "pipeline", reason: RejectReason::KeyLimit.as_str() })
+                    .inc();
+                self.dead_letters.push(DeadLetter::for_event(
+                    event,
+                    RejectReason::KeyLimit,
+                    format!(
+                        "sensorId: partition {} already holds {max_keys} keys (pipeline.max_keys_per_partition); \
+                         this ({}, {}) would open one more",
+                        self.partition, event.sensor_id, event.event_type
+                    ),
+                    self.partition,
+                ));
+                self.counters.dead_lettered += 1;
+                self.next_position = event.position + 1;
+                continue;
+            };
             key.dirty = true;
             let before = self.fired.len();
             match key.windows.add(&spec, event.timestamp_ms, event.value, event.ingest_ms, &mut self.fired) {
@@ -542,6 +618,32 @@ impl PartitionState {
                 );
             }
         }
+        self.evict_idle_keys();
+    }
+
+    /// Keys without events for `pipeline.key_ttl` and no open window leave memory and
+    /// the checkpoints; a tombstone keeps where their windows stood for
+    /// `pipeline.key_tombstone_ttl`.
+    fn evict_idle_keys(&mut self) {
+        let Some(ttl_ms) = self.context.key_limits.ttl_ms else {
+            return;
+        };
+        let clock_ms = self.clock_ms;
+        let expired = |key: &KeyState| {
+            key.windows.open_windows() == 0
+                && key.windows.last_ingest_ms() != i64::MIN
+                && clock_ms.saturating_sub(key.windows.last_ingest_ms()) >= ttl_ms
+        };
+        let evicted = self.keys.remove_where(expired);
+        for (sensor_id, event_type, key) in evicted {
+            let (max_event_ms, closed_before_ms) = key.windows.horizon();
+            let tombstone = Tombstone { max_event_ms, closed_before_ms, evicted_at_ms: clock_ms };
+            self.tombstones.insert(stable_key_hash(&sensor_id, &event_type), tombstone);
+            self.deleted.push((sensor_id, event_type));
+            self.metrics.keys_evicted.inc();
+        }
+        self.tombstones.expire(clock_ms.saturating_sub(self.context.key_limits.tombstone_ttl_ms));
+        self.metrics.open_keys.set(self.keys.len() as i64);
     }
 
     /// Fire every open window (end of a bounded input).
@@ -596,15 +698,26 @@ impl PartitionState {
     /// Send an incremental checkpoint (keys changed since the last one) to the store
     /// sink, behind every result emitted so far.
     fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
+        for (shard, entries) in self.tombstones.take_dirty() {
+            let sensor_id = CompactString::from(shard.to_string());
+            if entries.is_empty() {
+                self.deleted.push((sensor_id, TOMBSTONE_TYPE.into()));
+            } else {
+                let state = postcard::to_allocvec(&entries)
+                    .map_err(|error| format!("partition {}: cannot serialize tombstones: {error}", self.partition))?;
+                self.tombstone_upserts.push(KeyStateBlob { sensor_id, event_type: TOMBSTONE_TYPE.into(), state });
+            }
+        }
         let unchanged = self.last_checkpoint_position == Some(self.next_position)
             && self.deleted.is_empty()
+            && self.tombstone_upserts.is_empty()
             && !self.keys.values().any(|key| key.dirty);
         if unchanged {
             // The previous checkpoint already covers everything; do not queue another
             // behind it (a failing sink would otherwise collect one per interval).
             return Ok(());
         }
-        let mut upserts = Vec::new();
+        let mut upserts = std::mem::take(&mut self.tombstone_upserts);
         for (sensor_id, event_type, key) in self.keys.iter_mut() {
             if key.dirty {
                 let state = postcard::to_allocvec(&*key)
@@ -612,6 +725,13 @@ impl PartitionState {
                 upserts.push(KeyStateBlob { sensor_id: sensor_id.clone(), event_type: event_type.clone(), state });
                 key.dirty = false;
             }
+        }
+        if !self.deleted.is_empty() {
+            // A key evicted and back since the last checkpoint is written, not deleted.
+            let written: std::collections::HashSet<(&str, &str)> =
+                upserts.iter().map(|blob| (blob.sensor_id.as_str(), blob.event_type.as_str())).collect();
+            self.deleted
+                .retain(|(sensor_id, event_type)| !written.contains(&(sensor_id.as_str(), event_type.as_str())));
         }
         self.checkpoint_id += 1;
         self.open_windows = self.keys.values().map(|key| key.windows.open_windows()).sum();
@@ -711,6 +831,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             sinks,
             chaos: config.chaos.clone(),
+            key_limits: crate::actors::partition::KeyLimits::from_config(&config.pipeline),
         });
         let progress = Arc::new(SlotProgress::default());
         let args = PartitionArgs { partition: 0, context, progress: Arc::clone(&progress), restored, owner_epoch: 7 };

@@ -113,10 +113,12 @@ pub enum RejectReason {
     RetentionGap,
     /// Stamped further ahead of the ingest clock than `pipeline.max_future_skew`.
     ClockSkew,
+    /// A new key in a partition that already holds `pipeline.max_keys_per_partition`.
+    KeyLimit,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 13] = [
         Self::MissingField,
         Self::WrongType,
         Self::NonFinite,
@@ -129,6 +131,7 @@ impl RejectReason {
         Self::StoreRejected,
         Self::RetentionGap,
         Self::ClockSkew,
+        Self::KeyLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -145,6 +148,7 @@ impl RejectReason {
             Self::StoreRejected => "store_rejected",
             Self::RetentionGap => "retention_gap",
             Self::ClockSkew => "clock_skew",
+            Self::KeyLimit => "key_limit",
         }
     }
 
