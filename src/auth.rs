@@ -126,16 +126,17 @@ impl KeyRing {
         !self.by_digest.is_empty()
     }
 
-    /// Whether `presented` (the key from the request, if any) may use `scope`.
-    pub fn authorize(&self, presented: Option<&str>, scope: Scope) -> Result<(), AuthError> {
+    /// Whether `presented` (the key from the request, if any) may use `scope`; the
+    /// key's name when it may (`None`: authentication is off).
+    pub fn authorize(&self, presented: Option<&str>, scope: Scope) -> Result<Option<&str>, AuthError> {
         if !self.is_enabled() {
-            return Ok(());
+            return Ok(None);
         }
         let presented = presented.ok_or(AuthError::Missing(scope.as_str()))?;
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let identity = self.by_digest.get(&digest).ok_or(AuthError::Invalid)?;
         if identity.scopes.contains(&scope) || identity.scopes.contains(&Scope::Admin) {
-            Ok(())
+            Ok(Some(&identity.name))
         } else {
             Err(AuthError::Forbidden { name: identity.name.clone(), scope: scope.as_str() })
         }
@@ -168,15 +169,15 @@ mod tests {
     #[test]
     fn keys_grant_their_scopes_and_admin_grants_all() {
         let ring = ring();
-        assert_eq!(ring.authorize(Some("k-ingest"), Scope::Ingest), Ok(()));
+        assert_eq!(ring.authorize(Some("k-ingest"), Scope::Ingest), Ok(Some("devices")));
         assert_eq!(
             ring.authorize(Some("k-ingest"), Scope::Read),
             Err(AuthError::Forbidden { name: "devices".into(), scope: "read" })
         );
-        assert_eq!(ring.authorize(Some("k-admin"), Scope::Read), Ok(()));
+        assert_eq!(ring.authorize(Some("k-admin"), Scope::Read), Ok(Some("ops")));
         assert_eq!(ring.authorize(Some("nope"), Scope::Read), Err(AuthError::Invalid));
         assert_eq!(ring.authorize(None, Scope::Ingest), Err(AuthError::Missing("ingest")));
-        assert_eq!(KeyRing::default().authorize(None, Scope::Admin), Ok(()), "no keys: off");
+        assert_eq!(KeyRing::default().authorize(None, Scope::Admin), Ok(None), "no keys: off");
     }
 
     #[test]

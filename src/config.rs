@@ -90,6 +90,10 @@ pub struct HttpConfig {
     /// Serve a non-loopback address without API keys (behind a proxy that
     /// authenticates, say).
     pub allow_unauthenticated: bool,
+    /// Requests per second per client (API key, else IP address); 0: no limit.
+    pub rate_limit_per_second: u32,
+    /// Burst above the rate; 0: twice the rate.
+    pub rate_limit_burst: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -36,6 +36,7 @@ pub mod kafka;
 pub mod keys;
 pub mod messages;
 pub mod metrics;
+pub mod ratelimit;
 pub mod replay;
 pub mod router;
 pub mod routing;

@@ -236,6 +236,10 @@ impl Runtime {
             sinks: Arc::clone(&sinks),
             metrics: Arc::clone(&metrics),
             limits: ParseLimits::from_config(&config),
+            rate_limiter: crate::ratelimit::ClientLimiter::new(
+                config.http.rate_limit_per_second,
+                config.http.rate_limit_burst,
+            ),
             started_at: Instant::now(),
             ingest: match producer.filter(|_| config.ingest.mode == IngestMode::Kafka) {
                 Some(producer) => Arc::new(crate::kafka::KafkaIngest {

@@ -579,6 +579,54 @@ async fn protocol_errors_have_the_json_error_shape() {
     runtime.shutdown().await;
 }
 
+/// A client past `http.rate_limit_per_second` gets 429 with `Retry-After`; buckets are
+/// per API key (or per IP address), and probes are never limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_past_their_rate_get_429() {
+    use tidemark::auth::hash_key;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let keys_file = dir.path().join("keys.toml");
+    let entry = |name: &str, key: &str| {
+        format!("[[api_keys]]\nname = \"{name}\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n", hash_key(key))
+    };
+    std::fs::write(&keys_file, entry("a", "key-a") + &entry("b", "key-b")).expect("keys file");
+    let runtime = start(
+        common::sources(dir.path())
+            .with("auth.keys_file", keys_file.to_string_lossy().to_string())
+            .with("http.rate_limit_per_second", 2)
+            .with("http.rate_limit_burst", 5),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", runtime.addr());
+    let get = |path: &str, key: &str| http.get(format!("{base}{path}")).bearer_auth(key).send();
+    let mut statuses = Vec::new();
+    let mut limited = None;
+    for _ in 0..10 {
+        let response = get("/api/predictions", "key-a").await.expect("request");
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 && limited.is_none() {
+            let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(String::from);
+            let body: Value = response.json().await.expect("JSON");
+            limited = Some((retry_after, body));
+        }
+    }
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 5, "the burst, then 429: {statuses:?}");
+    let (retry_after, body) = limited.expect("a 429");
+    assert_eq!(retry_after.as_deref(), Some("1"), "{body}");
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("API key \"a\""), "{body}");
+    // Another key has its own bucket; probes are not limited.
+    assert_eq!(get("/api/predictions", "key-b").await.expect("request").status(), 200);
+    for _ in 0..20 {
+        assert_eq!(http.get(format!("{base}/health")).send().await.expect("request").status(), 200);
+    }
+    // The bucket refills at the rate.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(get("/api/predictions", "key-a").await.expect("request").status(), 200);
+    runtime.shutdown().await;
+}
+
 /// API keys with scopes: probes stay open, everything else needs a key with the right
 /// scope, and answers say what is missing without echoing the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,6 +48,8 @@ pub struct AppContext {
     pub sources: Vec<Arc<dyn crate::ingest::SourceStatus>>,
     /// The API keys accepted (none: authentication off).
     pub keys: Arc<crate::auth::KeyRing>,
+    /// Per-client request rate limit (`None`: off).
+    pub rate_limiter: Option<crate::ratelimit::ClientLimiter>,
 }
 
 impl AppContext {
@@ -79,6 +81,7 @@ pub fn routes(app: Arc<AppContext>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(app.config.http.body_read_timeout))
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), rate_limit))
         .layer(middleware::from_fn_with_state(Arc::clone(&app), authorize))
         .layer(middleware::from_fn_with_state(Arc::clone(&app), track_requests))
         .with_state(app)
@@ -114,7 +117,14 @@ async fn authorize(State(app): State<Arc<AppContext>>, request: Request, next: N
         .or_else(|| headers.get("x-api-key").and_then(|value| value.to_str().ok()))
         .map(str::trim);
     match app.keys.authorize(presented, scope) {
-        Ok(()) => next.run(request).await,
+        Ok(name) => {
+            let client = name.map(|name| crate::ratelimit::ClientId::Key(name.to_string()));
+            let mut request = request;
+            if let Some(client) = client {
+                request.extensions_mut().insert(client);
+            }
+            next.run(request).await
+        }
         Err(error @ crate::auth::AuthError::Forbidden { .. }) => {
             ApiError::new(axum::http::StatusCode::FORBIDDEN, "forbidden", error.to_string()).into_response()
         }
@@ -125,6 +135,40 @@ async fn authorize(State(app): State<Arc<AppContext>>, request: Request, next: N
                 .headers_mut()
                 .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
             response
+        }
+    }
+}
+
+/// Hold each client (its API key, else its IP address) to `http.rate_limit_per_second`.
+async fn rate_limit(State(app): State<Arc<AppContext>>, request: Request, next: Next) -> Response {
+    use axum::response::IntoResponse;
+    let Some(limiter) = &app.rate_limiter else {
+        return next.run(request).await;
+    };
+    if matches!(request.uri().path(), "/health" | "/ready") {
+        return next.run(request).await;
+    }
+    let client = match request.extensions().get::<crate::ratelimit::ClientId>() {
+        Some(client) => client.clone(),
+        None => match request.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>() {
+            Some(info) => crate::ratelimit::ClientId::Ip(info.0.ip()),
+            None => return next.run(request).await,
+        },
+    };
+    match limiter.check(&client) {
+        Ok(()) => next.run(request).await,
+        Err(wait) => {
+            let mut error = ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "{client} sent more than {} requests per second (http.rate_limit_per_second); retry after {} ms",
+                    limiter.per_second(),
+                    wait.as_millis().max(1)
+                ),
+            );
+            error.retry_after_secs = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+            error.into_response()
         }
     }
 }

@@ -47,7 +47,7 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -60,7 +60,9 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        // The peer's address for the handlers (per-IP rate limits).
+        let with_peer = axum::Extension(axum::extract::ConnectInfo::<std::net::SocketAddr>(peer));
+        let service = TowerToHyperService::new(tower::Layer::layer(&with_peer, app.clone()));
         let connection = builder.serve_connection(TokioIo::new(JsonParseErrors::new(stream)), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
