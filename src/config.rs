@@ -94,6 +94,12 @@ pub struct HttpConfig {
     pub rate_limit_per_second: u32,
     /// Burst above the rate; 0: twice the rate.
     pub rate_limit_burst: u32,
+    /// PEM certificate chain and private key: serve HTTPS (both or neither).
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    /// How often the certificate files are checked for a change.
+    #[serde(with = "humantime_serde")]
+    pub tls_reload_interval: Duration,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -47,4 +47,5 @@ pub mod sim;
 pub mod store;
 pub mod supervision;
 pub mod telemetry;
+pub mod tls;
 pub mod window;

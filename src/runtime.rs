@@ -225,6 +225,8 @@ impl Runtime {
                 config.http.listen
             );
         }
+        let tls =
+            crate::tls::GatewayTls::from_config(&config.http).map_err(|error| anyhow::anyhow!(error))?.map(Arc::new);
         let listener = tokio::net::TcpListener::bind(config.listen_addr())
             .await
             .with_context(|| format!("cannot listen on {} (http.listen)", config.http.listen))?;
@@ -251,6 +253,7 @@ impl Runtime {
             },
             sources: kafka.iter().map(|kafka| Arc::clone(kafka) as Arc<dyn crate::ingest::SourceStatus>).collect(),
             keys,
+            tls,
         });
         let parts = Arc::new(RuntimeParts {
             config,

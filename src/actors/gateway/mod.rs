@@ -50,6 +50,8 @@ pub struct AppContext {
     pub keys: Arc<crate::auth::KeyRing>,
     /// Per-client request rate limit (`None`: off).
     pub rate_limiter: Option<crate::ratelimit::ClientLimiter>,
+    /// HTTPS (`None`: plain HTTP).
+    pub tls: Option<Arc<crate::tls::GatewayTls>>,
 }
 
 impl AppContext {
@@ -238,10 +240,12 @@ impl Actor for GatewayActor {
             header_read_timeout: args.app.config.http.header_read_timeout,
             max_connections: args.app.config.http.max_connections,
             drain_timeout: args.app.config.shutdown.timeout,
+            tls_reload_interval: args.app.config.http.tls_reload_interval,
         };
+        let tls = args.app.tls.clone();
         let app = routes(args.app);
         let server = tokio::spawn(async move {
-            let outcome = serve::serve(listener, app, limits, async move {
+            let outcome = serve::serve(listener, app, limits, tls, async move {
                 let _ = shutdown_signal.await;
             })
             .await;

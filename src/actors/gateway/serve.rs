@@ -4,6 +4,7 @@
 //! backlog until one closes) — and graceful shutdown of the connections in flight.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,6 +16,31 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::tls::{GatewayTls, ReloadingCert};
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn reload_certificates(cert: Arc<ReloadingCert>, every: Duration) {
+    let mut ticks = tokio::time::interval(every.max(Duration::from_millis(100)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match cert.reload_if_changed() {
+            Some(Ok(())) => tracing::info!("TLS certificate reloaded"),
+            Some(Err(error)) => {
+                tracing::warn!(%error, "TLS certificate not reloaded; the previous one stays in service")
+            }
+            None => {}
+        }
+    }
+}
+
 /// The largest request head (request line and header fields) read; larger gets 431.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
@@ -24,24 +50,31 @@ pub struct ServeLimits {
     pub max_connections: usize,
     /// How long a graceful shutdown waits for requests in flight.
     pub drain_timeout: Duration,
+    /// How often TLS certificate files are checked for a change.
+    pub tls_reload_interval: Duration,
 }
 
-/// Serve `app` on `listener` until `shutdown` resolves, then let the requests in flight
-/// finish (at most `drain_timeout`).
+/// Serve `app` on `listener` (over TLS when `tls` is set) until `shutdown` resolves, then
+/// let the requests in flight finish (at most `drain_timeout`).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ServeLimits,
+    tls: Option<Arc<GatewayTls>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let permits = std::sync::Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    // Certificate renewals are picked up while serving.
+    let _reloader = tls
+        .as_ref()
+        .map(|tls| AbortOnDrop(tokio::spawn(reload_certificates(Arc::clone(&tls.cert), limits.tls_reload_interval))));
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_buf_size(MAX_HEAD_BYTES);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let permit = tokio::select! {
-            permit = std::sync::Arc::clone(&permits).acquire_owned() => match permit {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break,
             },
@@ -63,11 +96,33 @@ pub async fn serve(
         // The peer's address for the handlers (per-IP rate limits).
         let with_peer = axum::Extension(axum::extract::ConnectInfo::<std::net::SocketAddr>(peer));
         let service = TowerToHyperService::new(tower::Layer::layer(&with_peer, app.clone()));
-        let connection = builder.serve_connection(TokioIo::new(JsonParseErrors::new(stream)), service);
-        let connection = graceful.watch(connection);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             // A client that stalls or breaks the protocol only ends its own connection.
-            if let Err(error) = connection.await {
+            let outcome = match tls {
+                None => {
+                    let io = TokioIo::new(JsonParseErrors::new(stream));
+                    watcher.watch(builder.serve_connection(io, service)).await
+                }
+                Some(tls) => match tokio::time::timeout(handshake_timeout, tls.acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let io = TokioIo::new(JsonParseErrors::new(stream));
+                        watcher.watch(builder.serve_connection(io, service)).await
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, %peer, "TLS handshake failed");
+                        Ok(())
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        Ok(())
+                    }
+                },
+            };
+            if let Err(error) = outcome {
                 tracing::debug!(%error, "connection ended");
             }
             drop(permit);
