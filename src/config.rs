@@ -63,12 +63,24 @@ pub struct AuthConfig {
     pub api_keys: Vec<crate::auth::ApiKeyConfig>,
     /// A TOML file with more `[[api_keys]]` entries (e.g. a mounted Secret); empty: none.
     pub keys_file: String,
+    /// JWT bearer tokens (HS256 with a shared secret, or RS256 with a public key).
+    pub jwt_hs256_secret_file: String,
+    pub jwt_rs256_public_key_file: String,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
 }
 
 impl fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self.api_keys.iter().map(|k| k.name.as_str()).collect();
-        f.debug_struct("AuthConfig").field("api_keys", &names).field("keys_file", &self.keys_file).finish()
+        f.debug_struct("AuthConfig")
+            .field("api_keys", &names)
+            .field("keys_file", &self.keys_file)
+            .field("jwt_hs256_secret_file", &self.jwt_hs256_secret_file)
+            .field("jwt_rs256_public_key_file", &self.jwt_rs256_public_key_file)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .finish()
     }
 }
 

@@ -214,7 +214,7 @@ impl Runtime {
             key_limits: crate::actors::partition::KeyLimits::from_config(&config.pipeline),
         });
         let keys = Arc::new(
-            crate::auth::KeyRing::load(&config.auth.api_keys, &config.auth.keys_file)
+            crate::auth::KeyRing::from_config(&config.auth)
                 .map_err(|errors| anyhow::anyhow!("invalid API keys:\n  {}", errors.join("\n  ")))?,
         );
         if !keys.is_enabled() && !config.listen_addr().ip().is_loopback() && !config.http.allow_unauthenticated {

@@ -627,6 +627,55 @@ async fn clients_past_their_rate_get_429() {
     runtime.shutdown().await;
 }
 
+/// JWT bearer tokens (RS256, a key pair made with the openssl CLI): scopes from the
+/// token, issuer and audience checked, expired tokens refused, API keys still working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_bearer_tokens_are_verified() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (private, public) = (dir.path().join("jwt.key"), dir.path().join("jwt.pub"));
+    let openssl = |args: &[&str]| {
+        let status = std::process::Command::new("openssl").args(args).status().unwrap_or_else(|e| {
+            panic!("this test makes an RSA key with the openssl CLI ({e}); install it: apt-get install openssl")
+        });
+        assert!(status.success(), "openssl {args:?}");
+    };
+    let private_path = private.to_string_lossy().to_string();
+    let public_path = public.to_string_lossy().to_string();
+    openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", &private_path]);
+    openssl(&["pkey", "-in", &private_path, "-pubout", "-out", &public_path]);
+    let runtime = start(
+        common::sources(dir.path())
+            .with("auth.jwt_rs256_public_key_file", public_path)
+            .with("auth.jwt_issuer", "https://idp.example")
+            .with("auth.jwt_audience", "tidemark"),
+    )
+    .await;
+    let signing = jsonwebtoken::EncodingKey::from_rsa_pem(&std::fs::read(&private).expect("key")).expect("RSA key");
+    let now = chrono::Utc::now().timestamp();
+    let token = |scope: &str, exp: i64| {
+        let claims = json!({"sub": "svc", "iss": "https://idp.example", "aud": "tidemark", "exp": exp, "scope": scope});
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256), &claims, &signing)
+            .expect("token")
+    };
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", runtime.addr());
+    let ingest = token("tidemark:ingest", now + 300);
+    let read = token("read", now + 300);
+    let post = |bearer: String| {
+        http.post(format!("{base}/api/events")).bearer_auth(bearer).json(&event("j-1", 1.0, 1_000)).send()
+    };
+    assert_eq!(post(ingest.clone()).await.expect("request").status(), 202);
+    assert_eq!(post(read.clone()).await.expect("request").status(), 403);
+    let expired = post(token("ingest", now - 3_600)).await.expect("request");
+    assert_eq!(expired.status(), 401);
+    let body: Value = expired.json().await.expect("JSON");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("expired"), "{body}");
+    let reading = http.get(format!("{base}/api/predictions")).bearer_auth(&read).send().await.expect("request");
+    assert_eq!(reading.status(), 200);
+    assert_eq!(http.get(format!("{base}/api/predictions")).send().await.expect("request").status(), 401);
+    runtime.shutdown().await;
+}
+
 /// API keys with scopes: probes stay open, everything else needs a key with the right
 /// scope, and answers say what is missing without echoing the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

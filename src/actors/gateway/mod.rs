@@ -120,7 +120,7 @@ async fn authorize(State(app): State<Arc<AppContext>>, request: Request, next: N
         .map(str::trim);
     match app.keys.authorize(presented, scope) {
         Ok(name) => {
-            let client = name.map(|name| crate::ratelimit::ClientId::Key(name.to_string()));
+            let client = name.map(crate::ratelimit::ClientId::Key);
             let mut request = request;
             if let Some(client) = client {
                 request.extensions_mut().insert(client);
