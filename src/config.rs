@@ -112,6 +112,8 @@ pub struct HttpConfig {
     /// How often the certificate files are checked for a change.
     #[serde(with = "humantime_serde")]
     pub tls_reload_interval: Duration,
+    /// Browser origins allowed by CORS; empty: none.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -525,6 +527,16 @@ impl Config {
             "ingest.max_string_bytes: must be between 1 and 4096",
         );
         check((1..=1024).contains(&self.pipeline.partitions), "pipeline.partitions: must be between 1 and 1024");
+        for origin in &self.http.cors_allowed_origins {
+            check(
+                origin == "*"
+                    || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                        && !origin.ends_with('/')
+                        && http::HeaderValue::from_str(origin).is_ok()),
+                "http.cors_allowed_origins: each must be \"*\" or an origin such as https://grafana.example.com \
+                 (scheme and host, no path)",
+            );
+        }
         check(
             self.pipeline.key_ttl.is_zero() || self.pipeline.key_ttl > self.pipeline.idle_timeout,
             "pipeline.key_ttl: must be 0s (keys stay) or longer than pipeline.idle_timeout",

@@ -676,6 +676,47 @@ async fn jwt_bearer_tokens_are_verified() {
     runtime.shutdown().await;
 }
 
+/// CORS is closed by default and open only to the configured origins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_is_closed_unless_configured() {
+    let http = reqwest::Client::new();
+    let preflight = |base: String, origin: &'static str| {
+        http.request(reqwest::Method::OPTIONS, format!("{base}/api/events"))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header("Access-Control-Request-Headers", "content-type")
+            .send()
+    };
+    let allowed = |response: &reqwest::Response| {
+        response.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()).map(String::from)
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(common::sources(dir.path())).await;
+    let base = format!("http://{}", runtime.addr());
+    let response = preflight(base.clone(), "https://evil.example").await.expect("preflight");
+    assert_eq!(allowed(&response), None, "no origin is allowed by default");
+    runtime.shutdown().await;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(
+        common::sources(dir.path()).with("http.cors_allowed_origins", vec!["https://grafana.example.com".to_string()]),
+    )
+    .await;
+    let base = format!("http://{}", runtime.addr());
+    let response = preflight(base.clone(), "https://grafana.example.com").await.expect("preflight");
+    assert_eq!(allowed(&response).as_deref(), Some("https://grafana.example.com"));
+    let response = preflight(base.clone(), "https://evil.example").await.expect("preflight");
+    assert_eq!(allowed(&response), None);
+    let response = http
+        .get(format!("{base}/api/summary"))
+        .header("Origin", "https://grafana.example.com")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(allowed(&response).as_deref(), Some("https://grafana.example.com"));
+    runtime.shutdown().await;
+}
+
 /// API keys with scopes: probes stay open, everything else needs a key with the right
 /// scope, and answers say what is missing without echoing the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

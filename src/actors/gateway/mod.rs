@@ -85,8 +85,30 @@ pub fn routes(app: Arc<AppContext>) -> Router {
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(app.config.http.body_read_timeout))
         .layer(middleware::from_fn_with_state(Arc::clone(&app), rate_limit))
         .layer(middleware::from_fn_with_state(Arc::clone(&app), authorize))
+        .layer(cors(&app.config.http.cors_allowed_origins))
         .layer(middleware::from_fn_with_state(Arc::clone(&app), track_requests))
         .with_state(app)
+}
+
+/// CORS for the configured origins only; none configured: no CORS header at all (a
+/// preflight gets no permission, so other origins cannot send JSON or read answers).
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let layer = CorsLayer::new()
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers([
+            axum::http::header::AUTHORIZATION,
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderName::from_static("x-api-key"),
+        ])
+        .max_age(Duration::from_secs(600));
+    if origins.iter().any(|origin| origin == "*") {
+        layer.allow_origin(AllowOrigin::any())
+    } else {
+        let list: Vec<axum::http::HeaderValue> =
+            origins.iter().filter_map(|origin| axum::http::HeaderValue::from_str(origin).ok()).collect();
+        layer.allow_origin(AllowOrigin::list(list))
+    }
 }
 
 async fn not_found(request: Request) -> ApiError {
