@@ -9,6 +9,8 @@
 # throw-away data directories, reused when already running):
 #   PostgreSQL 15  TIDEMARK_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:55432/postgres)
 #   Mosquitto      TIDEMARK_TEST_MQTT_URL     (default mqtt://127.0.0.1:51883)
+#   schemathesis   TIDEMARK_SCHEMATHESIS      (PyPI, in a virtualenv under the state directory)
+#   openssl        the CLI, for the JWT test's RSA key
 # Kafka tests use librdkafka's in-process mock cluster and need no service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,9 +54,26 @@ start_mosquitto() {
   echo "mosquitto on 127.0.0.1:$port" >&2
 }
 
+# The OpenAPI conformance test (tests/openapi.rs) runs schemathesis from PyPI.
+install_schemathesis() {
+  local venv="$state_dir/venv"
+  if [ ! -x "$venv/bin/schemathesis" ]; then
+    apt_install python3 python3-venv
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q 'schemathesis>=4.32,<5'
+    # Compiled up front: two workers importing a fresh package at once can trip over
+    # each other's bytecode writes.
+    "$venv/bin/python" -m compileall -q "$venv/lib" >/dev/null 2>&1 || true
+  fi
+  export TIDEMARK_SCHEMATHESIS="$venv/bin/schemathesis"
+  echo "schemathesis $("$TIDEMARK_SCHEMATHESIS" --version | awk '{print $NF}')" >&2
+}
+
 build_prerequisites
+apt_install openssl
 start_postgres
 start_mosquitto
+install_schemathesis
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

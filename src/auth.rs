@@ -270,7 +270,7 @@ impl KeyRing {
 /// The scope a request needs; `None`: open (probes).
 pub fn required_scope(method: &http::Method, path: &str) -> Option<Scope> {
     match path {
-        "/health" | "/ready" => None,
+        "/health" | "/ready" | "/api/openapi.json" => None,
         "/metrics" | "/api/status" => Some(Scope::Admin),
         "/api/events" if method == http::Method::POST => Some(Scope::Ingest),
         _ => Some(Scope::Read),

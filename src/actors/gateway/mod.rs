@@ -76,6 +76,7 @@ pub fn routes(app: Arc<AppContext>) -> Router {
         .route("/api/summary", get(query::summary))
         .route("/api/dead-letters", get(query::dead_letters))
         .route("/api/status", get(ops::status))
+        .route("/api/openapi.json", get(ops::openapi))
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))

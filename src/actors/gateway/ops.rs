@@ -60,6 +60,15 @@ pub async fn ready(State(app): State<Arc<AppContext>>) -> Response {
     }
 }
 
+/// The API described as OpenAPI 3 (`api/openapi.json`, checked against the running
+/// server by schemathesis in `scripts/test.sh`).
+pub const OPENAPI: &str = include_str!("../../../api/openapi.json");
+
+/// `GET /api/openapi.json`.
+pub async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
 /// `GET /metrics` — Prometheus text exposition.
 pub async fn metrics(State(app): State<Arc<AppContext>>) -> Response {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], app.metrics.render())

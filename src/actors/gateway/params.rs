@@ -1,9 +1,6 @@
 //! Query-string parsing that names the offending parameter. Unknown parameters are
 //! refused, so a misspelt filter never silently returns unfiltered data.
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-
 use super::error::ApiError;
 use crate::store::Cursor;
 
@@ -22,7 +19,8 @@ impl Params {
     }
 
     /// Remove and return the value of the first of `names` present (camelCase and
-    /// snake_case spellings). An empty value counts as absent.
+    /// snake_case spellings). An empty value is a value (only [`Params::string`] filters
+    /// read it as absent).
     pub fn take(&mut self, names: &[&str]) -> Result<Option<String>, ApiError> {
         let mut found: Option<String> = None;
         let mut index = 0;
@@ -37,7 +35,7 @@ impl Params {
                 index += 1;
             }
         }
-        Ok(found.filter(|value| !value.is_empty()))
+        Ok(found)
     }
 
     /// Fail on any parameter not taken.
@@ -50,8 +48,9 @@ impl Params {
         }
     }
 
+    /// A text filter; empty means no filter (a dashboard's "All").
     pub fn string(&mut self, names: &[&str], max_len: usize) -> Result<Option<String>, ApiError> {
-        match self.take(names)? {
+        match self.take(names)?.filter(|value| !value.is_empty()) {
             Some(value) if value.len() > max_len => {
                 Err(ApiError::parameter(names[0], format!("longer than {max_len} bytes")))
             }
@@ -108,15 +107,21 @@ pub fn parse_time(value: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(value).ok().map(|time| time.timestamp_millis())
 }
 
+/// A page position, `<windowStartMs>.<id>` of the last row seen: any such pair is a
+/// valid keyset position, so a cursor is either well-formed or refused (400).
 pub fn encode_cursor(cursor: Cursor) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}.{}", cursor.window_start_ms, cursor.id))
+    format!("{}.{}", cursor.window_start_ms, cursor.id)
 }
 
 pub fn decode_cursor(text: &str) -> Option<Cursor> {
-    let bytes = URL_SAFE_NO_PAD.decode(text).ok()?;
-    let text = String::from_utf8(bytes).ok()?;
     let (start, id) = text.split_once('.')?;
-    Some(Cursor { window_start_ms: start.parse().ok()?, id: id.parse().ok()? })
+    let number = |part: &str| {
+        let digits = part.strip_prefix('-').unwrap_or(part);
+        (!digits.is_empty() && digits.len() <= 18 && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| part.parse::<i64>().ok())
+            .flatten()
+    };
+    Some(Cursor { window_start_ms: number(start)?, id: number(id)? })
 }
 
 #[cfg(test)]

@@ -78,11 +78,7 @@ fn prediction_query(params: &mut Params) -> Result<PredictionQuery, ApiError> {
         limit: params.number(&["limit"], 1, MAX_LIMIT, DEFAULT_LIMIT)?,
         cursor: params.cursor()?,
     };
-    if let (Some(from), Some(to)) = (query.from_ms, query.to_ms)
-        && from > to
-    {
-        return Err(ApiError::parameter("from", "must not be after `to`"));
-    }
+    // `from` after `to` is an empty range: an empty page, like SQL's reversed BETWEEN.
     Ok(query)
 }
 
