@@ -191,4 +191,76 @@ mod with_chaos {
         );
         runtime.shutdown().await;
     }
+
+    /// Liveness under repeated faults: one panic per 100 events and a fifth of store
+    /// batches failing, with the default supervision and checkpoint settings. Every
+    /// window of the small scenario still appears within 30 s of the stream's end,
+    /// identical to a calm run: restarts that move the checkpoint forward are forgiven,
+    /// and a partition that keeps crashing checkpoints more and more often.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repeated_faults_still_converge_within_30_s() {
+        let lines = workload(SimConfig {
+            sensors: 5,
+            rate: 50.0,
+            duration: Some(Duration::from_secs(60)),
+            seed: 5,
+            anomalies: 2,
+            anomalies_after: Duration::from_secs(20),
+            anomaly_duration: Duration::from_secs(4),
+            ..SimConfig::default()
+        });
+        let scenario = |dir: &std::path::Path| {
+            sources(dir)
+                .with("pipeline.window", "2s")
+                .with("pipeline.max_out_of_orderness", "0s")
+                .with("pipeline.partitions", 2)
+                .with("pipeline.idle_timeout", "2s")
+                .with("scoring.warmup_windows", 2)
+        };
+        let settle = |runtime: &tidemark::runtime::Runtime, expected: Option<usize>| {
+            let client = Client::new(runtime);
+            async move {
+                let started = std::time::Instant::now();
+                let rows = eventually(Duration::from_secs(30), "every window of the stream", || async {
+                    let rows = all_predictions(&client).await;
+                    let done = match expected {
+                        Some(expected) => rows.len() >= expected,
+                        None => rows.len() >= 150,
+                    };
+                    done.then_some(rows)
+                })
+                .await;
+                (comparable(&rows), started.elapsed())
+            }
+        };
+        let calm_dir = tempfile::tempdir().expect("temp dir");
+        let calm_runtime = start(scenario(calm_dir.path())).await;
+        let accepted = post_batches(&Client::new(&calm_runtime), &lines, 100, Duration::from_millis(100)).await;
+        assert_eq!(accepted, lines.len() as u64);
+        let (calm, _) = settle(&calm_runtime, None).await;
+        calm_runtime.shutdown().await;
+        assert_eq!(calm.len(), 150, "5 sensors x 30 windows");
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let runtime = start(
+            scenario(dir.path())
+                .with("chaos.partition_panic_probability", 0.01)
+                .with("chaos.store_batch_failure_rate", 0.2)
+                .with("chaos.seed", 3),
+        )
+        .await;
+        let client = Client::new(&runtime);
+        let accepted = post_batches(&client, &lines, 100, Duration::from_millis(100)).await;
+        assert_eq!(accepted, lines.len() as u64);
+        let (faulty, took) = settle(&runtime, Some(calm.len())).await;
+        let status = client.get_ok("/api/status").await;
+        let restarts: u64 = status["partitions"]
+            .as_array()
+            .map(|ps| ps.iter().map(|p| p["restarts"].as_u64().unwrap_or(0)).sum())
+            .unwrap_or(0);
+        eprintln!("{restarts} partition restarts; every window {took:?} after the stream ended");
+        assert!(restarts >= 10, "the faults happened: {restarts} restarts");
+        assert_eq!(faulty, calm, "identical to the calm run");
+        runtime.shutdown().await;
+    }
 }

@@ -95,6 +95,9 @@ pub struct PartitionArgs {
     pub restored: Option<RestoredPartition>,
     /// Ownership epoch the store fences this actor's checkpoints with (0: unfenced).
     pub owner_epoch: u64,
+    /// After restarts that made no progress: checkpoint every this many events until
+    /// the instant, so an actor that keeps crashing still moves its checkpoint forward.
+    pub checkpoint_boost: Option<(u64, tokio::time::Instant)>,
 }
 
 /// The actor: stateless; everything lives in [`PartitionState`].
@@ -143,6 +146,8 @@ pub struct PartitionState {
     /// `next_position` of the last checkpoint sent (complete or not).
     last_checkpoint_position: Option<Position>,
     events_since_checkpoint: u64,
+    /// See [`PartitionArgs::checkpoint_boost`].
+    checkpoint_boost: Option<(u64, tokio::time::Instant)>,
     fired: Vec<Fired>,
     results: Vec<WindowResult>,
     dead_letters: Vec<DeadLetter>,
@@ -175,7 +180,7 @@ impl Actor for PartitionActor {
         myself: ActorRef<Self::Msg>,
         args: PartitionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let PartitionArgs { partition, context, progress, restored, owner_epoch } = args;
+        let PartitionArgs { partition, context, progress, restored, owner_epoch, checkpoint_boost } = args;
         let labels = PartitionLabels { partition };
         let metrics = &context.metrics;
         let metric_counters = Counters {
@@ -244,6 +249,7 @@ impl Actor for PartitionActor {
             counting,
             last_checkpoint_position: None,
             events_since_checkpoint: 0,
+            checkpoint_boost,
             fired: Vec::new(),
             results: Vec::new(),
             dead_letters: Vec::new(),
@@ -263,17 +269,22 @@ impl Actor for PartitionActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             PartitionMsg::Events(batch) => {
-                state.process(&batch);
-                state.emit()?;
-                let every = state.context.checkpoint_max_events;
-                if every > 0 && state.events_since_checkpoint >= every {
-                    state.checkpoint()?;
+                let every = state.checkpoint_every();
+                // In slices of the checkpoint spacing, so a checkpoint can fall inside a
+                // long batch (a replay after a crash arrives as a few large ones).
+                let slice = if every == 0 { batch.len().max(1) } else { usize::try_from(every).unwrap_or(usize::MAX) };
+                for events in batch.chunks(slice) {
+                    state.process(events);
+                    state.emit()?;
+                    if every > 0 && state.events_since_checkpoint >= every {
+                        state.checkpoint()?;
+                    }
                 }
             }
             PartitionMsg::Raw(batch) => {
                 state.process_raw(&batch);
                 state.emit()?;
-                let every = state.context.checkpoint_max_events;
+                let every = state.checkpoint_every();
                 if every > 0 && state.events_since_checkpoint >= every {
                     state.checkpoint()?;
                 }
@@ -309,6 +320,18 @@ impl Actor for PartitionActor {
 }
 
 impl PartitionState {
+    /// Events between checkpoints (0: on the interval only).
+    fn checkpoint_every(&mut self) -> u64 {
+        match self.checkpoint_boost {
+            Some((every, until)) if tokio::time::Instant::now() < until => every,
+            Some(_) => {
+                self.checkpoint_boost = None;
+                self.context.checkpoint_max_events
+            }
+            None => self.context.checkpoint_max_events,
+        }
+    }
+
     fn process(&mut self, batch: &[Event]) {
         let spec = self.context.spec;
         let previous_clock = self.clock_ms;
@@ -834,7 +857,14 @@ mod tests {
             key_limits: crate::actors::partition::KeyLimits::from_config(&config.pipeline),
         });
         let progress = Arc::new(SlotProgress::default());
-        let args = PartitionArgs { partition: 0, context, progress: Arc::clone(&progress), restored, owner_epoch: 7 };
+        let args = PartitionArgs {
+            partition: 0,
+            context,
+            progress: Arc::clone(&progress),
+            restored,
+            owner_epoch: 7,
+            checkpoint_boost: None,
+        };
         let (actor, _) = Actor::spawn(None, PartitionActor, args).await.expect("partition actor");
         Harness { actor, progress, store }
     }

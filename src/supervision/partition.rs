@@ -90,7 +90,18 @@ pub struct PartitionSupervisorState {
     /// Partitions stopped on purpose: not restarted.
     released: HashSet<PartitionId>,
     load_backoff: Vec<RetryBackoff>,
+    /// The checkpoint position each partition was last (re)started from.
+    started_from: Vec<Option<Position>>,
+    /// Restarts in a row from the same checkpoint (no progress in between).
+    stuck: Vec<u32>,
     shutting_down: bool,
+}
+
+/// Checkpoint spacing for an actor restarted after `stuck` restarts in a row without
+/// progress: 256, 64, 16, 4, then every event, never above `configured` (when set).
+fn boosted_checkpoint_spacing(stuck: u32, configured: u64) -> u64 {
+    let spacing = 256u64 >> (2 * stuck.min(4));
+    if configured > 0 { spacing.min(configured).max(1) } else { spacing.max(1) }
 }
 
 impl Actor for PartitionSupervisor {
@@ -114,6 +125,8 @@ impl Actor for PartitionSupervisor {
             load_backoff: (0..partitions)
                 .map(|_| RetryBackoff::new(Duration::from_millis(100), Duration::from_secs(5)))
                 .collect(),
+            started_from: vec![None; partitions],
+            stuck: vec![0; partitions],
             shutting_down: false,
         };
         for partition in 0..partitions as PartitionId {
@@ -127,7 +140,7 @@ impl Actor for PartitionSupervisor {
                     if let Some(restored) = &restored {
                         state.args.router.start_at(partition, restored.next_position, restored.clock_ms);
                     }
-                    state.spawn(&myself, partition, epoch, restored, false).await?;
+                    state.spawn(&myself, partition, epoch, restored, false, None).await?;
                 }
             }
             Assignment::Dynamic => state.args.feed.supervisor_started(),
@@ -157,7 +170,7 @@ impl Actor for PartitionSupervisor {
                         Ok((epoch, restored)) => {
                             let from = restored.as_ref().map(|r| r.next_position);
                             state
-                                .spawn(&myself, partition, epoch, restored, false)
+                                .spawn(&myself, partition, epoch, restored, false, None)
                                 .await
                                 .map(|()| from)
                                 .map_err(|error| error.to_string())
@@ -190,8 +203,22 @@ impl Actor for PartitionSupervisor {
                 };
                 match restored {
                     Ok((epoch, restored)) => {
-                        state.load_backoff[partition as usize].reset();
-                        state.spawn(&myself, partition, epoch, restored, true).await?;
+                        let index = partition as usize;
+                        state.load_backoff[index].reset();
+                        // Progress since the last start: the failures before it are
+                        // forgiven (budget and backoff). None: every restart from here
+                        // checkpoints more often, until one moves the checkpoint on.
+                        let from = restored.as_ref().map(|r| r.next_position);
+                        if from > state.started_from[index] {
+                            state.trackers[index].forgive();
+                            state.stuck[index] = 0;
+                        } else {
+                            state.stuck[index] = state.stuck[index].saturating_add(1);
+                        }
+                        let spacing =
+                            boosted_checkpoint_spacing(state.stuck[index], state.args.context.checkpoint_max_events);
+                        let boost = Some((spacing, tokio::time::Instant::now() + state.args.budget.window));
+                        state.spawn(&myself, partition, epoch, restored, true, boost).await?;
                     }
                     Err(error) => {
                         let delay = state.load_backoff[partition as usize].next_delay();
@@ -295,14 +322,17 @@ impl PartitionSupervisorState {
         owner_epoch: u64,
         restored: Option<RestoredPartition>,
         restart: bool,
+        checkpoint_boost: Option<(u64, tokio::time::Instant)>,
     ) -> Result<(), ActorProcessingErr> {
         let from = restored.as_ref().map_or(0, |r| r.next_position);
+        self.started_from[partition as usize] = restored.as_ref().map(|r| r.next_position);
         let args = PartitionArgs {
             partition,
             context: Arc::clone(&self.args.context),
             progress: self.args.router.progress(partition),
             restored,
             owner_epoch,
+            checkpoint_boost,
         };
         let (actor, _) = Actor::spawn_linked(None, PartitionActor, args, myself.get_cell()).await?;
         self.children.insert(actor.get_id(), partition);

@@ -101,6 +101,12 @@ impl RestartTracker {
         self.total
     }
 
+    /// The child made progress since it was last restarted: earlier failures no longer
+    /// count toward the budget or the backoff.
+    pub fn forgive(&mut self) {
+        self.recent.clear();
+    }
+
     pub fn decide(
         &mut self,
         now: Instant,
