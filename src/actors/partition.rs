@@ -22,6 +22,27 @@ use crate::keys::{KeyTable, Tombstone, Tombstones, stable_key_hash};
 /// blob per shard (sensor id: the shard number). Event types cannot hold control
 /// characters, so no real key has it.
 const TOMBSTONE_TYPE: &str = "\u{1}evicted-keys";
+
+/// Checkpointed key states and tombstones are `TM`, a format version, then postcard.
+/// Version 1 (written before the header existed) is the bare postcard encoding of the
+/// same types and is still read. (A version-1 blob cannot start with `TM`: its first
+/// byte is a varint of the key's maximum event time, which would have to be 42 ms after
+/// the epoch.)
+const STATE_FORMAT: u8 = 2;
+
+fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_extend(value, vec![b'T', b'M', STATE_FORMAT])
+}
+
+fn decode_state<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    match bytes {
+        [b'T', b'M', STATE_FORMAT, rest @ ..] => postcard::from_bytes(rest).map_err(|error| error.to_string()),
+        [b'T', b'M', version, ..] => Err(format!(
+            "state format version {version} is not one this build reads (1 and {STATE_FORMAT}); run the newer tidemark"
+        )),
+        legacy => postcard::from_bytes(legacy).map_err(|error| format!("{error} (format version 1)")),
+    }
+}
 use crate::messages::{
     CheckpointData, DeadLetter, Event, KeyStateBlob, MAX_DEAD_LETTER_PAYLOAD, NoEvent, NoEventKind, PartitionCounters,
     PartitionId, PartitionMsg, PartitionStatus, Position, RawBatch, RawRecord, RejectReason, RestoredPartition,
@@ -203,13 +224,13 @@ impl Actor for PartitionActor {
                 keys.reserve(restored.keys.len());
                 for blob in restored.keys {
                     if blob.event_type == TOMBSTONE_TYPE {
-                        let entries: Vec<(u64, Tombstone)> = postcard::from_bytes(&blob.state).map_err(|error| {
+                        let entries: Vec<(u64, Tombstone)> = decode_state(&blob.state).map_err(|error| {
                             format!("partition {partition}: checkpointed tombstones cannot be read: {error}")
                         })?;
                         tombstones.restore(entries);
                         continue;
                     }
-                    let state: KeyState = postcard::from_bytes(&blob.state).map_err(|error| {
+                    let state: KeyState = decode_state(&blob.state).map_err(|error| {
                         format!(
                             "partition {partition}: checkpointed state of ({}, {}) cannot be read: {error}",
                             blob.sensor_id, blob.event_type
@@ -726,7 +747,7 @@ impl PartitionState {
             if entries.is_empty() {
                 self.deleted.push((sensor_id, TOMBSTONE_TYPE.into()));
             } else {
-                let state = postcard::to_allocvec(&entries)
+                let state = encode_state(&entries)
                     .map_err(|error| format!("partition {}: cannot serialize tombstones: {error}", self.partition))?;
                 self.tombstone_upserts.push(KeyStateBlob { sensor_id, event_type: TOMBSTONE_TYPE.into(), state });
             }
@@ -743,7 +764,7 @@ impl PartitionState {
         let mut upserts = std::mem::take(&mut self.tombstone_upserts);
         for (sensor_id, event_type, key) in self.keys.iter_mut() {
             if key.dirty {
-                let state = postcard::to_allocvec(&*key)
+                let state = encode_state(&*key)
                     .map_err(|error| format!("partition {}: cannot serialize key state: {error}", self.partition))?;
                 upserts.push(KeyStateBlob { sensor_id: sensor_id.clone(), event_type: event_type.clone(), state });
                 key.dirty = false;
@@ -961,6 +982,77 @@ mod tests {
             }
         }
         assert_eq!(reasons, vec![(Some(101), RejectReason::Unparsable), (Some(113), RejectReason::Poison)]);
+    }
+
+    /// A checkpoint written in format version 1 (bare postcard, before the header) is
+    /// restored like one written today: the same state, the same results afterwards.
+    #[tokio::test]
+    async fn state_of_the_previous_checkpoint_format_is_restored() {
+        let events = |range: std::ops::Range<u64>| {
+            let records: Vec<(Position, String)> = range
+                .map(|i| {
+                    let line = format!(
+                        r#"{{"sensorId":"s-{}","eventType":"t","value":{},"timestamp":{}}}"#,
+                        i % 3,
+                        (i * 7) % 11,
+                        1_767_225_600_000 + i as i64 * 1_000
+                    );
+                    (i, line)
+                })
+                .collect();
+            records
+        };
+        let as_raw = |records: &[(Position, String)]| {
+            let refs: Vec<(Position, &str)> = records.iter().map(|(p, l)| (*p, l.as_str())).collect();
+            raw(&refs)
+        };
+        let mut first = harness(None).await;
+        first.actor.send_message(PartitionMsg::Raw(as_raw(&events(0..40)))).expect("sent");
+        first.actor.send_message(PartitionMsg::Checkpoint).expect("sent");
+        let checkpoint = next_checkpoint(&mut first.store).await;
+        assert!(checkpoint.upserts.iter().all(|blob| blob.state.starts_with(b"TM\x02")), "written as version 2");
+        let restore = |version_1: bool| RestoredPartition {
+            next_position: checkpoint.next_position,
+            clock_ms: checkpoint.clock_ms,
+            checkpoint_id: checkpoint.checkpoint_id,
+            counters: checkpoint.counters,
+            keys: checkpoint
+                .upserts
+                .iter()
+                .map(|blob| KeyStateBlob {
+                    sensor_id: blob.sensor_id.clone(),
+                    event_type: blob.event_type.clone(),
+                    // Version 1 is the same postcard encoding without the header.
+                    state: if version_1 { blob.state[3..].to_vec() } else { blob.state.clone() },
+                })
+                .collect(),
+        };
+        let mut outcomes = Vec::new();
+        for version_1 in [false, true] {
+            let mut harness = harness(Some(restore(version_1))).await;
+            harness.actor.send_message(PartitionMsg::Raw(as_raw(&events(40..120)))).expect("sent");
+            harness.actor.send_message(PartitionMsg::Checkpoint).expect("sent");
+            let mut results = Vec::new();
+            let checkpoint = loop {
+                match tokio::time::timeout(Duration::from_secs(5), harness.store.recv()).await {
+                    Ok(Some(StoreMsg::Results(batch))) => results.extend(batch),
+                    Ok(Some(StoreMsg::Checkpoint(checkpoint))) => break *checkpoint,
+                    Ok(Some(_)) => {}
+                    other => panic!("no checkpoint: {}", other.is_ok()),
+                }
+            };
+            let mut states: Vec<_> =
+                checkpoint.upserts.iter().map(|b| (b.sensor_id.clone(), b.state.clone())).collect();
+            states.sort();
+            let fired: Vec<_> =
+                results.iter().map(|r| (r.sensor_id.clone(), r.window_start_ms, r.event_count)).collect();
+            assert!(!fired.is_empty(), "windows fired after the restore");
+            outcomes.push((fired, states, checkpoint.counters));
+        }
+        assert_eq!(outcomes[0], outcomes[1], "version 1 and version 2 restore to the same state");
+        let unknown = KeyStateBlob { sensor_id: "s".into(), event_type: "t".into(), state: b"TM\x09xx".to_vec() };
+        let error = decode_state::<KeyState>(&unknown.state).expect_err("a newer format is refused");
+        assert!(error.contains("version 9"), "{error}");
     }
 
     #[tokio::test(start_paused = true)]
