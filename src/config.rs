@@ -50,9 +50,14 @@ pub struct DeadLetterConfig {
     /// Rejected events handed to the store and not yet written, at most; past it,
     /// ingestion answers 503 instead of queueing more.
     pub max_pending: usize,
-    /// How often retention runs.
+    /// How often retention runs (and sampled-out repeats are summarised).
     #[serde(with = "humantime_serde")]
     pub prune_every: Duration,
+    /// Rejected events stored per client, reason and `sample_window`; the rest are
+    /// counted and summarised in one dead letter. 0: store every one.
+    pub sample_limit: u32,
+    #[serde(with = "humantime_serde")]
+    pub sample_window: Duration,
 }
 
 #[derive(Clone, Serialize, Deserialize)]

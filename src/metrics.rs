@@ -81,6 +81,7 @@ pub struct Metrics {
     pub events_received: Family<SourceLabels, Counter>,
     pub events_accepted: Family<SourceLabels, Counter>,
     pub events_rejected: Family<RejectLabels, Counter>,
+    pub dead_letters_sampled: Family<RejectLabels, Counter>,
     pub ingest_backpressure: Family<SourceLabels, Counter>,
     pub events_processed: Family<PartitionLabels, Counter>,
     pub events_late: Family<PartitionLabels, Counter>,
@@ -125,6 +126,7 @@ impl Metrics {
             events_received: Family::default(),
             events_accepted: Family::default(),
             events_rejected: Family::default(),
+            dead_letters_sampled: Family::default(),
             ingest_backpressure: Family::default(),
             events_processed: Family::default(),
             events_late: Family::default(),
@@ -177,6 +179,11 @@ impl Metrics {
             "ingest_backpressure",
             "Ingestion requests refused with 503 because a partition's replay buffer was full",
             metrics.ingest_backpressure.clone(),
+        );
+        registry.register(
+            "dead_letters_sampled",
+            "Rejected events counted but not stored: repeats past dead_letters.sample_limit per client, reason and window",
+            metrics.dead_letters_sampled.clone(),
         );
         registry.register("events_processed", "Events processed by partition actors", metrics.events_processed.clone());
         registry.register(

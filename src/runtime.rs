@@ -254,6 +254,11 @@ impl Runtime {
             sources: kafka.iter().map(|kafka| Arc::clone(kafka) as Arc<dyn crate::ingest::SourceStatus>).collect(),
             keys,
             tls,
+            dead_letter_sampler: crate::ingest::sampling::DeadLetterSampler::new(
+                config.dead_letters.sample_limit,
+                config.dead_letters.sample_window,
+            )
+            .map(Arc::new),
         });
         let parts = Arc::new(RuntimeParts {
             config,
@@ -280,6 +285,8 @@ impl Runtime {
             let store = Arc::clone(&parts.store);
             let router = Arc::clone(&router);
             let settings = parts.config.dead_letters.clone();
+            let sampler = parts.app.dead_letter_sampler.clone();
+            let sinks = Arc::clone(&parts.sinks);
             tokio::spawn(async move {
                 let mut interval = tokio::time::interval(settings.prune_every);
                 interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -287,6 +294,14 @@ impl Runtime {
                     interval.tick().await;
                     if router.is_closed() {
                         break;
+                    }
+                    if let Some(sampler) = &sampler {
+                        let summaries = sampler.flush(chrono::Utc::now().timestamp_millis());
+                        if !summaries.is_empty()
+                            && sinks.send_store(crate::messages::StoreMsg::DeadLetters(summaries)).is_err()
+                        {
+                            tracing::warn!("store sink unavailable: sampled dead-letter summaries not written");
+                        }
                     }
                     let retention_ms = i64::try_from(settings.retention.as_millis()).unwrap_or(i64::MAX);
                     let older_than = chrono::Utc::now().timestamp_millis().saturating_sub(retention_ms);

@@ -717,6 +717,41 @@ async fn cors_is_closed_unless_configured() {
     runtime.shutdown().await;
 }
 
+/// A flood of the same invalid event from one client: the first `sample_limit` of each
+/// window are stored, the rest counted, and one summary dead letter says how many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_rejections_are_sampled_and_counted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(
+        common::sources(dir.path())
+            .with("dead_letters.sample_limit", 10)
+            .with("dead_letters.sample_window", "2s")
+            .with("dead_letters.prune_every", "200ms"),
+    )
+    .await;
+    let client = Client::new(&runtime);
+    let flood: Vec<String> =
+        (0..500).map(|i| json!({"sensorId": format!("s-{i}"), "eventType": "t", "value": "hot"}).to_string()).collect();
+    let (status, body) = client.post("/api/events", "application/x-ndjson", flood.join("\n")).await;
+    assert_eq!((status, &body["rejected"]), (202, &json!(500)), "every rejection is still answered: {body}");
+    let summary = eventually(Duration::from_secs(15), "10 samples and one summary", || async {
+        let page = client.get_ok("/api/dead-letters?limit=100").await;
+        (page["count"] == 11).then(|| page["items"][0].clone())
+    })
+    .await;
+    let error = summary["error"].as_str().unwrap_or("");
+    assert!(error.starts_with("490 more events from client 127.0.0.1 rejected as wrong_type"), "{summary}");
+    assert!(summary["payload"].as_str().unwrap_or("").contains("s-499"), "{summary}");
+    let metrics =
+        reqwest::get(format!("http://{}/metrics", runtime.addr())).await.expect("metrics").text().await.expect("text");
+    assert!(
+        metrics.contains(r#"tidemark_dead_letters_sampled_total{source="http",reason="wrong_type"} 490"#),
+        "{}",
+        metrics.lines().filter(|l| l.contains("sampled")).collect::<Vec<_>>().join("\n")
+    );
+    runtime.shutdown().await;
+}
+
 /// API keys with scopes: probes stay open, everything else needs a key with the right
 /// scope, and answers say what is missing without echoing the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

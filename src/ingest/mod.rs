@@ -5,6 +5,7 @@ mod fast;
 pub mod handle;
 pub mod log;
 pub mod parse;
+pub mod sampling;
 
 pub use handle::{Ingest, IngestRefusal, SourceStatus};
 pub use parse::{BodyError, BodyFormat, ParseLimits, Parsed, Rejection, parse_body};

@@ -53,6 +53,7 @@ fn is_timeout(rejection: &BytesRejection) -> bool {
 
 pub async fn post_events(
     State(app): State<Arc<AppContext>>,
+    client: Option<axum::Extension<crate::ratelimit::ClientId>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -173,8 +174,21 @@ pub async fn post_events(
         for rejection in &rejected {
             count_rejection(&app, rejection.reason);
         }
-        let letters = rejected.into_iter().map(|r| dead_letter(r, now_ms)).collect();
-        send_dead_letters(&app, letters);
+        let mut letters: Vec<DeadLetter> = rejected.into_iter().map(|r| dead_letter(r, now_ms)).collect();
+        if let Some(sampler) = &app.dead_letter_sampler {
+            let client = client.map_or_else(|| "an unnamed client".to_string(), |c| c.0.to_string());
+            let (kept, dropped) = sampler.sample(&client, letters, now_ms);
+            for (reason, count) in dropped {
+                app.metrics
+                    .dead_letters_sampled
+                    .get_or_create(&RejectLabels { source: "http", reason: reason.as_str() })
+                    .inc_by(count);
+            }
+            letters = kept;
+        }
+        if !letters.is_empty() {
+            send_dead_letters(&app, letters);
+        }
     }
     Ok((StatusCode::ACCEPTED, Json(response)).into_response())
 }

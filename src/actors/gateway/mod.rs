@@ -52,6 +52,8 @@ pub struct AppContext {
     pub rate_limiter: Option<crate::ratelimit::ClientLimiter>,
     /// HTTPS (`None`: plain HTTP).
     pub tls: Option<Arc<crate::tls::GatewayTls>>,
+    /// Samples repeated rejections per client (`None`: every one is stored).
+    pub dead_letter_sampler: Option<Arc<crate::ingest::sampling::DeadLetterSampler>>,
 }
 
 impl AppContext {
@@ -164,22 +166,27 @@ async fn authorize(State(app): State<Arc<AppContext>>, request: Request, next: N
     }
 }
 
-/// Hold each client (its API key, else its IP address) to `http.rate_limit_per_second`.
-async fn rate_limit(State(app): State<Arc<AppContext>>, request: Request, next: Next) -> Response {
+/// Name the client of each request (its API key, else its IP address) for the handlers,
+/// and hold it to `http.rate_limit_per_second`.
+async fn rate_limit(State(app): State<Arc<AppContext>>, mut request: Request, next: Next) -> Response {
     use axum::response::IntoResponse;
+    let client = match request.extensions().get::<crate::ratelimit::ClientId>() {
+        Some(client) => client.clone(),
+        None => match request.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>() {
+            Some(info) => {
+                let client = crate::ratelimit::ClientId::Ip(info.0.ip());
+                request.extensions_mut().insert(client.clone());
+                client
+            }
+            None => return next.run(request).await,
+        },
+    };
     let Some(limiter) = &app.rate_limiter else {
         return next.run(request).await;
     };
     if matches!(request.uri().path(), "/health" | "/ready") {
         return next.run(request).await;
     }
-    let client = match request.extensions().get::<crate::ratelimit::ClientId>() {
-        Some(client) => client.clone(),
-        None => match request.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>() {
-            Some(info) => crate::ratelimit::ClientId::Ip(info.0.ip()),
-            None => return next.run(request).await,
-        },
-    };
     match limiter.check(&client) {
         Ok(()) => next.run(request).await,
         Err(wait) => {
