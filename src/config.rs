@@ -119,6 +119,8 @@ pub struct HttpConfig {
     pub tls_reload_interval: Duration,
     /// Browser origins allowed by CORS; empty: none.
     pub cors_allowed_origins: Vec<String>,
+    /// Threads of the HTTP server's own runtime (0: share the pipeline's).
+    pub worker_threads: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -752,6 +752,22 @@ async fn repeated_rejections_are_sampled_and_counted() {
     runtime.shutdown().await;
 }
 
+/// Requests are served by the HTTP runtime's own threads, apart from the pipeline's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_served_on_threads_of_their_own() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(common::sources(dir.path()).with("http.worker_threads", 2)).await;
+    let client = Client::new(&runtime);
+    assert_eq!(client.get_ok("/health").await["status"], "ok");
+    let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect();
+    assert!(names.iter().filter(|name| *name == "tidemark-http").count() >= 2, "{names:?}");
+    runtime.shutdown().await;
+}
+
 /// API keys with scopes: probes stay open, everything else needs a key with the right
 /// scope, and answers say what is missing without echoing the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -240,9 +240,37 @@ pub struct GatewayState {
     server: Option<JoinHandle<()>>,
 }
 
+/// Run the server on a runtime of its own (`http.worker_threads` threads), so request
+/// handling never waits behind the partitions' scoring and checkpoint serialisation on
+/// the main runtime. The listener moves over; the handle resolves when the server ends.
+fn own_runtime(
+    workers: usize,
+    serving: impl std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+) -> Result<JoinHandle<std::io::Result<()>>, ActorProcessingErr> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("tidemark-http")
+        .enable_all()
+        .build()
+        .map_err(|error| format!("cannot start the HTTP runtime: {error}"))?;
+    let (done, outcome) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("tidemark-http".into())
+        .spawn(move || {
+            let _ = done.send(runtime.block_on(serving));
+            // Connections still draining are dropped with the runtime.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        })
+        .map_err(|error| format!("cannot start the HTTP thread: {error}"))?;
+    Ok(tokio::spawn(async move { outcome.await.unwrap_or_else(|_| Err(std::io::Error::other("HTTP runtime ended"))) }))
+}
+
 impl Drop for GatewayState {
     /// A killed actor skips `post_stop`; its server must not outlive it.
     fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
         if let Some(server) = self.server.take() {
             server.abort();
         }
@@ -273,15 +301,20 @@ impl Actor for GatewayActor {
             tls_reload_interval: args.app.config.http.tls_reload_interval,
         };
         let tls = args.app.tls.clone();
+        let workers = args.app.config.http.worker_threads;
         let app = routes(args.app);
-        let server = tokio::spawn(async move {
-            let outcome = serve::serve(listener, app, limits, tls, async move {
+        let serving = async move {
+            serve::serve(listener, app, limits, tls, async move {
                 let _ = shutdown_signal.await;
             })
-            .await;
-            let reason = match outcome {
-                Ok(()) => "server stopped".to_string(),
-                Err(error) => format!("server failed: {error}"),
+            .await
+        };
+        let outcome = if workers == 0 { tokio::spawn(serving) } else { own_runtime(workers, serving)? };
+        let server = tokio::spawn(async move {
+            let reason = match outcome.await {
+                Ok(Ok(())) => "server stopped".to_string(),
+                Ok(Err(error)) => format!("server failed: {error}"),
+                Err(error) => format!("server task ended: {error}"),
             };
             // Only reaches a live actor if nobody asked the server to stop.
             let _ = myself.send_message(GatewayMsg::ServerExited(reason));
