@@ -408,6 +408,12 @@ impl Config {
         Self::load(&ConfigSources::default())
     }
 
+    /// The embedded defaults under the text of a configuration file (what `--config`
+    /// reads), without the environment.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigErrors> {
+        Self::from_figment(&Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(text)))
+    }
+
     pub fn load(sources: &ConfigSources) -> Result<Self, ConfigErrors> {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
         for (key, value) in &sources.presets {

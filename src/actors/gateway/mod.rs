@@ -7,8 +7,8 @@
 mod error;
 mod ingest;
 mod ops;
-mod params;
-mod query;
+pub mod params;
+pub mod query;
 pub mod serve;
 
 pub use error::ApiError;

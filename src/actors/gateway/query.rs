@@ -33,11 +33,17 @@ pub async fn predictions(
     State(app): State<Arc<AppContext>>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<PageBody<Prediction>>, ApiError> {
-    let mut params = Params::parse(raw.as_deref())?;
+    let query = predictions_query(raw.as_deref())?;
+    page(&app, &query).await
+}
+
+/// The query of `GET /api/predictions` from its raw query string.
+pub fn predictions_query(raw: Option<&str>) -> Result<PredictionQuery, ApiError> {
+    let mut params = Params::parse(raw)?;
     let mut query = prediction_query(&mut params)?;
     query.anomaly = params.boolean(&["anomaly"])?;
     params.finish(PREDICTION_PARAMS)?;
-    page(&app, &query).await
+    Ok(query)
 }
 
 /// `GET /api/alerts` — anomalous windows, newest first, with their severity and what
