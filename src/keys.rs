@@ -207,6 +207,8 @@ pub const TOMBSTONE_SHARDS: usize = 16;
 pub struct Tombstones {
     shards: [FxHashMap<u64, Tombstone>; TOMBSTONE_SHARDS],
     dirty: u32,
+    /// No tombstone was evicted before this (`expire` has nothing to do until it passes).
+    oldest_ms: Option<i64>,
 }
 
 impl Tombstones {
@@ -226,6 +228,7 @@ impl Tombstones {
         let shard = Self::shard_of(hash);
         self.shards[shard].insert(hash, tombstone);
         self.dirty |= 1 << shard;
+        self.oldest_ms = Some(self.oldest_ms.map_or(tombstone.evicted_at_ms, |o| o.min(tombstone.evicted_at_ms)));
     }
 
     /// The tombstone of a key coming back, removed.
@@ -241,9 +244,17 @@ impl Tombstones {
 
     /// Forget tombstones of keys evicted before `before_ms` (ingest clock).
     pub fn expire(&mut self, before_ms: i64) {
+        // Called at every sweep: a no-op until the oldest tombstone is due.
+        if self.oldest_ms.is_none_or(|oldest| oldest >= before_ms) {
+            return;
+        }
+        self.oldest_ms = None;
         for (index, shard) in self.shards.iter_mut().enumerate() {
             let len = shard.len();
             shard.retain(|_, tombstone| tombstone.evicted_at_ms >= before_ms);
+            if let Some(oldest) = shard.values().map(|t| t.evicted_at_ms).min() {
+                self.oldest_ms = Some(self.oldest_ms.map_or(oldest, |o| o.min(oldest)));
+            }
             if shard.len() != len {
                 self.dirty |= 1 << index;
                 if shard.capacity() > 2 * shard.len() + 64 {
@@ -265,8 +276,9 @@ impl Tombstones {
     /// Restore one shard from a checkpoint.
     pub fn restore(&mut self, entries: Vec<(u64, Tombstone)>) {
         for (hash, tombstone) in entries {
-            self.shards[Self::shard_of(hash)].insert(hash, tombstone);
+            self.insert(hash, tombstone);
         }
+        self.dirty = 0;
     }
 }
 
