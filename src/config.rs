@@ -36,6 +36,7 @@ pub struct Config {
     pub log: LogConfig,
     pub dead_letters: DeadLetterConfig,
     pub auth: AuthConfig,
+    pub elasticsearch: ElasticsearchConfig,
     pub chaos: ChaosConfig,
 }
 
@@ -312,6 +313,61 @@ impl fmt::Debug for StoreConfig {
     }
 }
 
+/// The Elasticsearch sink and search backend (`[elasticsearch]`).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElasticsearchConfig {
+    pub enabled: bool,
+    /// Nodes, tried in turn (`http://host:9200`, `https://…`).
+    pub urls: Vec<String>,
+    /// Index (or write alias) of window results; `%Y`, `%m`, `%d`, … make one index per
+    /// period of the window start (`tidemark-predictions-%Y.%m.%d`).
+    pub index: String,
+    /// Name of the index template applied at start-up; empty: none is applied.
+    pub template: String,
+    pub username: String,
+    pub password: String,
+    /// An API key as Elasticsearch returns it encoded (base64 of `id:key`).
+    pub api_key: String,
+    /// PEM file of the CA that signed the cluster's certificate; empty: system roots.
+    pub ca_file: String,
+    /// Documents per bulk request, at most.
+    pub batch_size: usize,
+    /// Bytes per bulk request body, at most.
+    pub batch_bytes: usize,
+    /// Longest a result waits for its bulk request to fill.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Retries of 429s, 5xx and connection errors back off up to this.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    pub number_of_shards: u32,
+    pub number_of_replicas: u32,
+}
+
+impl fmt::Debug for ElasticsearchConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |value: &str| if value.is_empty() { "" } else { "***" };
+        f.debug_struct("ElasticsearchConfig")
+            .field("enabled", &self.enabled)
+            .field("urls", &self.urls.iter().map(|url| redact_url(url)).collect::<Vec<_>>())
+            .field("index", &self.index)
+            .field("template", &self.template)
+            .field("username", &self.username)
+            .field("password", &hidden(&self.password))
+            .field("api_key", &hidden(&self.api_key))
+            .field("ca_file", &self.ca_file)
+            .field("batch_size", &self.batch_size)
+            .field("batch_bytes", &self.batch_bytes)
+            .field("linger", &self.linger)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_backoff", &self.max_backoff)
+            .finish()
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
@@ -466,6 +522,7 @@ impl Config {
         let log = section!("log");
         let dead_letters = section!("dead_letters");
         let auth = section!("auth");
+        let elasticsearch = section!("elasticsearch");
         let chaos = section!("chaos");
 
         if let (
@@ -481,6 +538,7 @@ impl Config {
             Some(log),
             Some(dead_letters),
             Some(auth),
+            Some(elasticsearch),
             Some(chaos),
         ) = (
             http,
@@ -495,6 +553,7 @@ impl Config {
             log,
             dead_letters,
             auth,
+            elasticsearch,
             chaos,
         ) {
             let config = Config {
@@ -510,6 +569,7 @@ impl Config {
                 log,
                 dead_letters,
                 auth,
+                elasticsearch,
                 chaos,
             };
             config.validate(&mut errors);
@@ -540,6 +600,33 @@ impl Config {
             "ingest.max_string_bytes: must be between 1 and 4096",
         );
         check((1..=1024).contains(&self.pipeline.partitions), "pipeline.partitions: must be between 1 and 1024");
+        if self.elasticsearch.enabled {
+            let es = &self.elasticsearch;
+            check(!es.urls.is_empty(), "elasticsearch.urls: at least one URL when elasticsearch.enabled");
+            for url in &es.urls {
+                check(
+                    (url.starts_with("http://") || url.starts_with("https://")) && reqwest::Url::parse(url).is_ok(),
+                    "elasticsearch.urls: each must be an http:// or https:// URL",
+                );
+            }
+            check(!es.index.is_empty(), "elasticsearch.index: must not be empty");
+            check(
+                crate::elasticsearch::IndexName::parse(&es.index).is_ok(),
+                "elasticsearch.index: lowercase, no spaces or \\ / * ? \" < > | , #, and only strftime \
+                 fields such as %Y %m %d %H",
+            );
+            check(es.batch_size >= 1, "elasticsearch.batch_size: must be at least 1");
+            check(es.batch_bytes >= 4096, "elasticsearch.batch_bytes: must be at least 4096");
+            check(
+                es.password.is_empty() || !es.username.is_empty(),
+                "elasticsearch.password: set elasticsearch.username too",
+            );
+            check(
+                es.api_key.is_empty() || es.username.is_empty(),
+                "elasticsearch.api_key and elasticsearch.username: use one of basic auth and an API key",
+            );
+            check(!es.request_timeout.is_zero(), "elasticsearch.request_timeout: must be above 0");
+        }
         for origin in &self.http.cors_allowed_origins {
             check(
                 origin == "*"
@@ -640,6 +727,12 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.store.url = redact_url(&shown.store.url);
+        shown.elasticsearch.urls = shown.elasticsearch.urls.iter().map(|url| redact_url(url)).collect();
+        for secret in [&mut shown.elasticsearch.password, &mut shown.elasticsearch.api_key] {
+            if !secret.is_empty() {
+                *secret = "***".into();
+            }
+        }
         for (key, value) in shown.kafka.properties.iter_mut() {
             if is_secret_property(key) {
                 *value = "***".into();

@@ -14,6 +14,8 @@
 //! | [`keys`]        | a partition's key table, laid out for memory                          |
 //! | [`window`]      | event-time tumbling windows, watermarks, lateness, idle flush (pure)  |
 //! | [`scoring`]     | detectors (context, ewma, rcf), likelihood post-processing (pure)     |
+//! | [`search`]      | `/api/search` query syntax and the search backends                    |
+//! | [`elasticsearch`] | the Elasticsearch client: bulk documents, template, search          |
 //! | [`score_csv`]   | `tidemark score-csv`: CSV series through a scorer (NAB layout)        |
 //! | [`store`]       | the `Store` trait and its SQLite implementation                       |
 //! | [`actors`]      | partition actors, sinks, the HTTP gateway                             |
@@ -31,6 +33,7 @@
 pub mod actors;
 pub mod auth;
 pub mod config;
+pub mod elasticsearch;
 pub mod ingest;
 pub mod kafka;
 pub mod keys;
@@ -43,6 +46,7 @@ pub mod routing;
 pub mod runtime;
 pub mod score_csv;
 pub mod scoring;
+pub mod search;
 pub mod sim;
 pub mod store;
 pub mod supervision;

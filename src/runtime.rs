@@ -152,7 +152,12 @@ impl Runtime {
         if let (Some(producer), true) = (&producer, kafka_consume) {
             check_topic_partitions(producer.clone(), &config).await?;
         }
-        let sinks = Arc::new(Sinks::with_kafka(4096, outputs_configured));
+        let elasticsearch = if config.elasticsearch.enabled {
+            Some(Arc::new(crate::elasticsearch::EsClient::new(&config.elasticsearch).map_err(|e| anyhow::anyhow!(e))?))
+        } else {
+            None
+        };
+        let sinks = Arc::new(Sinks::with_outputs(4096, outputs_configured, elasticsearch.is_some()));
         let topology = Arc::new(Topology::default());
         let kafka = kafka_consume.then(|| {
             Arc::new(KafkaShared::new(
@@ -252,6 +257,10 @@ impl Runtime {
                 None => Arc::clone(&router) as Arc<dyn crate::ingest::Ingest>,
             },
             sources: kafka.iter().map(|kafka| Arc::clone(kafka) as Arc<dyn crate::ingest::SourceStatus>).collect(),
+            search: match &elasticsearch {
+                Some(client) => Arc::clone(client) as Arc<dyn crate::search::SearchBackend>,
+                None => Arc::new(crate::store::StoreSearch(Arc::clone(&store))),
+            },
             keys,
             tls,
             dead_letter_sampler: crate::ingest::sampling::DeadLetterSampler::new(
@@ -276,6 +285,7 @@ impl Runtime {
             checkpoint_listener,
             kafka,
             kafka_outputs,
+            elasticsearch,
             owner: instance_name(),
         });
         let (root, root_handle) = Actor::spawn(None, RootSupervisor, Arc::clone(&parts))

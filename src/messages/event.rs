@@ -115,10 +115,12 @@ pub enum RejectReason {
     ClockSkew,
     /// A new key in a partition that already holds `pipeline.max_keys_per_partition`.
     KeyLimit,
+    /// A window result Elasticsearch refused for its content.
+    ElasticsearchRejected,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 13] = [
+    pub const ALL: [RejectReason; 14] = [
         Self::MissingField,
         Self::WrongType,
         Self::NonFinite,
@@ -132,6 +134,7 @@ impl RejectReason {
         Self::RetentionGap,
         Self::ClockSkew,
         Self::KeyLimit,
+        Self::ElasticsearchRejected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -149,6 +152,7 @@ impl RejectReason {
             Self::RetentionGap => "retention_gap",
             Self::ClockSkew => "clock_skew",
             Self::KeyLimit => "key_limit",
+            Self::ElasticsearchRejected => "elasticsearch_rejected",
         }
     }
 

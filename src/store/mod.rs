@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::config::StoreConfig;
+use crate::search::{HistogramBucket, HistogramQuery, SearchBackend};
 use crate::messages::{
     CheckpointData, DeadLetter, PartitionId, RejectReason, RestoredPartition, Severity, WindowResult,
 };
@@ -153,6 +154,8 @@ pub struct PredictionQuery {
     pub severities: Vec<Severity>,
     pub limit: u32,
     pub cursor: Option<Cursor>,
+    /// Free text (`/api/search`).
+    pub text: Option<crate::search::TextQuery>,
 }
 
 #[derive(Clone, Debug)]
@@ -269,7 +272,10 @@ pub trait Store: Send + Sync {
         partitions: u32,
     ) -> Result<Option<RestoredPartition>, StoreError>;
 
+    /// Newest first; with `query.text`, only rows whose words match it.
     async fn predictions(&self, query: &PredictionQuery) -> Result<Page<Prediction>, StoreError>;
+    /// Windows and anomalies per interval and event type (`/api/search/histogram`).
+    async fn histogram(&self, query: &HistogramQuery) -> Result<Vec<HistogramBucket>, StoreError>;
     async fn top_sensors(&self, query: &TopQuery) -> Result<Vec<TopSensor>, StoreError>;
     async fn summary(&self, since_ms: i64) -> Result<Vec<TypeSummary>, StoreError>;
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetterRow>, StoreError>;
@@ -327,6 +333,38 @@ where
         max_value: row.try_get("max_value")?,
         max_prediction_score: row.try_get("max_score")?,
     })
+}
+
+fn bucket_from_row<R: sqlx::Row>(row: &R) -> Result<HistogramBucket, sqlx::Error>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(HistogramBucket {
+        start: row.try_get("bucket")?,
+        event_type: row.try_get("event_type")?,
+        windows: row.try_get("windows")?,
+        anomalies: row.try_get("anomalies")?,
+    })
+}
+
+/// The store answers `/api/search` when no search cluster is configured.
+pub struct StoreSearch(pub Arc<dyn Store>);
+
+#[async_trait]
+impl SearchBackend for StoreSearch {
+    fn name(&self) -> &'static str {
+        self.0.backend()
+    }
+
+    async fn search(&self, query: &PredictionQuery) -> Result<Page<Prediction>, StoreError> {
+        self.0.predictions(query).await
+    }
+
+    async fn histogram(&self, query: &HistogramQuery) -> Result<Vec<HistogramBucket>, StoreError> {
+        self.0.histogram(query).await
+    }
 }
 
 fn summary_from_row<R: sqlx::Row>(row: &R) -> Result<TypeSummary, sqlx::Error>

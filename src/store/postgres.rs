@@ -11,13 +11,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row};
+use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::{
     DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, Store, StoreError, TopQuery, TopSensor,
     TypeSummary, WriteBatch, WriteOutcome, sql,
 };
 use crate::config::StoreConfig;
+use crate::search::{HistogramBucket, HistogramQuery, TextQuery};
 use crate::messages::{KeyStateBlob, PartitionId, RestoredPartition, WindowResult};
 
 /// How result rows reach the table (both measured in `docs/benchmarks.md`).
@@ -50,6 +51,13 @@ fn migrator() -> Migrator {
             Cow::Borrowed("accounting and fencing"),
             MigrationType::Simple,
             sqlx::SqlStr::from_static(include_str!("../../migrations/postgres/0002_accounting_and_fencing.sql")),
+            false,
+        ),
+        Migration::new(
+            3,
+            Cow::Borrowed("search"),
+            MigrationType::Simple,
+            sqlx::SqlStr::from_static(include_str!("../../migrations/postgres/0003_search.sql")),
             false,
         ),
     ])
@@ -430,9 +438,25 @@ impl Store for PostgresStore {
 
     async fn predictions(&self, query: &PredictionQuery) -> Result<Page<Prediction>, StoreError> {
         self.timed(async {
-            let rows = sql::predictions::<Postgres, _>(query, time).build().fetch_all(&self.pool).await?;
+            let rows = sql::predictions::<Postgres, _>(query, time, &text_filter).build().fetch_all(&self.pool).await?;
             let items = rows.iter().map(prediction_from_row).collect::<Result<Vec<_>, _>>()?;
             Ok(super::paginate(items, query.limit))
+        })
+        .await
+    }
+
+    async fn histogram(&self, query: &HistogramQuery) -> Result<Vec<HistogramBucket>, StoreError> {
+        self.timed(async {
+            let bucket = |builder: &mut QueryBuilder<Postgres>, interval: i64| {
+                builder
+                    .push("(FLOOR(EXTRACT(EPOCH FROM window_start) * 1000 / ")
+                    .push_bind(interval)
+                    .push(")::BIGINT * ")
+                    .push_bind(interval)
+                    .push(")");
+            };
+            let rows = sql::histogram::<Postgres, _>(query, &bucket, time, &text_filter).build().fetch_all(&self.pool).await?;
+            Ok(rows.iter().map(super::bucket_from_row).collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }
@@ -521,4 +545,30 @@ impl Store for PostgresStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// ` AND` the text query as a `tsquery` over the `search_words` column.
+fn text_filter(builder: &mut QueryBuilder<Postgres>, query: &TextQuery) {
+    builder.push(" AND search_words @@ to_tsquery('simple', ").push_bind(tsquery(query)).push(")");
+}
+
+/// `'w1' <-> 'w2':* & !( 'w3' )`: words are letters and digits only (the parser's
+/// words), so quoting them is enough.
+fn tsquery(query: &TextQuery) -> String {
+    let terms: Vec<String> = query
+        .terms
+        .iter()
+        .map(|term| {
+            let last = term.words.len() - 1;
+            let phrase: Vec<String> = term
+                .words
+                .iter()
+                .enumerate()
+                .map(|(i, word)| if term.prefix && i == last { format!("'{word}':*") } else { format!("'{word}'") })
+                .collect();
+            let phrase = phrase.join(" <-> ");
+            if term.negated { format!("!({phrase})") } else { format!("({phrase})") }
+        })
+        .collect();
+    terms.join(" & ")
 }

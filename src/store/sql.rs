@@ -5,6 +5,7 @@
 use sqlx::{Database, Encode, QueryBuilder, Type};
 
 use super::{DeadLetterQuery, PredictionQuery, TopBy, TopQuery};
+use crate::search::{HistogramQuery, TextQuery};
 
 pub const PREDICTION_COLUMNS: &str = "id, sensor_id, event_type, window_start, window_end, event_count, \
      avg_value, min_value, max_value, stddev, prediction_score, anomaly, severity, revision, explanation, \
@@ -13,9 +14,12 @@ pub const PREDICTION_COLUMNS: &str = "id, sensor_id, event_type, window_start, w
 pub const DEAD_LETTER_COLUMNS: &str =
     "id, received_at, source, reason, error, sensor_id, event_type, event_time, partition, position, payload";
 
+/// How a backend adds a free-text condition (` AND …`) to a query.
+pub type TextFilter<'a, DB> = &'a dyn Fn(&mut QueryBuilder<DB>, &TextQuery);
+
 /// `SELECT … FROM predictions` with the query's filters, newest first, one row more
 /// than the limit (to know whether there is a next page).
-pub fn predictions<DB, T>(query: &PredictionQuery, time: impl Fn(i64) -> T) -> QueryBuilder<DB>
+pub fn predictions<DB, T>(query: &PredictionQuery, time: impl Fn(i64) -> T, text: TextFilter<'_, DB>) -> QueryBuilder<DB>
 where
     DB: Database,
     T: for<'t> Encode<'t, DB> + Type<DB>,
@@ -24,6 +28,59 @@ where
     bool: for<'t> Encode<'t, DB> + Type<DB>,
 {
     let mut builder = QueryBuilder::new(format!("SELECT {PREDICTION_COLUMNS} FROM predictions WHERE 1 = 1"));
+    filters(&mut builder, query, &time, text);
+    if let Some(cursor) = query.cursor {
+        builder
+            .push(" AND (window_start < ")
+            .push_bind(time(cursor.window_start_ms))
+            .push(" OR (window_start = ")
+            .push_bind(time(cursor.window_start_ms))
+            .push(" AND id < ")
+            .push_bind(cursor.id)
+            .push("))");
+    }
+    builder.push(" ORDER BY window_start DESC, id DESC LIMIT ").push_bind(i64::from(query.limit) + 1);
+    builder
+}
+
+/// Windows and anomalies per bucket (`bucket` pushes a backend's expression of the
+/// bucket start in epoch milliseconds for an interval) and event type.
+pub fn histogram<DB, T>(
+    query: &HistogramQuery,
+    bucket: &dyn Fn(&mut QueryBuilder<DB>, i64),
+    time: impl Fn(i64) -> T,
+    text: TextFilter<'_, DB>,
+) -> QueryBuilder<DB>
+where
+    DB: Database,
+    T: for<'t> Encode<'t, DB> + Type<DB>,
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    bool: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let mut builder = QueryBuilder::new("SELECT ");
+    bucket(&mut builder, query.interval_ms);
+    builder.push(
+        " AS bucket, event_type, COUNT(*) AS windows, \
+         SUM(CASE WHEN anomaly THEN 1 ELSE 0 END) AS anomalies FROM predictions WHERE 1 = 1",
+    );
+    filters(&mut builder, &query.query, &time, text);
+    builder.push(" GROUP BY 1, 2 ORDER BY 1, 2 LIMIT ").push_bind(crate::search::MAX_BUCKETS as i64 + 1);
+    builder
+}
+
+fn filters<DB, T>(
+    builder: &mut QueryBuilder<DB>,
+    query: &PredictionQuery,
+    time: &impl Fn(i64) -> T,
+    text: TextFilter<'_, DB>,
+) where
+    DB: Database,
+    T: for<'t> Encode<'t, DB> + Type<DB>,
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    bool: for<'t> Encode<'t, DB> + Type<DB>,
+{
     if let Some(sensor_id) = &query.sensor_id {
         builder.push(" AND sensor_id = ").push_bind(sensor_id.as_str());
     }
@@ -47,18 +104,9 @@ where
         }
         builder.push(")");
     }
-    if let Some(cursor) = query.cursor {
-        builder
-            .push(" AND (window_start < ")
-            .push_bind(time(cursor.window_start_ms))
-            .push(" OR (window_start = ")
-            .push_bind(time(cursor.window_start_ms))
-            .push(" AND id < ")
-            .push_bind(cursor.id)
-            .push("))");
+    if let Some(query) = &query.text {
+        text(builder, query);
     }
-    builder.push(" ORDER BY window_start DESC, id DESC LIMIT ").push_bind(i64::from(query.limit) + 1);
-    builder
 }
 
 fn top_measure(by: TopBy) -> &'static str {

@@ -16,6 +16,7 @@ use super::{
     TypeSummary, WriteBatch, WriteOutcome, sql,
 };
 use crate::config::{StoreConfig, sqlite_path};
+use crate::search::{HistogramBucket, HistogramQuery, Term, TextQuery};
 use crate::messages::{KeyStateBlob, PartitionId, RestoredPartition};
 
 /// Rows per multi-row statement: 17 parameters each stays far below SQLite's limit.
@@ -82,6 +83,13 @@ fn migrator() -> Migrator {
             Cow::Borrowed("accounting and fencing"),
             MigrationType::Simple,
             sqlx::SqlStr::from_static(include_str!("../../migrations/sqlite/0002_accounting_and_fencing.sql")),
+            false,
+        ),
+        Migration::new(
+            3,
+            Cow::Borrowed("search"),
+            MigrationType::Simple,
+            sqlx::SqlStr::from_static(include_str!("../../migrations/sqlite/0003_search.sql")),
             false,
         ),
     ])
@@ -356,9 +364,21 @@ impl Store for SqliteStore {
 
     async fn predictions(&self, query: &PredictionQuery) -> Result<Page<Prediction>, StoreError> {
         self.timed(async {
-            let rows = sql::predictions::<Sqlite, i64>(query, |ms| ms).build().fetch_all(&self.pool).await?;
+            let rows = sql::predictions::<Sqlite, i64>(query, |ms| ms, &text_filter).build().fetch_all(&self.pool).await?;
             let items = rows.iter().map(prediction_from_row).collect::<Result<Vec<_>, _>>()?;
             Ok(super::paginate(items, query.limit))
+        })
+        .await
+    }
+
+    async fn histogram(&self, query: &HistogramQuery) -> Result<Vec<HistogramBucket>, StoreError> {
+        self.timed(async {
+            let bucket = |builder: &mut QueryBuilder<Sqlite>, interval: i64| {
+                builder.push("((window_start / ").push_bind(interval).push(") * ").push_bind(interval).push(")");
+            };
+            let rows =
+                sql::histogram::<Sqlite, i64>(query, &bucket, |ms| ms, &text_filter).build().fetch_all(&self.pool).await?;
+            Ok(rows.iter().map(super::bucket_from_row).collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }
@@ -449,4 +469,28 @@ impl Store for SqliteStore {
         self.pool.close().await;
         self.writer.close().await;
     }
+}
+
+/// ` AND` the text query as FTS5 `MATCH` conditions: the terms that must match in one,
+/// each excluded term in a `NOT IN` of its own (FTS5's `NOT` needs a left operand).
+fn text_filter(builder: &mut QueryBuilder<Sqlite>, query: &TextQuery) {
+    let positive: Vec<String> = query.positive().map(fts5_term).collect();
+    if !positive.is_empty() {
+        builder
+            .push(" AND id IN (SELECT rowid FROM predictions_fts WHERE predictions_fts MATCH ")
+            .push_bind(positive.join(" AND "))
+            .push(")");
+    }
+    for term in query.negative() {
+        builder
+            .push(" AND id NOT IN (SELECT rowid FROM predictions_fts WHERE predictions_fts MATCH ")
+            .push_bind(fts5_term(term))
+            .push(")");
+    }
+}
+
+/// `"w1 w2"` or `"w1 w2" *`: words are letters and digits only, so quoting is enough.
+fn fts5_term(term: &Term) -> String {
+    let phrase = term.words.join(" ");
+    if term.prefix { format!("\"{phrase}\" *") } else { format!("\"{phrase}\"") }
 }

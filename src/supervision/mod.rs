@@ -103,6 +103,8 @@ pub struct RuntimeParts {
     pub kafka: Option<Arc<crate::actors::sources::kafka::KafkaShared>>,
     /// Output topics, when configured.
     pub kafka_outputs: Option<sinks::KafkaOutputs>,
+    /// The search cluster, when configured.
+    pub elasticsearch: Option<Arc<crate::elasticsearch::EsClient>>,
     /// This instance's name (host and process) in the store's partition ownership.
     pub owner: String,
 }
@@ -158,6 +160,7 @@ impl RootState {
                     budget,
                     topology: Arc::clone(&parts.topology),
                     kafka: parts.kafka_outputs.clone(),
+                    elasticsearch: parts.elasticsearch.clone(),
                 };
                 let (actor, _) = Actor::spawn_linked(None, SinkSupervisor, args, cell).await?;
                 let id = actor.get_id();

@@ -8,6 +8,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::Topology;
 use super::policy::{ExitStatus, RestartBudget, RestartTracker};
+use crate::actors::sinks::elasticsearch::{EsSink, EsSinkArgs};
 use crate::actors::sinks::kafka::{KafkaSink, KafkaSinkArgs};
 use crate::actors::sinks::store::{StoreSink, StoreSinkArgs};
 use crate::actors::sinks::{CheckpointListener, Sinks};
@@ -28,6 +29,8 @@ pub struct SinkSupervisorArgs {
     pub topology: Arc<Topology>,
     /// Output topics (when configured).
     pub kafka: Option<KafkaOutputs>,
+    /// The search cluster (when configured).
+    pub elasticsearch: Option<Arc<crate::elasticsearch::EsClient>>,
 }
 
 #[derive(Clone)]
@@ -38,22 +41,83 @@ pub struct KafkaOutputs {
     pub timeout: std::time::Duration,
 }
 
+/// The sink actors this supervisor runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SinkKind {
+    Store,
+    Kafka,
+    Elasticsearch,
+}
+
+impl SinkKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Store => "store",
+            Self::Kafka => "kafka",
+            Self::Elasticsearch => "elasticsearch",
+        }
+    }
+}
+
 pub enum SinkSupervisorMsg {
-    RestartStore,
-    RestartKafka,
+    Restart(SinkKind),
     ShuttingDown,
 }
 
 pub struct SinkSupervisorState {
     args: SinkSupervisorArgs,
-    store_tracker: RestartTracker,
-    kafka_tracker: RestartTracker,
-    kafka_sink: Option<ractor::ActorId>,
+    /// The running sinks, by actor, with their restart history.
+    children: Vec<(SinkKind, Option<ractor::ActorId>, RestartTracker)>,
     shutting_down: bool,
 }
 
 impl SinkSupervisorState {
-    async fn spawn_store(&self, myself: &ActorRef<SinkSupervisorMsg>) -> Result<(), ActorProcessingErr> {
+    async fn spawn(&mut self, kind: SinkKind, myself: &ActorRef<SinkSupervisorMsg>) -> Result<(), ActorProcessingErr> {
+        let id = match kind {
+            SinkKind::Store => self.spawn_store(myself).await?,
+            SinkKind::Kafka => self.spawn_kafka(myself).await?,
+            SinkKind::Elasticsearch => self.spawn_elasticsearch(myself).await?,
+        };
+        if let Some(id) = id {
+            match self.children.iter_mut().find(|(child, _, _)| *child == kind) {
+                Some(entry) => entry.1 = Some(id),
+                None => self.children.push((kind, Some(id), RestartTracker::default())),
+            }
+        }
+        Ok(())
+    }
+
+    fn set_actor_gone(&self, kind: SinkKind) {
+        match kind {
+            SinkKind::Store => self.args.sinks.set_store(None),
+            SinkKind::Kafka => self.args.sinks.set_kafka(None),
+            SinkKind::Elasticsearch => self.args.sinks.set_elasticsearch(None),
+        }
+    }
+
+    async fn spawn_elasticsearch(
+        &self,
+        myself: &ActorRef<SinkSupervisorMsg>,
+    ) -> Result<Option<ractor::ActorId>, ActorProcessingErr> {
+        let Some(client) = self.args.elasticsearch.clone() else {
+            return Ok(None);
+        };
+        let args = EsSinkArgs {
+            client,
+            sinks: Arc::clone(&self.args.sinks),
+            metrics: Arc::clone(&self.args.metrics),
+            health: Arc::clone(&self.args.sinks.elasticsearch_health),
+        };
+        let (actor, _) = Actor::spawn_linked(None, EsSink, args, myself.get_cell()).await?;
+        let id = actor.get_id();
+        self.args.sinks.set_elasticsearch(Some(actor));
+        Ok(Some(id))
+    }
+
+    async fn spawn_store(
+        &self,
+        myself: &ActorRef<SinkSupervisorMsg>,
+    ) -> Result<Option<ractor::ActorId>, ActorProcessingErr> {
         let args = StoreSinkArgs {
             store: Arc::clone(&self.args.store),
             config: self.args.store_config.clone(),
@@ -65,13 +129,17 @@ impl SinkSupervisorState {
         // What a failed sink held is gone; what the new one receives is counted afresh.
         self.args.sinks.store_health.pending_dead_letters.store(0, std::sync::atomic::Ordering::Relaxed);
         let (actor, _) = Actor::spawn_linked(None, StoreSink, args, myself.get_cell()).await?;
+        let id = actor.get_id();
         self.args.sinks.set_store(Some(actor));
-        Ok(())
+        Ok(Some(id))
     }
 
-    async fn spawn_kafka(&mut self, myself: &ActorRef<SinkSupervisorMsg>) -> Result<(), ActorProcessingErr> {
+    async fn spawn_kafka(
+        &self,
+        myself: &ActorRef<SinkSupervisorMsg>,
+    ) -> Result<Option<ractor::ActorId>, ActorProcessingErr> {
         let Some(outputs) = self.args.kafka.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         let args = KafkaSinkArgs {
             producer: outputs.producer,
@@ -82,9 +150,9 @@ impl SinkSupervisorState {
             metrics: Arc::clone(&self.args.metrics),
         };
         let (actor, _) = Actor::spawn_linked(None, KafkaSink, args, myself.get_cell()).await?;
-        self.kafka_sink = Some(actor.get_id());
+        let id = actor.get_id();
         self.args.sinks.set_kafka(Some(actor));
-        Ok(())
+        Ok(Some(id))
     }
 }
 
@@ -98,15 +166,10 @@ impl Actor for SinkSupervisor {
         myself: ActorRef<Self::Msg>,
         args: SinkSupervisorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let mut state = SinkSupervisorState {
-            args,
-            store_tracker: RestartTracker::default(),
-            kafka_tracker: RestartTracker::default(),
-            kafka_sink: None,
-            shutting_down: false,
-        };
-        state.spawn_store(&myself).await?;
-        state.spawn_kafka(&myself).await?;
+        let mut state = SinkSupervisorState { args, children: Vec::new(), shutting_down: false };
+        for kind in [SinkKind::Store, SinkKind::Kafka, SinkKind::Elasticsearch] {
+            state.spawn(kind, &myself).await?;
+        }
         Ok(state)
     }
 
@@ -117,16 +180,10 @@ impl Actor for SinkSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            SinkSupervisorMsg::RestartStore => {
+            SinkSupervisorMsg::Restart(kind) => {
                 if !state.shutting_down {
-                    state.spawn_store(&myself).await?;
+                    state.spawn(kind, &myself).await?;
                     // What the old sink held is gone: replay it from the checkpoints.
-                    state.args.topology.rewind_partitions();
-                }
-            }
-            SinkSupervisorMsg::RestartKafka => {
-                if !state.shutting_down {
-                    state.spawn_kafka(&myself).await?;
                     state.args.topology.rewind_partitions();
                 }
             }
@@ -144,20 +201,19 @@ impl Actor for SinkSupervisor {
         let Some(status) = ExitStatus::of(&event) else {
             return Ok(());
         };
-        let is_kafka = state.kafka_sink.is_some() && event.actor_cell().map(|cell| cell.get_id()) == state.kafka_sink;
-        let (name, tracker) = if is_kafka {
-            state.args.sinks.set_kafka(None);
-            state.kafka_sink = None;
-            ("kafka", &mut state.kafka_tracker)
-        } else {
-            state.args.sinks.set_store(None);
-            ("store", &mut state.store_tracker)
+        let exited = event.actor_cell().map(|cell| cell.get_id());
+        let Some(index) = state.children.iter().position(|(_, id, _)| id.is_some() && *id == exited) else {
+            return Ok(());
         };
+        let kind = state.children[index].0;
+        state.children[index].1 = None;
+        state.set_actor_gone(kind);
         if state.shutting_down {
             return Ok(());
         }
+        let name = kind.name();
         tracing::error!(sink = name, reason = status.message(), "sink actor exited");
-        let restart = if is_kafka { SinkSupervisorMsg::RestartKafka } else { SinkSupervisorMsg::RestartStore };
+        let tracker = &mut state.children[index].2;
         super::policy::on_child_exit(
             &myself,
             &format!("sink-{name}"),
@@ -165,7 +221,7 @@ impl Actor for SinkSupervisor {
             tracker,
             &state.args.budget,
             &state.args.metrics,
-            move || restart,
+            move || SinkSupervisorMsg::Restart(kind),
         )
     }
 }

@@ -46,6 +46,8 @@ pub struct AppContext {
     pub ingest: Arc<dyn crate::ingest::Ingest>,
     /// Sources with a status of their own (Kafka: assigned partitions, lag).
     pub sources: Vec<Arc<dyn crate::ingest::SourceStatus>>,
+    /// What answers `/api/search`: Elasticsearch when configured, else the store.
+    pub search: Arc<dyn crate::search::SearchBackend>,
     /// The API keys accepted (none: authentication off).
     pub keys: Arc<crate::auth::KeyRing>,
     /// Per-client request rate limit (`None`: off).
@@ -76,6 +78,8 @@ pub fn routes(app: Arc<AppContext>) -> Router {
         .route("/api/sensors/top", get(query::top_sensors))
         .route("/api/sensors/skew", get(query::skewed_sensors))
         .route("/api/summary", get(query::summary))
+        .route("/api/search", get(query::search))
+        .route("/api/search/histogram", get(query::histogram))
         .route("/api/dead-letters", get(query::dead_letters))
         .route("/api/status", get(ops::status))
         .route("/api/openapi.json", get(ops::openapi))

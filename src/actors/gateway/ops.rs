@@ -37,6 +37,19 @@ pub async fn ready(State(app): State<Arc<AppContext>>) -> Response {
     if app.sinks.store().is_none() {
         problems.push("store sink: restarting".into());
     }
+    if app.sinks.elasticsearch_configured() {
+        let es = app.sinks.elasticsearch_health.snapshot("elasticsearch");
+        if !es.healthy {
+            problems.push(format!(
+                "elasticsearch sink: {} consecutive failures, checkpoints held ({})",
+                es.consecutive_failures,
+                es.last_error.as_deref().unwrap_or("unknown error")
+            ));
+        }
+        if app.sinks.elasticsearch().is_none() {
+            problems.push("elasticsearch sink: restarting".into());
+        }
+    }
     for source in &app.sources {
         problems.extend(source.problems());
     }
@@ -115,6 +128,10 @@ pub async fn status(State(app): State<Arc<AppContext>>) -> Json<Value> {
         let ms = |v: Option<f64>| v.map(|s| s * 1000.0);
         json!({"count": count, "p50Ms": ms(q[0]), "p95Ms": ms(q[1]), "p99Ms": ms(q[2])})
     };
+    let mut sinks = vec![app.sinks.store_health.snapshot("store")];
+    if app.sinks.elasticsearch_configured() {
+        sinks.push(app.sinks.elasticsearch_health.snapshot("elasticsearch"));
+    }
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptimeSeconds": app.started_at.elapsed().as_secs(),
@@ -122,7 +139,8 @@ pub async fn status(State(app): State<Arc<AppContext>>) -> Json<Value> {
         "acceptingEvents": !app.router.is_closed(),
         "replayBufferEvents": app.router.buffered_total(),
         "partitions": partitions,
-        "sinks": [app.sinks.store_health.snapshot("store")],
+        "sinks": sinks,
+        "search": app.search.name(),
         "kafka": app.sources.iter().find(|source| source.name() == "kafka").map(|kafka| kafka.status()),
         "latency": {
             "ingestToWindowFire": latency(&app.metrics.ingest_to_fire),

@@ -12,6 +12,7 @@ use super::AppContext;
 use super::error::ApiError;
 use super::params::{Params, encode_cursor};
 use crate::messages::{RejectReason, Severity};
+use crate::search::{HistogramQuery, MAX_BUCKETS, TextQuery};
 use crate::store::{DeadLetterQuery, Prediction, PredictionQuery, TopBy, TopQuery};
 
 const MAX_ID_LEN: usize = 256;
@@ -83,6 +84,7 @@ fn prediction_query(params: &mut Params) -> Result<PredictionQuery, ApiError> {
         severities,
         limit: params.number(&["limit"], 1, MAX_LIMIT, DEFAULT_LIMIT)?,
         cursor: params.cursor()?,
+        text: None,
     };
     // `from` after `to` is an empty range: an empty page, like SQL's reversed BETWEEN.
     Ok(query)
@@ -91,6 +93,72 @@ fn prediction_query(params: &mut Params) -> Result<PredictionQuery, ApiError> {
 async fn page(app: &AppContext, query: &PredictionQuery) -> Result<Json<PageBody<Prediction>>, ApiError> {
     let page = app.store.predictions(query).await?;
     Ok(Json(PageBody { count: page.items.len(), items: page.items, next_cursor: page.next.map(encode_cursor) }))
+}
+
+const SEARCH_PARAMS: &[&str] =
+    &["q", "sensorId", "eventType", "from", "to", "anomaly", "severity", "limit", "cursor"];
+
+fn search_query(params: &mut Params) -> Result<PredictionQuery, ApiError> {
+    let mut query = prediction_query(params)?;
+    query.anomaly = params.boolean(&["anomaly"])?;
+    let q = params.take(&["q"])?.unwrap_or_default();
+    query.text = TextQuery::parse(&q).map_err(|error| ApiError::parameter("q", error))?;
+    Ok(query)
+}
+
+/// `GET /api/search?q=&sensorId=&…` — window results whose sensor id, event type,
+/// severity or explanation match `q` (words, "phrases", `-excluded`, `prefix*`), newest
+/// first, with the filters and cursors of `/api/predictions`. Answered by Elasticsearch
+/// when it is configured, by the store otherwise.
+pub async fn search(
+    State(app): State<Arc<AppContext>>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<PageBody<Prediction>>, ApiError> {
+    let mut params = Params::parse(raw.as_deref())?;
+    let query = search_query(&mut params)?;
+    params.finish(SEARCH_PARAMS)?;
+    let page = app.search.search(&query).await?;
+    Ok(Json(PageBody { count: page.items.len(), items: page.items, next_cursor: page.next.map(encode_cursor) }))
+}
+
+/// `GET /api/search/histogram?interval=1m&q=&…` — windows and anomalies per interval
+/// (of window start) and event type, for charts; the filters of `/api/search`.
+pub async fn histogram(State(app): State<Arc<AppContext>>, RawQuery(raw): RawQuery) -> Result<Json<Value>, ApiError> {
+    let mut params = Params::parse(raw.as_deref())?;
+    let interval_text = params.take(&["interval"])?.unwrap_or_else(|| "1m".to_string());
+    let interval = humantime::parse_duration(&interval_text)
+        .ok()
+        .and_then(|interval| i64::try_from(interval.as_millis()).ok())
+        .filter(|ms| (1000..=366 * 86_400_000).contains(ms))
+        .ok_or_else(|| {
+            ApiError::parameter("interval", format!("expected a duration from 1s to 366d such as 1m or 1h, got {interval_text:?}"))
+        })?;
+    let query = search_query(&mut params)?;
+    let mut allowed = vec!["interval"];
+    allowed.extend(SEARCH_PARAMS.iter().filter(|name| !matches!(**name, "limit" | "cursor")));
+    if query.cursor.is_some() || params_had_limit(&raw) {
+        return Err(ApiError::parameter("limit", "not taken by the histogram; narrow from/to or widen the interval"));
+    }
+    params.finish(&allowed)?;
+    let histogram = HistogramQuery { query, interval_ms: interval };
+    let mut buckets = app.search.histogram(&histogram).await?;
+    if buckets.len() > MAX_BUCKETS {
+        return Err(ApiError::parameter(
+            "interval",
+            format!("more than {MAX_BUCKETS} buckets; widen the interval or narrow from/to"),
+        ));
+    }
+    buckets.sort_by(|a, b| a.start.cmp(&b.start).then_with(|| a.event_type.cmp(&b.event_type)));
+    Ok(Json(json!({
+        "interval": interval_text,
+        "intervalMs": interval,
+        "backend": app.search.name(),
+        "buckets": buckets,
+    })))
+}
+
+fn params_had_limit(raw: &Option<String>) -> bool {
+    raw.as_deref().is_some_and(|raw| raw.split('&').any(|pair| pair == "limit" || pair.starts_with("limit=")))
 }
 
 fn minutes(params: &mut Params) -> Result<u32, ApiError> {

@@ -16,7 +16,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Serialize;
 
 use super::Sinks;
-use crate::messages::{CheckpointData, StoreMsg, WindowResult};
+use crate::messages::{CheckpointData, WindowResult};
 use crate::metrics::{Metrics, SinkResultLabels, SinkRowLabels};
 use crate::store::ser::rfc3339;
 
@@ -173,7 +173,7 @@ impl Actor for KafkaSink {
             }
             KafkaSinkMsg::Checkpoint(checkpoint) => {
                 state.drain().await?;
-                state.args.sinks.send_store(StoreMsg::Checkpoint(checkpoint))?;
+                state.args.sinks.forward_checkpoint(super::Gate::Kafka, checkpoint)?;
             }
             KafkaSinkMsg::Flush(reply) => {
                 state.drain().await?;

@@ -3,6 +3,7 @@
 //! [`Sinks`] is the routing table of the sink actors (owned by the sink supervisor, read
 //! by partitions and the gateway) plus the in-process live feed.
 
+pub mod elasticsearch;
 pub mod file;
 pub mod kafka;
 pub mod store;
@@ -16,6 +17,50 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::messages::{CheckpointData, PartitionId, Position, StoreMsg, WindowResult};
+
+/// Window results waiting for a sink's next write, at most one per window: a later
+/// revision replaces an earlier one (one row may not be upserted twice in a statement,
+/// and a bulk request need not carry a superseded document).
+#[derive(Default)]
+pub struct PendingResults {
+    results: Vec<WindowResult>,
+    index: rustc_hash::FxHashMap<(compact_str::CompactString, compact_str::CompactString, i64), usize>,
+}
+
+impl PendingResults {
+    pub fn push(&mut self, result: WindowResult) {
+        let key = (result.sensor_id.clone(), result.event_type.clone(), result.window_start_ms);
+        match self.index.get(&key) {
+            Some(&at) => {
+                if result.revision >= self.results[at].revision {
+                    self.results[at] = result;
+                }
+            }
+            None => {
+                self.index.insert(key, self.results.len());
+                self.results.push(result);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.results.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.results.is_empty()
+    }
+
+    pub fn as_slice(&self) -> &[WindowResult] {
+        &self.results
+    }
+
+    /// Everything pending, in arrival order.
+    pub fn take(&mut self) -> Vec<WindowResult> {
+        self.index.clear();
+        std::mem::take(&mut self.results)
+    }
+}
 
 /// Told when a checkpoint is durable (the router releases its replay buffer).
 pub trait CheckpointListener: Send + Sync {
@@ -107,12 +152,24 @@ pub struct SinkHealthView {
     pub last_error: Option<String>,
 }
 
+/// Sinks a checkpoint passes through, in order, before the store sink writes it: each
+/// forwards it once everything sent to it before the checkpoint is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    Kafka,
+    Elasticsearch,
+}
+
 pub struct Sinks {
     store: RwLock<Option<ActorRef<StoreMsg>>>,
     /// Output topics, when configured.
     kafka: RwLock<Option<ActorRef<kafka::KafkaSinkMsg>>>,
     kafka_configured: bool,
+    /// The search cluster, when configured.
+    elasticsearch: RwLock<Option<ActorRef<elasticsearch::EsSinkMsg>>>,
+    elasticsearch_configured: bool,
     pub store_health: Arc<SinkHealth>,
+    pub elasticsearch_health: Arc<SinkHealth>,
     live: broadcast::Sender<Arc<WindowResult>>,
 }
 
@@ -124,14 +181,35 @@ impl Sinks {
     /// `kafka_configured`: results also go to output topics, and checkpoints pass through
     /// the Kafka sink (which forwards them once the results are acknowledged).
     pub fn with_kafka(live_capacity: usize, kafka_configured: bool) -> Self {
+        Self::with_outputs(live_capacity, kafka_configured, false)
+    }
+
+    /// `elasticsearch_configured`: results are also indexed, and checkpoints pass through
+    /// the Elasticsearch sink (after the Kafka sink, when both are).
+    pub fn with_outputs(live_capacity: usize, kafka_configured: bool, elasticsearch_configured: bool) -> Self {
         let (live, _) = broadcast::channel(live_capacity.max(16));
         Self {
             store: RwLock::new(None),
             kafka: RwLock::new(None),
             kafka_configured,
+            elasticsearch: RwLock::new(None),
+            elasticsearch_configured,
             store_health: Arc::new(SinkHealth::default()),
+            elasticsearch_health: Arc::new(SinkHealth::default()),
             live,
         }
+    }
+
+    pub fn set_elasticsearch(&self, actor: Option<ActorRef<elasticsearch::EsSinkMsg>>) {
+        *self.elasticsearch.write() = actor;
+    }
+
+    pub fn elasticsearch_configured(&self) -> bool {
+        self.elasticsearch_configured
+    }
+
+    pub fn elasticsearch(&self) -> Option<ActorRef<elasticsearch::EsSinkMsg>> {
+        self.elasticsearch.read().clone()
     }
 
     pub fn set_store(&self, actor: Option<ActorRef<StoreMsg>>) {
@@ -164,6 +242,13 @@ impl Sinks {
                 return Err("the kafka sink did not drain in time".into());
             }
         }
+        if self.elasticsearch_configured {
+            let es = self.elasticsearch().ok_or("the elasticsearch sink is restarting")?;
+            let reply = es.call(elasticsearch::EsSinkMsg::Flush, Some(timeout)).await.map_err(|e| e.to_string())?;
+            if !reply.is_success() {
+                return Err("the elasticsearch sink did not drain in time".into());
+            }
+        }
         let store = self.store().ok_or("the store sink is restarting")?;
         let reply = store.call(StoreMsg::Flush, Some(timeout)).await.map_err(|e| e.to_string())?;
         if !reply.is_success() {
@@ -182,10 +267,19 @@ impl Sinks {
                 None => return Err(SinkUnavailable("kafka")),
             }
         }
+        if self.elasticsearch_configured {
+            match self.elasticsearch.read().as_ref() {
+                Some(actor) => actor
+                    .send_message(elasticsearch::EsSinkMsg::Results(results.clone()))
+                    .map_err(|_| SinkUnavailable("elasticsearch"))?,
+                None => return Err(SinkUnavailable("elasticsearch")),
+            }
+        }
         self.send_store(StoreMsg::Results(results))
     }
 
-    /// Hand a checkpoint to the sinks, behind every result sent before it.
+    /// Hand a checkpoint to the sinks, behind every result sent before it: to the first
+    /// gate, which passes it on (see [`Gate`]).
     pub fn send_checkpoint(&self, checkpoint: CheckpointData) -> Result<(), SinkUnavailable> {
         if self.kafka_configured {
             return match self.kafka.read().as_ref() {
@@ -195,7 +289,20 @@ impl Sinks {
                 None => Err(SinkUnavailable("kafka")),
             };
         }
-        self.send_store(StoreMsg::Checkpoint(Box::new(checkpoint)))
+        self.forward_checkpoint(Gate::Kafka, Box::new(checkpoint))
+    }
+
+    /// A gate acknowledged everything before `checkpoint`: pass it to the next one.
+    pub fn forward_checkpoint(&self, after: Gate, checkpoint: Box<CheckpointData>) -> Result<(), SinkUnavailable> {
+        if after == Gate::Kafka && self.elasticsearch_configured {
+            return match self.elasticsearch.read().as_ref() {
+                Some(actor) => actor
+                    .send_message(elasticsearch::EsSinkMsg::Checkpoint(checkpoint))
+                    .map_err(|_| SinkUnavailable("elasticsearch")),
+                None => Err(SinkUnavailable("elasticsearch")),
+            };
+        }
+        self.send_store(StoreMsg::Checkpoint(checkpoint))
     }
 
     pub fn send_store(&self, message: StoreMsg) -> Result<(), SinkUnavailable> {

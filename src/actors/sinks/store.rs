@@ -14,11 +14,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use rustc_hash::FxHashMap;
 
-use super::{CheckpointListener, SinkHealth};
+use super::{CheckpointListener, PendingResults, SinkHealth};
 use crate::config::{ChaosConfig, StoreConfig};
-use crate::messages::{CheckpointData, DeadLetter, RejectReason, Source, StoreMsg, WindowResult};
+use crate::messages::{CheckpointData, DeadLetter, RejectReason, Source, StoreMsg};
 use crate::metrics::{Metrics, PartitionLabels, SinkLabels, SinkResultLabels, SinkRowLabels};
 use crate::store::{Store, StoreError, WriteBatch};
 use crate::supervision::policy::RetryBackoff;
@@ -38,10 +37,7 @@ pub struct StoreSinkArgs {
 
 pub struct StoreSinkState {
     args: StoreSinkArgs,
-    results: Vec<WindowResult>,
-    /// Index of a window key in `results`, so a later revision replaces an earlier one
-    /// in the same batch (one row may not be upserted twice in one statement).
-    result_index: FxHashMap<(compact_str::CompactString, compact_str::CompactString, i64), usize>,
+    results: PendingResults,
     dead_letters: Vec<DeadLetter>,
     checkpoints: Vec<CheckpointData>,
     linger_armed: bool,
@@ -68,8 +64,7 @@ impl Actor for StoreSink {
         };
         Ok(StoreSinkState {
             args,
-            results: Vec::new(),
-            result_index: FxHashMap::default(),
+            results: PendingResults::default(),
             dead_letters: Vec::new(),
             checkpoints: Vec::new(),
             linger_armed: false,
@@ -88,7 +83,7 @@ impl Actor for StoreSink {
         match message {
             StoreMsg::Results(results) => {
                 for result in results {
-                    state.push_result(result);
+                    state.results.push(result);
                 }
                 state.after_push(&myself).await?;
             }
@@ -128,21 +123,6 @@ impl Actor for StoreSink {
 }
 
 impl StoreSinkState {
-    fn push_result(&mut self, result: WindowResult) {
-        let key = (result.sensor_id.clone(), result.event_type.clone(), result.window_start_ms);
-        match self.result_index.get(&key) {
-            Some(&index) => {
-                if result.revision >= self.results[index].revision {
-                    self.results[index] = result;
-                }
-            }
-            None => {
-                self.result_index.insert(key, self.results.len());
-                self.results.push(result);
-            }
-        }
-    }
-
     async fn after_push(&mut self, myself: &ActorRef<StoreMsg>) -> Result<(), ActorProcessingErr> {
         self.publish_pending();
         if self.results.len() + self.dead_letters.len() >= self.args.config.batch_size {
@@ -172,7 +152,7 @@ impl StoreSinkState {
                 Some(error) => Err(error),
                 None => {
                     let batch = WriteBatch {
-                        results: &self.results,
+                        results: self.results.as_slice(),
                         dead_letters: &self.dead_letters,
                         checkpoints: &self.checkpoints,
                     };
@@ -249,7 +229,7 @@ impl StoreSinkState {
             }
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
-        for result in &self.results {
+        for result in self.results.as_slice() {
             metrics.fire_to_ack.observe((now_ms - result.fired_at_ms) as f64 / 1000.0);
         }
         let written = self.dead_letters.len() as u64;
@@ -279,16 +259,14 @@ impl StoreSinkState {
                 checkpoint.checkpoint_id,
             );
         }
-        self.results.clear();
-        self.result_index.clear();
+        self.results.take();
         self.dead_letters.clear();
         self.publish_pending();
     }
 
     /// Write results one at a time; those the database refuses become dead letters.
     async fn isolate_rejected_rows(&mut self) -> Result<(), ActorProcessingErr> {
-        let results = std::mem::take(&mut self.results);
-        self.result_index.clear();
+        let results = self.results.take();
         for result in results {
             loop {
                 let batch = WriteBatch { results: std::slice::from_ref(&result), ..WriteBatch::default() };
