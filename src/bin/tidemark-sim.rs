@@ -33,6 +33,17 @@ enum SimCommand {
     /// lines on stdin (`down ID`, `up ID`, `rtt ID MILLIS`, `topic NAME PARTITIONS`) until stdin
     /// closes.
     KafkaMock(KafkaMock),
+    /// Serve the Elasticsearch stand-in (the `_bulk`/`_search` protocol tidemark uses,
+    /// with fault injection at `POST /_double/faults`) until interrupted. Prints
+    /// `url=http://HOST:PORT`.
+    EsDouble(EsDouble),
+}
+
+#[derive(Args)]
+struct EsDouble {
+    /// Address to listen on (loopback; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:9200")]
+    listen: std::net::SocketAddr,
 }
 
 #[derive(Args)]
@@ -131,6 +142,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(SimCommand::Load(load)) => run_load(load),
         Some(SimCommand::KafkaMock(mock)) => run_kafka_mock(mock),
+        Some(SimCommand::EsDouble(double)) => run_es_double(double),
         None => simulate(cli.simulate),
     }
 }
@@ -168,6 +180,27 @@ fn run_kafka_mock(mock: KafkaMock) -> ExitCode {
         let _ = std::io::stdout().flush();
     }
     ExitCode::SUCCESS
+}
+
+fn run_es_double(args: EsDouble) -> ExitCode {
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
+        eprintln!("cannot start the async runtime");
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(async {
+        match sim::es_double::EsDouble::start(args.listen).await {
+            Ok(double) => {
+                println!("url={}", double.url());
+                let _ = std::io::stdout().flush();
+                let _ = tokio::signal::ctrl_c().await;
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("cannot listen on {}: {error}", args.listen);
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 fn run_load(load: Load) -> ExitCode {

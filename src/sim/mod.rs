@@ -2,6 +2,7 @@
 //! byte for byte. Sensors follow a daily cycle plus noise; anomalies (spike, drift,
 //! stuck value, dropout) are injected at known times and written as ground-truth labels.
 
+pub mod es_double;
 pub mod http;
 pub mod kafka;
 pub mod load;
