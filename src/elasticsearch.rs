@@ -69,7 +69,11 @@ impl IndexName {
     /// The index a window starting at `window_start_ms` goes to.
     pub fn for_window(&self, window_start_ms: i64) -> Cow<'_, str> {
         if !self.dated {
-            return if self.raw.contains('%') { Cow::Owned(self.raw.replace("%%", "%")) } else { Cow::Borrowed(&self.raw) };
+            return if self.raw.contains('%') {
+                Cow::Owned(self.raw.replace("%%", "%"))
+            } else {
+                Cow::Borrowed(&self.raw)
+            };
         }
         let time = chrono::DateTime::from_timestamp_millis(window_start_ms).unwrap_or_default();
         Cow::Owned(time.format(&self.raw).to_string())
@@ -243,8 +247,7 @@ pub fn parse_bulk_reply(body: &[u8], expected: usize) -> Result<Vec<ItemOutcome>
         errors: bool,
         items: Vec<serde::de::IgnoredAny>,
     }
-    let quick: Quick =
-        serde_json::from_slice(body).map_err(|error| format!("unreadable _bulk response: {error}"))?;
+    let quick: Quick = serde_json::from_slice(body).map_err(|error| format!("unreadable _bulk response: {error}"))?;
     if quick.items.len() != expected {
         return Err(format!("_bulk answered {} items for {expected}", quick.items.len()));
     }
@@ -446,7 +449,8 @@ impl EsClient {
             BulkError::Retriable(message) => StoreError::Unavailable(message),
             BulkError::Refused(message) => StoreError::Internal(format!("search refused: {message}")),
         })?;
-        serde_json::from_slice(&reply).map_err(|error| StoreError::Internal(format!("unreadable search answer: {error}")))
+        serde_json::from_slice(&reply)
+            .map_err(|error| StoreError::Internal(format!("unreadable search answer: {error}")))
     }
 }
 

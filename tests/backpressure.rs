@@ -7,7 +7,7 @@ mod common;
 use std::str::FromStr;
 use std::time::Duration;
 
-use common::{Client, all_predictions, eventually, sources, start};
+use common::{Client, all_predictions, eventually, resident_bytes, sources, start};
 use serde_json::{Value, json};
 use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
@@ -23,13 +23,6 @@ fn batch(start: i64, n: i64) -> Value {
             })
             .collect(),
     )
-}
-
-fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|text| text.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,9 @@ enum SearchOn {
     Elasticsearch,
 }
 
+/// What a case's filters keep, by the reference rule.
+type RowFilter = Box<dyn Fn(&Value) -> bool>;
+
 fn key(row: &Value) -> String {
     format!("{}|{}|{}", row["sensorId"], row["eventType"], row["windowStart"])
 }
@@ -149,7 +152,7 @@ async fn suite(on: SearchOn) {
             (words.len() == 2).then(|| format!("\"{} {}\"", words[0], words[1]))
         })
         .expect("an anomalous window with an explanation");
-    let cases: Vec<(String, String, Box<dyn Fn(&Value) -> bool>)> = vec![
+    let cases: Vec<(String, String, RowFilter)> = vec![
         (sensor.clone(), String::new(), Box::new(|_| true)),
         ("temperature".into(), String::new(), Box::new(|_| true)),
         ("\"sensor 000\"*".into(), String::new(), Box::new(|_| true)),
@@ -190,7 +193,20 @@ async fn suite(on: SearchOn) {
         eprintln!("{on:?}: q={q} {filters}: {} of {} windows", keys.len(), rows.len());
         // The item shape of /api/predictions.
         if let Some(first) = found.first() {
-            for field in ["id", "sensorId", "eventType", "windowStart", "windowEnd", "avgValue", "predictionScore", "anomaly", "severity", "explanation", "createdAt", "updatedAt"] {
+            for field in [
+                "id",
+                "sensorId",
+                "eventType",
+                "windowStart",
+                "windowEnd",
+                "avgValue",
+                "predictionScore",
+                "anomaly",
+                "severity",
+                "explanation",
+                "createdAt",
+                "updatedAt",
+            ] {
                 assert!(first.get(field).is_some(), "{on:?}: search items lack {field}: {first}");
             }
         }

@@ -34,7 +34,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -122,8 +122,7 @@ struct Cluster {
 pub struct EsDouble {
     cluster: Arc<Mutex<Cluster>>,
     pub faults: Arc<Faults>,
-    down: Arc<AtomicBool>,
-    wake: Arc<tokio::sync::Notify>,
+    down: Arc<tokio::sync::watch::Sender<bool>>,
     pub addr: SocketAddr,
 }
 
@@ -138,8 +137,7 @@ impl EsDouble {
         let double = Self {
             cluster: Arc::new(Mutex::new(Cluster::default())),
             faults: Arc::new(Faults::default()),
-            down: Arc::new(AtomicBool::new(false)),
-            wake: Arc::new(tokio::sync::Notify::new()),
+            down: Arc::new(tokio::sync::watch::Sender::new(false)),
             addr,
         };
         tokio::spawn(double.clone().serve(listener));
@@ -152,38 +150,45 @@ impl EsDouble {
 
     /// Close the listener (connections are refused) until [`EsDouble::set_up`].
     pub fn set_down(&self) {
-        self.down.store(true, Ordering::SeqCst);
-        self.wake.notify_waiters();
+        self.down.send_replace(true);
     }
 
     pub fn set_up(&self) {
-        self.down.store(false, Ordering::SeqCst);
-        self.wake.notify_waiters();
+        self.down.send_replace(false);
     }
 
-    async fn serve(self, mut listener: TcpListener) {
+    async fn serve(self, listener: TcpListener) {
+        let mut listener = Some(listener);
+        let mut down = self.down_rx();
         loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = self.wake.notified() => continue,
-            };
-            if self.down.load(Ordering::SeqCst) {
-                drop(listener);
-                while self.down.load(Ordering::SeqCst) {
-                    let notified = self.wake.notified();
-                    if !self.down.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+            if *down.borrow_and_update() {
+                // The node is down: no listener (connections are refused), and every open
+                // connection was cut (each connection task watches the same flag).
+                listener = None;
+                if down.changed().await.is_err() {
+                    return;
                 }
-                listener = loop {
-                    match TcpListener::bind(self.addr).await {
-                        Ok(listener) => break listener,
-                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                    }
-                };
                 continue;
             }
+            let active = match &listener {
+                Some(listener) => listener,
+                None => {
+                    match TcpListener::bind(self.addr).await {
+                        Ok(bound) => listener = Some(bound),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                    continue;
+                }
+            };
+            let accepted = tokio::select! {
+                accepted = active.accept() => accepted,
+                changed = down.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
             let Ok((stream, _)) = accepted else { continue };
             if take_one(&self.faults.reset_next) {
                 // SO_LINGER 0: the close sends a reset (and does not block).
@@ -193,13 +198,21 @@ impl EsDouble {
                 continue;
             }
             let app = self.router();
+            let mut cut = self.down_rx();
             tokio::spawn(async move {
                 let service = TowerToHyperService::new(app);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let connection =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = connection => {}
+                    _ = cut.wait_for(|down| *down) => {}
+                }
             });
         }
+    }
+
+    fn down_rx(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.down.subscribe()
     }
 
     fn router(&self) -> Router {
@@ -270,7 +283,11 @@ impl EsDouble {
             ));
         }
         if take_one(&self.faults.http_503_next) {
-            return Some(error(StatusCode::SERVICE_UNAVAILABLE, "cluster_block_exception", "blocked by: [SERVICE_UNAVAILABLE/2/no master];"));
+            return Some(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cluster_block_exception",
+                "blocked by: [SERVICE_UNAVAILABLE/2/no master];",
+            ));
         }
         None
     }
@@ -357,16 +374,30 @@ async fn index_template(
             Some(template) => {
                 axum::Json(json!({"index_templates": [{"name": name, "index_template": template}]})).into_response()
             }
-            None => error(StatusCode::NOT_FOUND, "resource_not_found_exception", &format!("index template matching [{name}] not found")),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "resource_not_found_exception",
+                &format!("index template matching [{name}] not found"),
+            ),
         },
         Method::PUT | Method::POST => {
             let template: Value = match serde_json::from_slice(&body) {
                 Ok(Value::Object(object)) => Value::Object(object),
-                _ => return double.violation(StatusCode::BAD_REQUEST, "parse_exception", "request body is required and must be a JSON object".into()),
+                _ => {
+                    return double.violation(
+                        StatusCode::BAD_REQUEST,
+                        "parse_exception",
+                        "request body is required and must be a JSON object".into(),
+                    );
+                }
             };
             for key in template.as_object().into_iter().flatten().map(|(key, _)| key) {
                 if !TEMPLATE_KEYS.contains(&key.as_str()) {
-                    return double.violation(StatusCode::BAD_REQUEST, "x_content_parse_exception", format!("[index_template] unknown field [{key}]"));
+                    return double.violation(
+                        StatusCode::BAD_REQUEST,
+                        "x_content_parse_exception",
+                        format!("[index_template] unknown field [{key}]"),
+                    );
                 }
             }
             let patterns_ok = match &template["index_patterns"] {
@@ -375,17 +406,29 @@ async fn index_template(
                 _ => false,
             };
             if !patterns_ok {
-                return double.violation(StatusCode::BAD_REQUEST, "action_request_validation_exception", "Validation Failed: 1: index patterns are missing;".into());
+                return double.violation(
+                    StatusCode::BAD_REQUEST,
+                    "action_request_validation_exception",
+                    "Validation Failed: 1: index patterns are missing;".into(),
+                );
             }
             for key in template["template"].as_object().into_iter().flatten().map(|(key, _)| key) {
                 if !["settings", "mappings", "aliases", "lifecycle"].contains(&key.as_str()) {
-                    return double.violation(StatusCode::BAD_REQUEST, "x_content_parse_exception", format!("[template] unknown field [{key}]"));
+                    return double.violation(
+                        StatusCode::BAD_REQUEST,
+                        "x_content_parse_exception",
+                        format!("[template] unknown field [{key}]"),
+                    );
                 }
             }
             for (field, mapping) in template["template"]["mappings"]["properties"].as_object().into_iter().flatten() {
                 let kind = mapping["type"].as_str().unwrap_or("object");
                 if !FIELD_TYPES.contains(&kind) {
-                    return double.violation(StatusCode::BAD_REQUEST, "mapper_parsing_exception", format!("No handler for type [{kind}] declared on field [{field}]"));
+                    return double.violation(
+                        StatusCode::BAD_REQUEST,
+                        "mapper_parsing_exception",
+                        format!("No handler for type [{kind}] declared on field [{field}]"),
+                    );
                 }
             }
             double.cluster.lock().templates.insert(name, template);
@@ -411,10 +454,11 @@ fn wildcard(pattern: &str, text: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == text,
         Some((head, tail)) => {
-            text.starts_with(head) && (0..=text.len() - head.len()).any(|skip| {
-                let rest = &text[head.len() + skip..];
-                text.is_char_boundary(head.len() + skip) && wildcard(tail, rest)
-            })
+            text.starts_with(head)
+                && (0..=text.len() - head.len()).any(|skip| {
+                    let rest = &text[head.len() + skip..];
+                    text.is_char_boundary(head.len() + skip) && wildcard(tail, rest)
+                })
         }
     }
 }
@@ -447,7 +491,8 @@ impl Cluster {
                 name.to_string(),
                 Index {
                     properties: mappings["properties"].as_object().cloned().unwrap_or_default(),
-                    dynamic_strict: mappings["dynamic"].as_str() == Some("strict") || mappings["dynamic"] == json!(false),
+                    dynamic_strict: mappings["dynamic"].as_str() == Some("strict")
+                        || mappings["dynamic"] == json!(false),
                     ..Index::default()
                 },
             );
@@ -466,7 +511,9 @@ fn check_document(index: &Index, id: &str, source: &Value) -> Option<(String, St
             if index.dynamic_strict {
                 return Some((
                     "strict_dynamic_mapping_exception".into(),
-                    format!("[1:2] mapping set to strict, dynamic introduction of [{field}] within [_doc] is not allowed"),
+                    format!(
+                        "[1:2] mapping set to strict, dynamic introduction of [{field}] within [_doc] is not allowed"
+                    ),
                 ));
             }
             continue;
@@ -502,7 +549,12 @@ struct BulkParams {
     refresh: Option<String>,
 }
 
-async fn bulk_all(State(double): State<EsDouble>, headers: HeaderMap, RawQuery(query): RawQuery, body: Bytes) -> Response {
+async fn bulk_all(
+    State(double): State<EsDouble>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
     bulk(double, None, headers, query, body).await
 }
 
@@ -529,14 +581,25 @@ const ACTION_KEYS: &[&str] = &[
     "dynamic_templates",
 ];
 
-async fn bulk(double: EsDouble, path_index: Option<String>, headers: HeaderMap, query: Option<String>, body: Bytes) -> Response {
+async fn bulk(
+    double: EsDouble,
+    path_index: Option<String>,
+    headers: HeaderMap,
+    query: Option<String>,
+    body: Bytes,
+) -> Response {
     if let Some(fault) = double.before_answer().await {
         return fault;
     }
     let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
     let media = content_type.split(';').next().unwrap_or("").trim();
-    if !["application/json", "application/x-ndjson", "application/vnd.elasticsearch+json", "application/vnd.elasticsearch+x-ndjson"]
-        .contains(&media)
+    if ![
+        "application/json",
+        "application/x-ndjson",
+        "application/vnd.elasticsearch+json",
+        "application/vnd.elasticsearch+x-ndjson",
+    ]
+    .contains(&media)
     {
         return double.violation(
             StatusCode::NOT_ACCEPTABLE,
@@ -557,7 +620,8 @@ async fn bulk(double: EsDouble, path_index: Option<String>, headers: HeaderMap, 
         );
     }
     // Parse every line first: a malformed request is refused as a whole.
-    let mut lines = body.split(|b| *b == b'\n').enumerate().filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace));
+    let mut lines =
+        body.split(|b| *b == b'\n').enumerate().filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace));
     let mut operations: Vec<(String, String, Option<String>, Option<Value>)> = Vec::new();
     while let Some((number, line)) = lines.next() {
         let action: Map<String, Value> = match serde_json::from_slice(line) {
@@ -579,7 +643,11 @@ async fn bulk(double: EsDouble, path_index: Option<String>, headers: HeaderMap, 
             );
         }
         let Value::Object(meta) = meta else {
-            return double.violation(StatusCode::BAD_REQUEST, "illegal_argument_exception", format!("Malformed action/metadata line [{}]", number + 1));
+            return double.violation(
+                StatusCode::BAD_REQUEST,
+                "illegal_argument_exception",
+                format!("Malformed action/metadata line [{}]", number + 1),
+            );
         };
         if let Some(key) = meta.keys().find(|key| !ACTION_KEYS.contains(&key.as_str())) {
             return double.violation(
@@ -590,7 +658,11 @@ async fn bulk(double: EsDouble, path_index: Option<String>, headers: HeaderMap, 
         }
         let index = meta.get("_index").and_then(Value::as_str).map(str::to_string).or_else(|| path_index.clone());
         let Some(index) = index else {
-            return double.violation(StatusCode::BAD_REQUEST, "action_request_validation_exception", "Validation Failed: 1: index is missing;".into());
+            return double.violation(
+                StatusCode::BAD_REQUEST,
+                "action_request_validation_exception",
+                "Validation Failed: 1: index is missing;".into(),
+            );
         };
         let id = meta.get("_id").and_then(Value::as_str).map(str::to_string);
         let source = if kind == "delete" {
@@ -600,16 +672,28 @@ async fn bulk(double: EsDouble, path_index: Option<String>, headers: HeaderMap, 
                 Some((_, line)) => match serde_json::from_slice::<Value>(line) {
                     Ok(source) => Some(source),
                     Err(parse) => {
-                        return double.violation(StatusCode::BAD_REQUEST, "x_content_parse_exception", format!("[{}:1] {parse}", number + 2));
+                        return double.violation(
+                            StatusCode::BAD_REQUEST,
+                            "x_content_parse_exception",
+                            format!("[{}:1] {parse}", number + 2),
+                        );
                     }
                 },
                 None => {
-                    return double.violation(StatusCode::BAD_REQUEST, "action_request_validation_exception", "Validation Failed: 1: source is missing;".into());
+                    return double.violation(
+                        StatusCode::BAD_REQUEST,
+                        "action_request_validation_exception",
+                        "Validation Failed: 1: source is missing;".into(),
+                    );
                 }
             }
         };
         if kind == "update" {
-            return double.violation(StatusCode::BAD_REQUEST, "illegal_argument_exception", "update actions are not supported by the stand-in".into());
+            return double.violation(
+                StatusCode::BAD_REQUEST,
+                "illegal_argument_exception",
+                "update actions are not supported by the stand-in".into(),
+            );
         }
         operations.push((kind, index, id, source));
     }
@@ -633,7 +717,7 @@ async fn bulk(double: EsDouble, path_index: Option<String>, headers: HeaderMap, 
                 items.push(json!({kind.clone(): fail(400, "invalid_index_name_exception", &format!("Invalid index name [{index_name}]"), &id)}));
                 continue;
             }
-            if item_429_every > 0 && (n as u32 + 1) % item_429_every == 0 {
+            if item_429_every > 0 && (n as u32 + 1).is_multiple_of(item_429_every) {
                 errors = true;
                 items.push(json!({kind.clone(): fail(429, "es_rejected_execution_exception", "rejected execution of primary operation", &id)}));
                 continue;
@@ -671,7 +755,9 @@ async fn bulk(double: EsDouble, path_index: Option<String>, headers: HeaderMap, 
                 ("create", Some(_)) if index.docs.contains_key(&doc_id) => {
                     errors = true;
                     let reason = format!("[{doc_id}]: version conflict, document already exists (current version [1])");
-                    items.push(json!({"create": fail(409, "version_conflict_engine_exception", &reason, &Some(doc_id))}));
+                    items.push(
+                        json!({"create": fail(409, "version_conflict_engine_exception", &reason, &Some(doc_id))}),
+                    );
                 }
                 (_, Some(source)) => {
                     let version = index.docs.get(&doc_id).map_or(1, |doc| doc.version + 1);
@@ -744,7 +830,12 @@ struct SearchParams {
     allow_no_indices: Option<String>,
 }
 
-async fn search_all(State(double): State<EsDouble>, method: Method, RawQuery(query): RawQuery, body: Bytes) -> Response {
+async fn search_all(
+    State(double): State<EsDouble>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
     search(double, "_all".into(), method, query, body, false).await
 }
 
@@ -768,8 +859,18 @@ async fn count_index(
     search(double, index, method, query, body, true).await
 }
 
-const SEARCH_KEYS: &[&str] =
-    &["query", "size", "from", "sort", "search_after", "track_total_hits", "aggs", "aggregations", "_source", "timeout"];
+const SEARCH_KEYS: &[&str] = &[
+    "query",
+    "size",
+    "from",
+    "sort",
+    "search_after",
+    "track_total_hits",
+    "aggs",
+    "aggregations",
+    "_source",
+    "timeout",
+];
 
 /// A document as search sees it: its source and its analysed text fields.
 struct Visible<'a> {
@@ -832,19 +933,25 @@ fn date_value(value: &Value, format: Option<&str>) -> QueryResult<i64> {
     match value {
         Value::Number(n) => n.as_i64().ok_or_else(|| parsing(format!("failed to parse date field [{n}]"))),
         Value::String(s) => {
-            if format == Some("epoch_millis") || s.bytes().all(|b| b.is_ascii_digit() || b == b'-') && s.parse::<i64>().is_ok() {
+            if format == Some("epoch_millis")
+                || s.bytes().all(|b| b.is_ascii_digit() || b == b'-') && s.parse::<i64>().is_ok()
+            {
                 return s.parse::<i64>().map_err(|_| parsing(format!("failed to parse date field [{s}]")));
             }
-            chrono::DateTime::parse_from_rfc3339(s)
-                .map(|t| t.timestamp_millis())
-                .map_err(|_| parsing(format!("failed to parse date field [{s}] with format [strict_date_optional_time||epoch_millis]")))
+            chrono::DateTime::parse_from_rfc3339(s).map(|t| t.timestamp_millis()).map_err(|_| {
+                parsing(format!(
+                    "failed to parse date field [{s}] with format [strict_date_optional_time||epoch_millis]"
+                ))
+            })
         }
         _ => Err(parsing("failed to parse date field".into())),
     }
 }
 
 fn single_field(query: &Value, kind: &str) -> QueryResult<(String, Value)> {
-    let object = query.as_object().ok_or_else(|| parsing(format!("[{kind}] query malformed, no start_object after query name")))?;
+    let object = query
+        .as_object()
+        .ok_or_else(|| parsing(format!("[{kind}] query malformed, no start_object after query name")))?;
     if object.len() != 1 {
         return Err(parsing(format!("[{kind}] query doesn't support multiple fields, found [{}]", object.len())));
     }
@@ -859,11 +966,13 @@ fn term_equal(doc: &Visible<'_>, field: &str, wanted: &Value) -> bool {
             let as_bool = |v: &Value| v.as_bool().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
             as_bool(value).is_some() && as_bool(value) == as_bool(wanted)
         }
-        "double" | "float" | "long" | "integer" | "short" => value.as_f64().is_some() && value.as_f64() == wanted.as_f64(),
+        "double" | "float" | "long" | "integer" | "short" => {
+            value.as_f64().is_some() && value.as_f64() == wanted.as_f64()
+        }
         "date" => date_value(value, None).ok() == date_value(wanted, None).ok(),
         _ => match (value, wanted) {
             (Value::String(a), Value::String(b)) => a == b,
-            (a, b) => a.to_string() == b.to_string(),
+            (a, b) => a == b,
         },
     })
 }
@@ -886,7 +995,9 @@ fn matches(doc: &Visible<'_>, query: &Value) -> QueryResult<bool> {
                 }
             };
             for key in body.keys() {
-                if !["must", "filter", "must_not", "should", "minimum_should_match", "boost", "_name"].contains(&key.as_str()) {
+                if !["must", "filter", "must_not", "should", "minimum_should_match", "boost", "_name"]
+                    .contains(&key.as_str())
+                {
                     return Err(parsing(format!("[bool] query does not support [{key}]")));
                 }
             }
@@ -902,9 +1013,10 @@ fn matches(doc: &Visible<'_>, query: &Value) -> QueryResult<bool> {
             }
             let should = clauses("should");
             if !should.is_empty() {
-                let minimum = body.get("minimum_should_match").and_then(Value::as_u64).unwrap_or(
-                    if clauses("must").is_empty() && clauses("filter").is_empty() { 1 } else { 0 },
-                );
+                let minimum = body
+                    .get("minimum_should_match")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(if clauses("must").is_empty() && clauses("filter").is_empty() { 1 } else { 0 });
                 let mut hits = 0;
                 for clause in &should {
                     if matches(doc, clause)? {
@@ -918,18 +1030,22 @@ fn matches(doc: &Visible<'_>, query: &Value) -> QueryResult<bool> {
         "term" => {
             let (field, value) = single_field(body, "term")?;
             let value = match value {
-                Value::Object(inner) => inner.get("value").cloned().ok_or_else(|| parsing("[term] query does not support [...]".into()))?,
+                Value::Object(inner) => {
+                    inner.get("value").cloned().ok_or_else(|| parsing("[term] query does not support [...]".into()))?
+                }
                 other => other,
             };
             Ok(term_equal(doc, &field, &value))
         }
         "terms" => {
             let (field, values) = single_field(body, "terms")?;
-            let values = values.as_array().ok_or_else(|| parsing("[terms] query does not support [...]".into()))?.clone();
+            let values =
+                values.as_array().ok_or_else(|| parsing("[terms] query does not support [...]".into()))?.clone();
             Ok(values.iter().any(|value| term_equal(doc, &field, value)))
         }
         "exists" => {
-            let field = body["field"].as_str().ok_or_else(|| parsing("[exists] must be provided with a [field]".into()))?;
+            let field =
+                body["field"].as_str().ok_or_else(|| parsing("[exists] must be provided with a [field]".into()))?;
             Ok(!doc.values(field).is_empty())
         }
         "range" => {
@@ -972,11 +1088,17 @@ fn matches(doc: &Visible<'_>, query: &Value) -> QueryResult<bool> {
                 Value::String(text) => text.clone(),
                 Value::Object(inner) => {
                     for key in inner.keys() {
-                        if !["query", "analyzer", "slop", "max_expansions", "boost", "zero_terms_query"].contains(&key.as_str()) {
+                        if !["query", "analyzer", "slop", "max_expansions", "boost", "zero_terms_query"]
+                            .contains(&key.as_str())
+                        {
                             return Err(parsing(format!("[{kind}] query does not support [{key}]")));
                         }
                     }
-                    inner.get("query").and_then(Value::as_str).ok_or_else(|| parsing(format!("[{kind}] requires query value")))?.to_string()
+                    inner
+                        .get("query")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| parsing(format!("[{kind}] requires query value")))?
+                        .to_string()
                 }
                 _ => return Err(parsing(format!("[{kind}] unknown token"))),
             };
@@ -989,7 +1111,12 @@ fn matches(doc: &Visible<'_>, query: &Value) -> QueryResult<bool> {
             Ok(tokens.iter().enumerate().any(|(start, (position, _))| {
                 wanted.iter().enumerate().all(|(k, word)| {
                     tokens.get(start + k).is_some_and(|(p, token)| {
-                        *p == position + k && if prefix && k == wanted.len() - 1 { token.starts_with(word.as_str()) } else { token == word }
+                        *p == position + k
+                            && if prefix && k == wanted.len() - 1 {
+                                token.starts_with(word.as_str())
+                            } else {
+                                token == word
+                            }
                     })
                 })
             }))
@@ -1003,7 +1130,11 @@ fn sort_values(doc: &Visible<'_>, sort: &[(String, bool)]) -> Vec<Value> {
     sort.iter()
         .map(|(field, _)| {
             let value = doc.values(field).first().map(|v| (*v).clone()).unwrap_or(Value::Null);
-            if doc.field_type(field) == "date" { date_value(&value, None).map(Value::from).unwrap_or(Value::Null) } else { value }
+            if doc.field_type(field) == "date" {
+                date_value(&value, None).map(Value::from).unwrap_or(Value::Null)
+            } else {
+                value
+            }
         })
         .collect()
 }
@@ -1064,7 +1195,8 @@ fn aggregate(docs: &[&Visible<'_>], aggs: &Value) -> QueryResult<Value> {
         };
         let result = match kind {
             "date_histogram" => {
-                let field = body["field"].as_str().ok_or_else(|| parsing("[date_histogram] requires [field]".into()))?;
+                let field =
+                    body["field"].as_str().ok_or_else(|| parsing("[date_histogram] requires [field]".into()))?;
                 let interval = body["fixed_interval"]
                     .as_str()
                     .and_then(|text| humantime::parse_duration(text).ok())
@@ -1135,7 +1267,14 @@ fn aggregate(docs: &[&Visible<'_>], aggs: &Value) -> QueryResult<Value> {
     Ok(Value::Object(out))
 }
 
-async fn search(double: EsDouble, expression: String, method: Method, query: Option<String>, body: Bytes, count: bool) -> Response {
+async fn search(
+    double: EsDouble,
+    expression: String,
+    method: Method,
+    query: Option<String>,
+    body: Bytes,
+    count: bool,
+) -> Response {
     if let Some(fault) = double.before_answer().await {
         return fault;
     }
@@ -1148,12 +1287,24 @@ async fn search(double: EsDouble, expression: String, method: Method, query: Opt
     } else {
         match serde_json::from_slice(&body) {
             Ok(Value::Object(object)) => Value::Object(object),
-            _ => return double.violation(StatusCode::BAD_REQUEST, "parsing_exception", "request body must be a JSON object".into()),
+            _ => {
+                return double.violation(
+                    StatusCode::BAD_REQUEST,
+                    "parsing_exception",
+                    "request body must be a JSON object".into(),
+                );
+            }
         }
     };
     let allowed: &[&str] = if count { &["query"] } else { SEARCH_KEYS };
-    if let Some(key) = request.as_object().into_iter().flatten().map(|(k, _)| k).find(|k| !allowed.contains(&k.as_str())) {
-        return double.violation(StatusCode::BAD_REQUEST, "parsing_exception", format!("Unknown key for a START_OBJECT in [{key}]."));
+    if let Some(key) =
+        request.as_object().into_iter().flatten().map(|(k, _)| k).find(|k| !allowed.contains(&k.as_str()))
+    {
+        return double.violation(
+            StatusCode::BAD_REQUEST,
+            "parsing_exception",
+            format!("Unknown key for a START_OBJECT in [{key}]."),
+        );
     }
     let outcome = run_search(&double.cluster.lock(), &expression, &params, &request, count);
     match outcome {
@@ -1169,24 +1320,42 @@ async fn search(double: EsDouble, expression: String, method: Method, query: Opt
 /// A search failure: status, type, reason, and whether the request broke the API's shape.
 type SearchFailure = (StatusCode, &'static str, String, bool);
 
-fn run_search(cluster: &Cluster, expression: &str, params: &SearchParams, request: &Value, count: bool) -> Result<Value, SearchFailure> {
+fn run_search(
+    cluster: &Cluster,
+    expression: &str,
+    params: &SearchParams,
+    request: &Value,
+    count: bool,
+) -> Result<Value, SearchFailure> {
     let now = Instant::now();
     let names: Vec<&String> = cluster.indices.keys().filter(|name| matches_expression(expression, name)).collect();
-    let concrete_missing = expression.split(',').find(|part| !part.contains('*') && *part != "_all" && !cluster.indices.contains_key(*part));
+    let concrete_missing = expression
+        .split(',')
+        .find(|part| !part.contains('*') && *part != "_all" && !cluster.indices.contains_key(*part));
     if let Some(missing) = concrete_missing
         && params.ignore_unavailable.as_deref() != Some("true")
     {
         return Err((StatusCode::NOT_FOUND, "index_not_found_exception", format!("no such index [{missing}]"), false));
     }
     if names.is_empty() && params.allow_no_indices.as_deref() == Some("false") {
-        return Err((StatusCode::NOT_FOUND, "index_not_found_exception", format!("no such index [{expression}]"), false));
+        return Err((
+            StatusCode::NOT_FOUND,
+            "index_not_found_exception",
+            format!("no such index [{expression}]"),
+            false,
+        ));
     }
     let mut docs = Vec::new();
     for name in &names {
         let index = &cluster.indices[*name];
         for (id, doc) in &index.docs {
             if doc.visible_from <= now {
-                docs.push(Visible { index: name.as_str(), id: id.as_str(), source: &doc.source, properties: &index.properties });
+                docs.push(Visible {
+                    index: name.as_str(),
+                    id: id.as_str(),
+                    source: &doc.source,
+                    properties: &index.properties,
+                });
             }
         }
     }
@@ -1228,12 +1397,10 @@ fn run_search(cluster: &Cluster, expression: &str, params: &SearchParams, reques
         keyed.retain(|(values, _)| ordering(values, &after).is_gt());
     }
     let aggregations = match request.get("aggs").or_else(|| request.get("aggregations")) {
-        Some(aggs) => {
-            match aggregate(&hits, aggs) {
-                Ok(result) => Some(result),
-                Err((status, kind, reason)) => return Err((status, kind, reason, true)),
-            }
-        }
+        Some(aggs) => match aggregate(&hits, aggs) {
+            Ok(result) => Some(result),
+            Err((status, kind, reason)) => return Err((status, kind, reason, true)),
+        },
         None => None,
     };
     let from = request["from"].as_u64().unwrap_or(0) as usize;

@@ -18,10 +18,10 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::config::StoreConfig;
-use crate::search::{HistogramBucket, HistogramQuery, SearchBackend};
 use crate::messages::{
     CheckpointData, DeadLetter, PartitionId, RejectReason, RestoredPartition, Severity, WindowResult,
 };
+use crate::search::{HistogramBucket, HistogramQuery, SearchBackend};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

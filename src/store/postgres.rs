@@ -18,8 +18,8 @@ use super::{
     TypeSummary, WriteBatch, WriteOutcome, sql,
 };
 use crate::config::StoreConfig;
-use crate::search::{HistogramBucket, HistogramQuery, TextQuery};
 use crate::messages::{KeyStateBlob, PartitionId, RestoredPartition, WindowResult};
+use crate::search::{HistogramBucket, HistogramQuery, TextQuery};
 
 /// How result rows reach the table (both measured in `docs/benchmarks.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -455,7 +455,8 @@ impl Store for PostgresStore {
                     .push_bind(interval)
                     .push(")");
             };
-            let rows = sql::histogram::<Postgres, _>(query, &bucket, time, &text_filter).build().fetch_all(&self.pool).await?;
+            let rows =
+                sql::histogram::<Postgres, _>(query, &bucket, time, &text_filter).build().fetch_all(&self.pool).await?;
             Ok(rows.iter().map(super::bucket_from_row).collect::<Result<Vec<_>, _>>()?)
         })
         .await

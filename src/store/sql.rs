@@ -19,7 +19,11 @@ pub type TextFilter<'a, DB> = &'a dyn Fn(&mut QueryBuilder<DB>, &TextQuery);
 
 /// `SELECT … FROM predictions` with the query's filters, newest first, one row more
 /// than the limit (to know whether there is a next page).
-pub fn predictions<DB, T>(query: &PredictionQuery, time: impl Fn(i64) -> T, text: TextFilter<'_, DB>) -> QueryBuilder<DB>
+pub fn predictions<DB, T>(
+    query: &PredictionQuery,
+    time: impl Fn(i64) -> T,
+    text: TextFilter<'_, DB>,
+) -> QueryBuilder<DB>
 where
     DB: Database,
     T: for<'t> Encode<'t, DB> + Type<DB>,

@@ -16,8 +16,8 @@ use super::{
     TypeSummary, WriteBatch, WriteOutcome, sql,
 };
 use crate::config::{StoreConfig, sqlite_path};
-use crate::search::{HistogramBucket, HistogramQuery, Term, TextQuery};
 use crate::messages::{KeyStateBlob, PartitionId, RestoredPartition};
+use crate::search::{HistogramBucket, HistogramQuery, Term, TextQuery};
 
 /// Rows per multi-row statement: 17 parameters each stays far below SQLite's limit.
 const ROWS_PER_STATEMENT: usize = 500;
@@ -364,7 +364,8 @@ impl Store for SqliteStore {
 
     async fn predictions(&self, query: &PredictionQuery) -> Result<Page<Prediction>, StoreError> {
         self.timed(async {
-            let rows = sql::predictions::<Sqlite, i64>(query, |ms| ms, &text_filter).build().fetch_all(&self.pool).await?;
+            let rows =
+                sql::predictions::<Sqlite, i64>(query, |ms| ms, &text_filter).build().fetch_all(&self.pool).await?;
             let items = rows.iter().map(prediction_from_row).collect::<Result<Vec<_>, _>>()?;
             Ok(super::paginate(items, query.limit))
         })
@@ -376,8 +377,10 @@ impl Store for SqliteStore {
             let bucket = |builder: &mut QueryBuilder<Sqlite>, interval: i64| {
                 builder.push("((window_start / ").push_bind(interval).push(") * ").push_bind(interval).push(")");
             };
-            let rows =
-                sql::histogram::<Sqlite, i64>(query, &bucket, |ms| ms, &text_filter).build().fetch_all(&self.pool).await?;
+            let rows = sql::histogram::<Sqlite, i64>(query, &bucket, |ms| ms, &text_filter)
+                .build()
+                .fetch_all(&self.pool)
+                .await?;
             Ok(rows.iter().map(super::bucket_from_row).collect::<Result<Vec<_>, _>>()?)
         })
         .await

@@ -115,6 +115,14 @@ where
     }
 }
 
+/// This process's resident memory, in bytes.
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
 /// Every prediction row, oldest window first, as comparable tuples.
 pub async fn all_predictions(client: &Client) -> Vec<Value> {
     let mut rows = Vec::new();
@@ -138,7 +146,13 @@ pub async fn all_predictions(client: &Client) -> Vec<Value> {
 /// Post NDJSON `lines` in batches, retrying a batch the server refuses with 503 (after
 /// its `Retry-After`, capped at `max_wait`). Returns the number of events accepted.
 pub async fn post_batches(client: &Client, lines: &[String], batch: usize, max_wait: Duration) -> u64 {
+    post_batches_counting(client, lines, batch, max_wait).await.0
+}
+
+/// [`post_batches`], also returning how many times the server answered 503.
+pub async fn post_batches_counting(client: &Client, lines: &[String], batch: usize, max_wait: Duration) -> (u64, u64) {
     let mut accepted = 0;
+    let mut refused = 0;
     for chunk in lines.chunks(batch) {
         let body = chunk.join("\n");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -149,11 +163,12 @@ pub async fn post_batches(client: &Client, lines: &[String], batch: usize, max_w
                 break;
             }
             assert_eq!(status, 503, "unexpected answer: {answer}");
+            refused += 1;
             assert!(tokio::time::Instant::now() < deadline, "still refused after 60 s: {answer}");
             tokio::time::sleep(max_wait).await;
         }
     }
-    accepted
+    (accepted, refused)
 }
 
 /// The simulator's events as NDJSON lines.

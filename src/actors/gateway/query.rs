@@ -95,8 +95,7 @@ async fn page(app: &AppContext, query: &PredictionQuery) -> Result<Json<PageBody
     Ok(Json(PageBody { count: page.items.len(), items: page.items, next_cursor: page.next.map(encode_cursor) }))
 }
 
-const SEARCH_PARAMS: &[&str] =
-    &["q", "sensorId", "eventType", "from", "to", "anomaly", "severity", "limit", "cursor"];
+const SEARCH_PARAMS: &[&str] = &["q", "sensorId", "eventType", "from", "to", "anomaly", "severity", "limit", "cursor"];
 
 fn search_query(params: &mut Params) -> Result<PredictionQuery, ApiError> {
     let mut query = prediction_query(params)?;
@@ -131,7 +130,10 @@ pub async fn histogram(State(app): State<Arc<AppContext>>, RawQuery(raw): RawQue
         .and_then(|interval| i64::try_from(interval.as_millis()).ok())
         .filter(|ms| (1000..=366 * 86_400_000).contains(ms))
         .ok_or_else(|| {
-            ApiError::parameter("interval", format!("expected a duration from 1s to 366d such as 1m or 1h, got {interval_text:?}"))
+            ApiError::parameter(
+                "interval",
+                format!("expected a duration from 1s to 366d such as 1m or 1h, got {interval_text:?}"),
+            )
         })?;
     let query = search_query(&mut params)?;
     let mut allowed = vec!["interval"];

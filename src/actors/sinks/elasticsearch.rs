@@ -57,7 +57,11 @@ impl Actor for EsSink {
     type State = EsSinkState;
     type Arguments = EsSinkArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<EsSinkMsg>, args: EsSinkArgs) -> Result<EsSinkState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<EsSinkMsg>,
+        args: EsSinkArgs,
+    ) -> Result<EsSinkState, ActorProcessingErr> {
         let max_backoff = args.client.config().max_backoff.max(Duration::from_millis(100));
         args.metrics.sink_up.get_or_create(&SinkLabels { sink: SINK }).set(1);
         Ok(EsSinkState {
@@ -181,7 +185,8 @@ impl EsSinkState {
                         work.push(second);
                     }
                     Err(BulkError::Refused(error)) => {
-                        let letters: Vec<DeadLetter> = chunk.iter().map(|result| dead_letter(result, error.clone())).collect();
+                        let letters: Vec<DeadLetter> =
+                            chunk.iter().map(|result| dead_letter(result, error.clone())).collect();
                         self.on_written(started.elapsed(), 0, &letters, true);
                         self.args.sinks.send_store(StoreMsg::DeadLetters(letters))?;
                         break;
@@ -211,7 +216,10 @@ impl EsSinkState {
             metrics.sink_rows.get_or_create(&SinkRowLabels { sink: SINK, kind: "result" }).inc_by(indexed);
         }
         if !rejected.is_empty() {
-            metrics.sink_rows.get_or_create(&SinkRowLabels { sink: SINK, kind: "rejected" }).inc_by(rejected.len() as u64);
+            metrics
+                .sink_rows
+                .get_or_create(&SinkRowLabels { sink: SINK, kind: "rejected" })
+                .inc_by(rejected.len() as u64);
             for letter in rejected {
                 tracing::error!(sink = SINK, sensor_id = ?letter.sensor_id, error = %letter.error, "elasticsearch refused a document");
             }
