@@ -177,3 +177,75 @@ async fn every_window_reaches_elasticsearch_exactly_once_through_faults() {
     assert_eq!(counted, letters.len() as u64, "rejections counted in tidemark_sink_rows_total:\n{metrics}");
     runtime.shutdown().await;
 }
+
+fn process_env(dir: &std::path::Path, double: &EsDouble) -> Vec<(&'static str, String)> {
+    vec![
+        ("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.join("tidemark.db").display())),
+        ("TIDEMARK__INGEST__LOG_DIR", dir.join("ingest-log").display().to_string()),
+        ("TIDEMARK__PIPELINE__WINDOW", "2s".into()),
+        ("TIDEMARK__PIPELINE__MAX_OUT_OF_ORDERNESS", "1s".into()),
+        ("TIDEMARK__PIPELINE__IDLE_TIMEOUT", "1h".into()),
+        ("TIDEMARK__ELASTICSEARCH__ENABLED", "true".into()),
+        ("TIDEMARK__ELASTICSEARCH__URLS", format!("[\"{}\"]", double.url())),
+    ]
+}
+
+/// Windows in the store and in the cluster, once they agree.
+async fn settled(client: &Client, double: &EsDouble, at_least: usize) -> Vec<String> {
+    eventually(Duration::from_secs(60), "the cluster to hold the store's windows", || async {
+        let rows = common::all_predictions(client).await;
+        double.refresh();
+        let docs: Vec<Value> =
+            double.documents("tidemark-predictions").into_iter().map(|(_, _, source)| source).collect();
+        let rows = common::comparable(&rows);
+        (rows.len() >= at_least && rows == common::comparable(&docs)).then_some(rows)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_leaves_the_cluster_equal_to_an_uninterrupted_run() {
+    let lines = workload(SimConfig {
+        sensors: 40,
+        rate: 2000.0,
+        duration: Some(Duration::from_secs(30)),
+        seed: 9,
+        anomalies: 3,
+        anomalies_after: Duration::from_secs(10),
+        anomaly_duration: Duration::from_secs(4),
+        ..SimConfig::default()
+    });
+    let half = lines.len() / 2;
+
+    let straight_double = EsDouble::start("127.0.0.1:0".parse().expect("addr")).await.expect("stand-in");
+    let straight_dir = tempfile::tempdir().expect("temp dir");
+    let straight = common::Process::start(&process_env(straight_dir.path(), &straight_double));
+    let client = straight.client();
+    post_batches(&client, &lines, 1000, Duration::from_millis(100)).await;
+    let expected = settled(&client, &straight_double, 500).await;
+    drop(straight);
+
+    let double = EsDouble::start("127.0.0.1:0".parse().expect("addr")).await.expect("stand-in");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut before = common::Process::start(&process_env(dir.path(), &double));
+    let client = before.client();
+    post_batches(&client, &lines[..half], 1000, Duration::from_millis(100)).await;
+    // Killed once the cluster has some of the results, while more and their checkpoints
+    // are on their way.
+    eventually(Duration::from_secs(30), "the first bulk requests", || async {
+        (double.stats()["bulkItems"].as_u64().unwrap_or(0) >= 20).then_some(())
+    })
+    .await;
+    before.signal("KILL");
+    let _ = before.wait(Duration::from_secs(10));
+    let indexed_before = double.stats()["bulkItems"].as_u64().unwrap_or(0);
+
+    let after = common::Process::start(&process_env(dir.path(), &double));
+    let client = after.client();
+    post_batches(&client, &lines[half..], 1000, Duration::from_millis(100)).await;
+    let got = settled(&client, &double, expected.len()).await;
+    assert_eq!(got.len(), expected.len());
+    assert_eq!(got, expected, "after SIGKILL and restart, the cluster and the store equal an uninterrupted run");
+    eprintln!("{} windows; {indexed_before} bulk items before the kill", got.len());
+    assert_eq!(double.violations(), Vec::<String>::new());
+}
