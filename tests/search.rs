@@ -156,6 +156,8 @@ async fn suite(on: SearchOn) {
         (sensor.clone(), String::new(), Box::new(|_| true)),
         ("temperature".into(), String::new(), Box::new(|_| true)),
         ("\"sensor 000\"*".into(), String::new(), Box::new(|_| true)),
+        ("\"sensor 001".into(), String::new(), Box::new(|_| true)),
+        ("s* -e*".into(), String::new(), Box::new(|_| true)),
         ("hum* -sensor-0001".into(), String::new(), Box::new(|_| true)),
         ("-temperature -humidity".into(), String::new(), Box::new(|_| true)),
         (phrase.clone(), String::new(), Box::new(|_| true)),
@@ -250,8 +252,7 @@ async fn suite(on: SearchOn) {
 
     // Errors name the parameter.
     for (path, parameter) in [
-        ("/api/search?q=%22open", "q:"),
-        ("/api/search?q=a*", "q:"),
+        (&*format!("/api/search?q={}", "x".repeat(513)), "q:"),
         ("/api/search?q=x&limit=0", "limit:"),
         ("/api/search?q=x&cursor=nope", "cursor:"),
         ("/api/search?query=x", "query:"),

@@ -2,7 +2,9 @@
 //!
 //! The query language is small on purpose and the same on every backend: words
 //! (`overheat`), quoted phrases (`"sensor 042"`), `-` to exclude a word or phrase and a
-//! trailing `*` for a prefix (`temp*`). Every term must match (AND). Text is split into
+//! trailing `*` for a prefix (`temp*`). Every term must match (AND). Like a search box
+//! (and Elasticsearch's `simple_query_string`) it is lenient: a quote left open runs to
+//! the end, and text with no letters or digits is no filter. Text is split into
 //! words at every character that is not a letter or a digit and compared lowercase, so
 //! `sensor-042` is the phrase `sensor 042` everywhere. A query is parsed here into
 //! [`TextQuery`] and each backend translates that structure (SQLite FTS5 `MATCH`,
@@ -14,12 +16,8 @@ use serde::Serialize;
 
 use crate::store::{Page, Prediction, PredictionQuery, StoreError};
 
-/// Longest `q`, in bytes.
-pub const MAX_QUERY_BYTES: usize = 512;
-/// Most terms in one query.
-pub const MAX_TERMS: usize = 16;
-/// Shortest word a `*` may follow (shorter prefixes match nearly everything).
-pub const MIN_PREFIX_CHARS: usize = 2;
+/// Longest `q`, in characters.
+pub const MAX_QUERY_CHARS: usize = 512;
 
 /// One word or phrase of a query.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,16 +38,8 @@ pub struct TextQuery {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum QueryError {
-    #[error("longer than {MAX_QUERY_BYTES} bytes")]
+    #[error("longer than {MAX_QUERY_CHARS} characters")]
     TooLong,
-    #[error("more than {MAX_TERMS} terms")]
-    TooManyTerms,
-    #[error("a quote opened at byte {0} is not closed")]
-    UnclosedQuote(usize),
-    #[error("`*` must follow at least {MIN_PREFIX_CHARS} letters or digits (at {0:?})")]
-    ShortPrefix(String),
-    #[error("has no letters or digits to search for")]
-    Empty,
 }
 
 /// Split text into the words search compares: maximal runs of letters and digits,
@@ -59,59 +49,61 @@ pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
 }
 
 impl TextQuery {
-    /// Parse the query syntax. An empty or blank `q` is no text filter (`Ok(None)`).
+    /// Parse the query syntax. A `q` with no letters or digits is no text filter
+    /// (`Ok(None)`).
     pub fn parse(q: &str) -> Result<Option<Self>, QueryError> {
-        if q.len() > MAX_QUERY_BYTES {
+        if q.chars().count() > MAX_QUERY_CHARS {
             return Err(QueryError::TooLong);
         }
         if q.trim().is_empty() {
             return Ok(None);
         }
         let mut terms = Vec::new();
-        let bytes = q.as_bytes();
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i].is_ascii_whitespace() {
-                i += 1;
-                continue;
+        let mut rest = q;
+        loop {
+            rest = rest.trim_start();
+            if rest.is_empty() {
+                break;
             }
-            let negated = bytes[i] == b'-';
+            let negated = rest.starts_with('-');
             if negated {
-                i += 1;
+                rest = &rest[1..];
             }
-            let (raw, next) = if bytes.get(i) == Some(&b'"') {
-                let start = i + 1;
-                let end = q[start..].find('"').map(|at| start + at).ok_or(QueryError::UnclosedQuote(i))?;
-                (&q[start..end], end + 1)
+            let raw;
+            if let Some(quoted) = rest.strip_prefix('"') {
+                match quoted.find('"') {
+                    Some(at) => {
+                        raw = &quoted[..at];
+                        rest = &quoted[at + 1..];
+                    }
+                    None => {
+                        raw = quoted;
+                        rest = "";
+                    }
+                }
             } else {
-                let end = q[i..].find(|c: char| c.is_whitespace()).map_or(q.len(), |at| i + at);
-                (&q[i..end], end)
-            };
+                let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+                raw = &rest[..end];
+                rest = &rest[end..];
+            }
             // A `*` right after the word or the closing quote.
-            let (raw, prefix, next) = if let Some(stripped) = raw.strip_suffix('*') {
-                (stripped, true, next)
-            } else if bytes.get(next) == Some(&b'*') {
-                (raw, true, next + 1)
-            } else {
-                (raw, false, next)
+            let (raw, prefix) = match raw.strip_suffix('*') {
+                Some(stripped) => (stripped, true),
+                None => match rest.strip_prefix('*') {
+                    Some(after) => {
+                        rest = after;
+                        (raw, true)
+                    }
+                    None => (raw, false),
+                },
             };
-            i = next;
             let words: Vec<String> = words(raw).collect();
             if words.is_empty() {
                 continue; // punctuation only: nothing to match
             }
-            if prefix && words.last().is_some_and(|last| last.chars().count() < MIN_PREFIX_CHARS) {
-                return Err(QueryError::ShortPrefix(raw.to_string()));
-            }
             terms.push(Term { words, prefix, negated });
-            if terms.len() > MAX_TERMS {
-                return Err(QueryError::TooManyTerms);
-            }
         }
-        if terms.is_empty() {
-            return Err(QueryError::Empty);
-        }
-        Ok(Some(Self { terms }))
+        Ok((!terms.is_empty()).then_some(Self { terms }))
     }
 
     pub fn positive(&self) -> impl Iterator<Item = &Term> {
@@ -207,13 +199,37 @@ mod tests {
     }
 
     #[test]
-    fn refuses_what_it_cannot_search() {
+    fn lenient_like_a_search_box() {
         assert_eq!(TextQuery::parse("  "), Ok(None));
-        assert_eq!(TextQuery::parse("--- !!"), Err(QueryError::Empty));
-        assert_eq!(TextQuery::parse("\"open"), Err(QueryError::UnclosedQuote(0)));
-        assert_eq!(TextQuery::parse("a*"), Err(QueryError::ShortPrefix("a".into())));
-        assert_eq!(TextQuery::parse(&"x ".repeat(17)), Err(QueryError::TooManyTerms));
+        assert_eq!(TextQuery::parse("--- !! *"), Ok(None));
+        assert_eq!(
+            TextQuery::parse("\"open phrase").unwrap().unwrap().terms,
+            vec![term(&["open", "phrase"], false, false)]
+        );
+        assert_eq!(TextQuery::parse("a*").unwrap().unwrap().terms, vec![term(&["a"], true, false)]);
+        assert_eq!(TextQuery::parse(&"é".repeat(512)).map(|q| q.is_some()), Ok(true));
         assert_eq!(TextQuery::parse(&"x".repeat(513)), Err(QueryError::TooLong));
+    }
+
+    #[test]
+    fn unicode_whitespace_separates_terms() {
+        // U+0085 and U+3000 are whitespace to `char::is_whitespace`, not to ASCII checks.
+        let query = TextQuery::parse("ô\u{85}x\u{3000}-y").unwrap().unwrap();
+        assert_eq!(
+            query.terms,
+            vec![term(&["ô"], false, false), term(&["x"], false, false), term(&["y"], false, true)]
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_parses_into_alphanumeric_words(q in "\\PC{0,80}") {
+            if let Ok(Some(query)) = TextQuery::parse(&q) {
+                for term in &query.terms {
+                    proptest::prop_assert!(term.words.iter().all(|w| w.chars().all(char::is_alphanumeric)));
+                }
+            }
+        }
     }
 
     #[test]
