@@ -216,6 +216,45 @@ fn postgres_writes(c: &mut Criterion) {
     admin_sql(format!("DROP DATABASE {name}"));
 }
 
+/// Window results bulk-encoded and indexed into the Elasticsearch stand-in (in this
+/// process, over loopback HTTP, through the `elasticsearch` client): encoding alone, and
+/// encode + `_bulk` + reading the answer item by item.
+fn elasticsearch_bulk(c: &mut Criterion) {
+    use tidemark::elasticsearch::{EsClient, encode_bulk};
+    let runtime = tokio::runtime::Runtime::new().expect("tokio");
+    let double = runtime
+        .block_on(tidemark::sim::es_double::EsDouble::start("127.0.0.1:0".parse().expect("addr")))
+        .expect("stand-in");
+    let config = Config::load(
+        &ConfigSources::default()
+            .with("elasticsearch.enabled", true)
+            .with("elasticsearch.urls", vec![double.url()])
+            .with("elasticsearch.index", "tidemark-predictions-%Y.%m.%d"),
+    )
+    .expect("config");
+    let client = EsClient::new(&config.elasticsearch).expect("client");
+    runtime.block_on(client.apply_template()).expect("template");
+    let docs = 5000usize;
+    let results: Vec<WindowResult> =
+        (0..docs).map(|i| result(i, 1_767_225_600_000 + (i as i64 % 10) * 60_000)).collect();
+    let refs: Vec<&WindowResult> = results.iter().collect();
+    let mut group = c.benchmark_group("elasticsearch_bulk");
+    group.throughput(Throughput::Elements(docs as u64));
+    group
+        .bench_function("encode_5000", |b| b.iter(|| black_box(encode_bulk(&client.index, &refs, 0).expect("encode"))));
+    group.bench_function("encode_send_5000", |b| {
+        b.to_async(&runtime).iter(|| {
+            let body = encode_bulk(&client.index, &refs, 0).expect("encode");
+            let client = &client;
+            async move {
+                let outcomes = client.bulk(body).await.expect("bulk");
+                assert_eq!(outcomes.len(), 5000);
+            }
+        })
+    });
+    group.finish();
+}
+
 /// A window origin after earlier runs' first windows, so iterations insert new rows.
 fn rand_start() -> i64 {
     let now = chrono::Utc::now().timestamp_millis();
@@ -225,6 +264,6 @@ fn rand_start() -> i64 {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = parsing, routing, windows, scoring, store_writes, postgres_writes
+    targets = parsing, routing, windows, scoring, store_writes, postgres_writes, elasticsearch_bulk
 }
 criterion_main!(benches);

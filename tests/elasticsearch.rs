@@ -249,3 +249,27 @@ async fn sigkill_mid_stream_leaves_the_cluster_equal_to_an_uninterrupted_run() {
     eprintln!("{} windows; {indexed_before} bulk items before the kill", got.len());
     assert_eq!(double.violations(), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_names_an_unreachable_cluster_even_with_nothing_to_send() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let double = EsDouble::start("127.0.0.1:0".parse().expect("addr")).await.expect("stand-in starts");
+    let runtime =
+        start(sources(dir.path()).with("elasticsearch.enabled", true).with("elasticsearch.urls", vec![double.url()]))
+            .await;
+    let client = Client::new(&runtime);
+    assert_eq!(client.get("/ready").await.0, 200);
+    double.set_down();
+    let problems = eventually(Duration::from_secs(20), "/ready to name elasticsearch", || async {
+        let (status, body) = client.get("/ready").await;
+        (status == 503 && body.to_string().contains("elasticsearch")).then_some(body)
+    })
+    .await;
+    eprintln!("{problems}");
+    double.set_up();
+    eventually(Duration::from_secs(20), "/ready again", || async {
+        (client.get("/ready").await.0 == 200).then_some(())
+    })
+    .await;
+    runtime.shutdown().await;
+}

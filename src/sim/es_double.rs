@@ -28,7 +28,8 @@
 //! Faults are injected through [`Faults`] (in process) or `POST /_double/faults`: items
 //! refused for their content, 429 items, 429 and 503 answers, connection resets before
 //! and after a bulk request is applied, slow answers, and the node down (listener
-//! closed: connection refused) for a while. `GET /_double/stats` counts requests,
+//! closed: connection refused) for a while (`POST /_double/down?seconds=N`).
+//! `GET /_double/stats` counts requests,
 //! documents and shape violations (requests a real cluster would refuse as malformed).
 
 use std::collections::BTreeMap;
@@ -197,6 +198,7 @@ impl EsDouble {
                 drop(stream);
                 continue;
             }
+            let _ = stream.set_nodelay(true);
             let app = self.router();
             let mut cut = self.down_rx();
             tokio::spawn(async move {
@@ -229,7 +231,10 @@ impl EsDouble {
             .route("/{index}/_refresh", any(refresh_index))
             .route("/_double/faults", any(set_faults))
             .route("/_double/stats", get(stats))
+            .route("/_double/down", any(down_for))
             .fallback(unknown)
+            // Elasticsearch's http.max_content_length default.
+            .layer(axum::extract::DefaultBodyLimit::max(100 << 20))
             .with_state(self.clone())
     }
 
@@ -816,6 +821,26 @@ async fn set_faults(State(double): State<EsDouble>, body: Bytes) -> Response {
     }
     f.delay_ms.store(settings.delay_ms, Ordering::SeqCst);
     axum::Json(json!({"acknowledged": true})).into_response()
+}
+
+#[derive(Deserialize)]
+struct DownFor {
+    seconds: u64,
+}
+
+/// `POST /_double/down?seconds=N`: the node goes down (listener closed, connections cut)
+/// right after answering, and comes back N seconds later.
+async fn down_for(
+    State(double): State<EsDouble>,
+    axum::extract::Query(down): axum::extract::Query<DownFor>,
+) -> Response {
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        double.set_down();
+        tokio::time::sleep(Duration::from_secs(down.seconds)).await;
+        double.set_up();
+    });
+    axum::Json(json!({"acknowledged": true, "downForSeconds": down.seconds})).into_response()
 }
 
 async fn stats(State(double): State<EsDouble>) -> Response {
@@ -1428,4 +1453,29 @@ fn run_search(
         reply["aggregations"] = aggregations;
     }
     Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn down_refuses_connections_until_up() {
+        let double = EsDouble::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        assert!(tokio::net::TcpStream::connect(double.addr).await.is_ok());
+        double.set_down();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(tokio::net::TcpStream::connect(double.addr).await.is_err(), "down: refused");
+        double.set_up();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(tokio::net::TcpStream::connect(double.addr).await.is_ok(), "up again");
+        // The same through the control endpoint.
+        let answer =
+            reqwest::Client::new().post(format!("{}/_double/down?seconds=1", double.url())).send().await.unwrap();
+        assert!(answer.status().is_success());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(tokio::net::TcpStream::connect(double.addr).await.is_err(), "down for a second");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(tokio::net::TcpStream::connect(double.addr).await.is_ok(), "up after it");
+    }
 }

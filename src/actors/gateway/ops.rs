@@ -41,7 +41,7 @@ pub async fn ready(State(app): State<Arc<AppContext>>) -> Response {
         let es = app.sinks.elasticsearch_health.snapshot("elasticsearch");
         if !es.healthy {
             problems.push(format!(
-                "elasticsearch sink: {} consecutive failures, checkpoints held ({})",
+                "elasticsearch sink: {} consecutive failures; checkpoints wait for it ({})",
                 es.consecutive_failures,
                 es.last_error.as_deref().unwrap_or("unknown error")
             ));

@@ -23,11 +23,16 @@ use crate::metrics::{Metrics, SinkLabels, SinkResultLabels, SinkRowLabels};
 use crate::supervision::policy::RetryBackoff;
 
 const SINK: &str = "elasticsearch";
+/// How often an idle sink checks the cluster's health.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 pub enum EsSinkMsg {
     Results(Vec<WindowResult>),
     Checkpoint(Box<CheckpointData>),
     Linger,
+    /// Check the cluster's health when nothing was sent for a while, so `/ready` tells an
+    /// outage even while no results are due.
+    Probe,
     /// Index everything received so far.
     Flush(RpcReplyPort<()>),
 }
@@ -59,9 +64,10 @@ impl Actor for EsSink {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<EsSinkMsg>,
+        myself: ActorRef<EsSinkMsg>,
         args: EsSinkArgs,
     ) -> Result<EsSinkState, ActorProcessingErr> {
+        myself.send_interval(PROBE_INTERVAL, || EsSinkMsg::Probe);
         let max_backoff = args.client.config().max_backoff.max(Duration::from_millis(100));
         args.metrics.sink_up.get_or_create(&SinkLabels { sink: SINK }).set(1);
         Ok(EsSinkState {
@@ -99,6 +105,7 @@ impl Actor for EsSink {
                 state.flush().await?;
                 state.args.sinks.forward_checkpoint(Gate::Elasticsearch, checkpoint)?;
             }
+            EsSinkMsg::Probe => state.probe().await,
             EsSinkMsg::Flush(reply) => {
                 state.flush().await?;
                 let _ = reply.send(());
@@ -110,6 +117,38 @@ impl Actor for EsSink {
 }
 
 impl EsSinkState {
+    /// `_cluster/health` when no request succeeded for a probe interval: an unreachable
+    /// cluster or a `red` one counts as a failure (`/ready` says so); a reachable one ends
+    /// a failure seen by an earlier probe.
+    async fn probe(&mut self) {
+        let health = &self.args.health;
+        let last_ms = health.last_success_ms.load(std::sync::atomic::Ordering::Relaxed) as i64;
+        let idle = chrono::Utc::now().timestamp_millis() - last_ms >= PROBE_INTERVAL.as_millis() as i64;
+        if !idle || !self.pending.is_empty() {
+            return;
+        }
+        let outcome = tokio::time::timeout(Duration::from_secs(3), self.args.client.health()).await;
+        let metrics = &self.args.metrics;
+        match outcome {
+            Ok(Ok(status)) if status != "red" => {
+                metrics.sink_up.get_or_create(&SinkLabels { sink: SINK }).set(1);
+                health.record_reachable();
+            }
+            Ok(Ok(status)) => {
+                metrics.sink_up.get_or_create(&SinkLabels { sink: SINK }).set(0);
+                health.record_failure(format!("cluster health is {status}"));
+            }
+            Ok(Err(error)) => {
+                metrics.sink_up.get_or_create(&SinkLabels { sink: SINK }).set(0);
+                health.record_failure(error);
+            }
+            Err(_) => {
+                metrics.sink_up.get_or_create(&SinkLabels { sink: SINK }).set(0);
+                health.record_failure("_cluster/health: no answer within 3 s".into());
+            }
+        }
+    }
+
     /// Index everything pending, in requests of at most `batch_size` documents and
     /// `batch_bytes` bytes, retrying until every item is indexed or dead-lettered.
     async fn flush(&mut self) -> Result<(), ActorProcessingErr> {

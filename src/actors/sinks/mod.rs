@@ -117,6 +117,13 @@ impl SinkHealth {
             .store(u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0), Ordering::Relaxed);
     }
 
+    /// The destination answered (a health check), with nothing written.
+    pub fn record_reachable(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.last_success_ms
+            .store(u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0), Ordering::Relaxed);
+    }
+
     pub fn record_failure(&self, error: String) {
         self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
         self.failures.fetch_add(1, Ordering::Relaxed);
