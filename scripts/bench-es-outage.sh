@@ -29,7 +29,7 @@ for t in $(seq 1 70); do
   rss=$(awk '/VmRSS/{print int($2/1024)}' "/proc/$tm/status")
   ready=$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:18080/ready)
   state=$(curl -s http://127.0.0.1:18080/api/status | python3 -c \
-    'import sys,json; d=json.load(sys.stdin); print(d["replayBufferEvents"], " ".join(f"{s["name"]}={s["rowsWritten"]}" for s in d["sinks"]))' 2>/dev/null)
+    'import sys,json; d=json.load(sys.stdin); print(d["replayBufferEvents"], " ".join("%s=%s" % (s["name"], s["rowsWritten"]) for s in d["sinks"]))' 2>/dev/null)
   echo "t=${t}s rss=${rss}MiB ready=$ready buffered=$state"
 done
 wait $load
