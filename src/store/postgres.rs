@@ -71,9 +71,38 @@ fn millis(row: &PgRow, column: &str) -> Result<i64, sqlx::Error> {
     Ok(row.try_get::<DateTime<Utc>, _>(column)?.timestamp_millis())
 }
 
+/// The shared upsert clause, also setting `search_words` (a PostgreSQL-only column).
+fn upsert_prediction() -> String {
+    sql::UPSERT_PREDICTION.replace(
+        "updated_at = excluded.updated_at",
+        "updated_at = excluded.updated_at, search_words = excluded.search_words",
+    )
+}
+
 const INSERT_PREDICTIONS: &str = "INSERT INTO predictions (sensor_id, event_type, window_start, window_end, \
      event_count, avg_value, min_value, max_value, stddev, prediction_score, anomaly, severity, revision, \
-     explanation, created_at, updated_at) ";
+     explanation, search_words, created_at, updated_at) ";
+
+/// The `tsvector` input of a result's searchable words: `'w':1 'w':2 …` (words are
+/// letters and digits only, so quoting needs no escapes; PostgreSQL keeps positions up
+/// to 16,383).
+fn search_words(result: &WindowResult) -> String {
+    use std::fmt::Write as _;
+    let text = crate::search::searchable_text(
+        &result.sensor_id,
+        &result.event_type,
+        result.severity.as_str(),
+        &result.explanation,
+    );
+    let mut out = String::with_capacity(text.len() + 64);
+    for (position, word) in crate::search::words(&text).take(16_383).enumerate() {
+        if position > 0 {
+            out.push(' ');
+        }
+        let _ = write!(out, "'{word}':{}", position + 1);
+    }
+    out
+}
 
 impl PostgresStore {
     pub async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
@@ -121,6 +150,7 @@ impl PostgresStore {
         let mut severities = Vec::with_capacity(n);
         let mut revisions = Vec::with_capacity(n);
         let mut explanations = Vec::with_capacity(n);
+        let mut words = Vec::with_capacity(n);
         for result in results {
             sensor_ids.push(result.sensor_id.as_str());
             event_types.push(result.event_type.as_str());
@@ -136,13 +166,14 @@ impl PostgresStore {
             severities.push(result.severity.as_str());
             revisions.push(i32::try_from(result.revision).unwrap_or(i32::MAX));
             explanations.push(result.explanation.as_str());
+            words.push(search_words(result));
         }
         let statement = format!(
-            "{INSERT_PREDICTIONS} SELECT s, e, ws, we, c, a, mi, ma, sd, ps, an, sv, r, ex, now(), now() \
+            "{INSERT_PREDICTIONS} SELECT s, e, ws, we, c, a, mi, ma, sd, ps, an, sv, r, ex, sw::tsvector, now(), now() \
              FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[], \
              $6::float8[], $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::bool[], $12::text[], \
-             $13::int[], $14::text[]) AS t(s, e, ws, we, c, a, mi, ma, sd, ps, an, sv, r, ex){}",
-            sql::UPSERT_PREDICTION
+             $13::int[], $14::text[], $15::text[]) AS t(s, e, ws, we, c, a, mi, ma, sd, ps, an, sv, r, ex, sw){}",
+            upsert_prediction()
         );
         sqlx::query(sqlx::AssertSqlSafe(statement))
             .bind(sensor_ids)
@@ -159,6 +190,7 @@ impl PostgresStore {
             .bind(severities)
             .bind(revisions)
             .bind(explanations)
+            .bind(words)
             .execute(&mut *tx)
             .await?;
         Ok(())
@@ -178,17 +210,17 @@ impl PostgresStore {
         let mut copy = tx
             .copy_in_raw(
                 "COPY predictions_stage (id, sensor_id, event_type, window_start, window_end, event_count, \
-                 avg_value, min_value, max_value, stddev, prediction_score, anomaly, severity, revision, explanation) \
-                 FROM STDIN",
+                 avg_value, min_value, max_value, stddev, prediction_score, anomaly, severity, revision, explanation, \
+                 search_words) FROM STDIN",
             )
             .await?;
         copy.send(text.as_bytes()).await?;
         copy.finish().await?;
         let statement = format!(
             "{INSERT_PREDICTIONS} SELECT sensor_id, event_type, window_start, window_end, event_count, avg_value, \
-             min_value, max_value, stddev, prediction_score, anomaly, severity, revision, explanation, now(), now() \
-             FROM predictions_stage{}",
-            sql::UPSERT_PREDICTION
+             min_value, max_value, stddev, prediction_score, anomaly, severity, revision, explanation, search_words, \
+             now(), now() FROM predictions_stage{}",
+            upsert_prediction()
         );
         sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut *tx).await?;
         Ok(())
@@ -335,6 +367,8 @@ fn copy_row(out: &mut String, result: &WindowResult) {
     let _ =
         write!(out, "{}\t{}\t{}\t", if result.anomaly { 't' } else { 'f' }, result.severity.as_str(), result.revision);
     text(out, &result.explanation);
+    out.push('\t');
+    text(out, &search_words(result));
     out.push('\n');
 }
 
@@ -572,4 +606,42 @@ fn tsquery(query: &TextQuery) -> String {
         })
         .collect();
     terms.join(" & ")
+}
+
+#[cfg(test)]
+mod search_tests {
+    use super::*;
+
+    #[test]
+    fn the_upsert_keeps_search_words_current() {
+        assert!(upsert_prediction().contains("search_words = excluded.search_words"));
+    }
+
+    #[test]
+    fn search_words_are_a_tsvector_of_the_query_words() {
+        let mut result = crate::messages::WindowResult {
+            sensor_id: "Sensor-0042".into(),
+            event_type: "temperature".into(),
+            window_start_ms: 0,
+            window_end_ms: 1,
+            event_count: 1,
+            avg_value: 0.0,
+            min_value: 0.0,
+            max_value: 0.0,
+            stddev: 0.0,
+            prediction_score: 0.0,
+            anomaly: false,
+            severity: crate::messages::Severity::Low,
+            revision: 0,
+            explanation: "mean 4.2σ above".into(),
+            fired_at_ms: 0,
+        };
+        assert_eq!(
+            search_words(&result),
+            "'sensor':1 '0042':2 'temperature':3 'low':4 'mean':5 '4':6 '2σ':7 'above':8"
+        );
+        result.explanation = "it's \\ 'quoted'".into();
+        let words = search_words(&result);
+        assert!(!words.contains('\\') && words.ends_with("'it':5 's':6 'quoted':7"), "{words}");
+    }
 }
