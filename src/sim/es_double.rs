@@ -706,7 +706,7 @@ async fn bulk(
     let item_429_every = double.faults.item_429_every.load(Ordering::Relaxed);
     let reject = double.faults.reject_sensor_containing.lock().clone();
     let mut errors = false;
-    let mut items = Vec::with_capacity(operations.len());
+    let mut items = ItemWriter::with_capacity(operations.len());
     {
         let mut cluster = double.cluster.lock();
         cluster.stats.bulk_requests += 1;
@@ -719,12 +719,12 @@ async fn bulk(
             };
             if !valid_index_name(&index_name) {
                 errors = true;
-                items.push(json!({kind.clone(): fail(400, "invalid_index_name_exception", &format!("Invalid index name [{index_name}]"), &id)}));
+                items.push_value(&json!({kind.clone(): fail(400, "invalid_index_name_exception", &format!("Invalid index name [{index_name}]"), &id)}));
                 continue;
             }
             if item_429_every > 0 && (n as u32 + 1).is_multiple_of(item_429_every) {
                 errors = true;
-                items.push(json!({kind.clone(): fail(429, "es_rejected_execution_exception", "rejected execution of primary operation", &id)}));
+                items.push_value(&json!({kind.clone(): fail(429, "es_rejected_execution_exception", "rejected execution of primary operation", &id)}));
                 continue;
             }
             let doc_id = id.clone().unwrap_or_else(|| format!("auto-{}", cluster.stats.bulk_items + n as u64));
@@ -736,7 +736,9 @@ async fn bulk(
                     "[1:30] failed to parse field [sensorId] of type [keyword] in document with id '{doc_id}'. Preview of field's value: '{}'",
                     source["sensorId"].as_str().unwrap_or_default()
                 );
-                items.push(json!({kind.clone(): fail(400, "document_parsing_exception", &reason, &Some(doc_id))}));
+                items.push_value(
+                    &json!({kind.clone(): fail(400, "document_parsing_exception", &reason, &Some(doc_id))}),
+                );
                 continue;
             }
             let index = cluster.index_for_write(&index_name);
@@ -744,7 +746,7 @@ async fn bulk(
                 && let Some((error_kind, reason)) = check_document(index, &doc_id, source)
             {
                 errors = true;
-                items.push(json!({kind.clone(): fail(400, &error_kind, &reason, &Some(doc_id))}));
+                items.push_value(&json!({kind.clone(): fail(400, &error_kind, &reason, &Some(doc_id))}));
                 continue;
             }
             let seq_no = index.next_seq_no;
@@ -753,24 +755,35 @@ async fn bulk(
                 ("delete", _) => {
                     let found = index.docs.remove(&doc_id);
                     let status = if found.is_some() { 200 } else { 404 };
-                    items.push(json!({"delete": {"_index": index_name, "_id": doc_id, "_version": found.map_or(1, |d| d.version + 1),
+                    items.push_value(&json!({"delete": {"_index": index_name, "_id": doc_id, "_version": found.map_or(1, |d| d.version + 1),
                         "result": if status == 200 { "deleted" } else { "not_found" }, "_shards": {"total": 2, "successful": 1, "failed": 0},
                         "_seq_no": seq_no, "_primary_term": 1, "status": status}}));
                 }
                 ("create", Some(_)) if index.docs.contains_key(&doc_id) => {
                     errors = true;
                     let reason = format!("[{doc_id}]: version conflict, document already exists (current version [1])");
-                    items.push(
-                        json!({"create": fail(409, "version_conflict_engine_exception", &reason, &Some(doc_id))}),
+                    items.push_value(
+                        &json!({"create": fail(409, "version_conflict_engine_exception", &reason, &Some(doc_id))}),
                     );
                 }
                 (_, Some(source)) => {
                     let version = index.docs.get(&doc_id).map_or(1, |doc| doc.version + 1);
                     let result = if version == 1 { "created" } else { "updated" };
                     index.docs.insert(doc_id.clone(), Document { source, version, visible_from });
-                    items.push(json!({kind.clone(): {"_index": index_name, "_id": doc_id, "_version": version, "result": result,
-                        "_shards": {"total": 2, "successful": 1, "failed": 0}, "_seq_no": seq_no, "_primary_term": 1,
-                        "status": if version == 1 { 201 } else { 200 }}}));
+                    let status = if version == 1 { 201 } else { 200 };
+                    items.push_ok(
+                        &kind,
+                        &Written {
+                            _index: &index_name,
+                            _id: &doc_id,
+                            _version: version,
+                            result,
+                            _shards: SHARDS,
+                            _seq_no: seq_no,
+                            _primary_term: 1,
+                            status,
+                        },
+                    );
                 }
                 _ => {}
             }
@@ -787,7 +800,67 @@ async fn bulk(
             .unwrap_or_default();
     }
     let took = started.elapsed().as_millis() as u64;
-    axum::Json(json!({"took": took, "errors": errors, "items": items})).into_response()
+    let mut body = format!("{{\"took\":{took},\"errors\":{errors},\"items\":").into_bytes();
+    body.extend_from_slice(&items.finish());
+    body.push(b'}');
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// A successful item of a bulk answer.
+#[derive(Serialize)]
+struct Written<'a> {
+    _index: &'a str,
+    _id: &'a str,
+    _version: u64,
+    result: &'static str,
+    _shards: Shards,
+    _seq_no: u64,
+    _primary_term: u64,
+    status: u16,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct Shards {
+    total: u8,
+    successful: u8,
+    failed: u8,
+}
+
+const SHARDS: Shards = Shards { total: 2, successful: 1, failed: 0 };
+
+/// The `items` array of a bulk answer, written as it is built (thousands of items per
+/// request: no tree of values).
+struct ItemWriter {
+    bytes: Vec<u8>,
+}
+
+impl ItemWriter {
+    fn with_capacity(items: usize) -> Self {
+        let mut bytes = Vec::with_capacity(items * 160 + 2);
+        bytes.push(b'[');
+        Self { bytes }
+    }
+
+    fn separator(&mut self) {
+        if self.bytes.len() > 1 {
+            self.bytes.push(b',');
+        }
+    }
+
+    fn push_ok(&mut self, kind: &str, item: &Written<'_>) {
+        self.separator();
+        let _ = serde_json::to_writer(&mut self.bytes, &std::collections::BTreeMap::from([(kind, item)]));
+    }
+
+    fn push_value(&mut self, item: &Value) {
+        self.separator();
+        let _ = serde_json::to_writer(&mut self.bytes, item);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.bytes.push(b']');
+        self.bytes
+    }
 }
 
 fn next_refresh() -> Instant {
