@@ -926,5 +926,18 @@ mod tests {
             .expect("valid");
         assert!(!config.to_redacted_toml().contains("s3cret"));
         assert!(!format!("{config:?}").contains("s3cret"));
+        for (key, secret) in [("elasticsearch.password", "hunter2"), ("elasticsearch.api_key", "c2VjcmV0LWtleQ==")] {
+            let mut sources = ConfigSources::default()
+                .with("elasticsearch.enabled", true)
+                .with("elasticsearch.urls", vec!["https://elastic:urlpass@es:9200"])
+                .with(key, secret);
+            if key.ends_with("password") {
+                sources = sources.with("elasticsearch.username", "elastic");
+            }
+            let config = Config::load(&sources).expect("valid");
+            for shown in [config.to_redacted_toml(), format!("{config:?}")] {
+                assert!(!shown.contains(secret) && !shown.contains("urlpass"), "{key} shown: {shown}");
+            }
+        }
     }
 }

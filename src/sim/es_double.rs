@@ -68,6 +68,8 @@ pub struct Faults {
     pub reset_after_apply_next: AtomicU32,
     /// Every answer waits this long.
     pub delay_ms: AtomicU64,
+    /// Requests without exactly this `Authorization` header get 401 (security enabled).
+    pub required_authorization: Mutex<Option<String>>,
 }
 
 /// `POST /_double/faults`: the fields of [`Faults`], camelCase.
@@ -124,6 +126,7 @@ pub struct EsDouble {
     cluster: Arc<Mutex<Cluster>>,
     pub faults: Arc<Faults>,
     down: Arc<tokio::sync::watch::Sender<bool>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     pub addr: SocketAddr,
 }
 
@@ -133,12 +136,22 @@ const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 impl EsDouble {
     /// Listen on `addr` (port 0: any free port) and serve until the runtime stops.
     pub async fn start(addr: SocketAddr) -> std::io::Result<Self> {
+        Self::start_with(addr, None).await
+    }
+
+    /// [`EsDouble::start`] serving HTTPS with `tls`.
+    pub async fn start_tls(addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+        Self::start_with(addr, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let double = Self {
             cluster: Arc::new(Mutex::new(Cluster::default())),
             faults: Arc::new(Faults::default()),
             down: Arc::new(tokio::sync::watch::Sender::new(false)),
+            tls,
             addr,
         };
         tokio::spawn(double.clone().serve(listener));
@@ -146,7 +159,8 @@ impl EsDouble {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Close the listener (connections are refused) until [`EsDouble::set_up`].
@@ -200,17 +214,43 @@ impl EsDouble {
             }
             let _ = stream.set_nodelay(true);
             let app = self.router();
-            let mut cut = self.down_rx();
+            let cut = self.down_rx();
+            let tls = self.tls.clone();
             tokio::spawn(async move {
-                let service = TowerToHyperService::new(app);
-                let connection =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-                tokio::select! {
-                    _ = connection => {}
-                    _ = cut.wait_for(|down| *down) => {}
+                match tls {
+                    None => serve_connection(stream, app, cut).await,
+                    Some(tls) => {
+                        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(5), tls.accept(stream)).await {
+                            serve_connection(stream, app, cut).await;
+                        }
+                    }
                 }
             });
         }
+    }
+
+    async fn check_authorization(
+        State(double): State<EsDouble>,
+        request: axum::extract::Request,
+        next: axum::middleware::Next,
+    ) -> Response {
+        let required = double.faults.required_authorization.lock().clone();
+        if let Some(required) = required {
+            let given = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+            if given != Some(required.as_str()) {
+                let mut response = error(
+                    StatusCode::UNAUTHORIZED,
+                    "security_exception",
+                    "missing authentication credentials for REST request",
+                );
+                response.headers_mut().insert(
+                    "www-authenticate",
+                    axum::http::HeaderValue::from_static("Basic realm=\"security\", charset=\"UTF-8\", ApiKey"),
+                );
+                return response;
+            }
+        }
+        next.run(request).await
     }
 
     fn down_rx(&self) -> tokio::sync::watch::Receiver<bool> {
@@ -235,6 +275,7 @@ impl EsDouble {
             .fallback(unknown)
             // Elasticsearch's http.max_content_length default.
             .layer(axum::extract::DefaultBodyLimit::max(100 << 20))
+            .layer(axum::middleware::from_fn_with_state(self.clone(), Self::check_authorization))
             .with_state(self.clone())
     }
 
@@ -300,6 +341,19 @@ impl EsDouble {
     fn violation(&self, status: StatusCode, kind: &str, reason: String) -> Response {
         self.cluster.lock().stats.violations.push(format!("{kind}: {reason}"));
         error(status, kind, &reason)
+    }
+}
+
+/// One HTTP/1.1 connection, cut when the node goes down.
+async fn serve_connection<I>(io: I, app: Router, mut cut: tokio::sync::watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(app);
+    let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    tokio::select! {
+        _ = connection => {}
+        _ = cut.wait_for(|down| *down) => {}
     }
 }
 
