@@ -840,3 +840,51 @@ async fn a_panic_in_the_poll_thread_fails_the_source_loudly_and_it_recovers() {
     wait_for_checkpoints(&url, lines.len(), Duration::from_secs(5)).await;
     assert_accounting(&url, lines.len()).await;
 }
+
+/// Results to an output topic and to Elasticsearch at once: checkpoints pass through the
+/// Kafka sink, then the Elasticsearch sink, then the store — every window in the table is
+/// in the cluster (equal) and on the results topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_reach_the_output_topic_and_elasticsearch_with_the_table() {
+    let broker = broker(PARTITIONS);
+    let lines = workload(100, 60);
+    produce(&producer(&broker.servers), &lines).await;
+    let expected = replay_table(&lines).await;
+    let double =
+        tidemark::sim::es_double::EsDouble::start("127.0.0.1:0".parse().expect("addr")).await.expect("stand-in");
+    let url = fresh_postgres_database().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = start(
+        in_process(dir.path(), &kafka_settings(&broker.servers, "outputs", &url))
+            .with("kafka.results_topic", "predictions")
+            .with("elasticsearch.enabled", true)
+            .with("elasticsearch.urls", vec![double.url()]),
+    )
+    .await;
+    let client = Client::new(&runtime);
+    wait_for_table(&url, &expected, Duration::from_secs(120)).await;
+    let rows = common::all_predictions(&client).await;
+    eventually(Duration::from_secs(30), "the cluster to equal the table", || async {
+        double.refresh();
+        let docs: Vec<Value> = double.documents("tidemark-predictions").into_iter().map(|(_, _, doc)| doc).collect();
+        (common::comparable(&docs) == common::comparable(&rows)).then_some(())
+    })
+    .await;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.servers)
+        .set("group.id", "outputs-check")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&["predictions"]).expect("subscribe");
+    let mut keys = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while keys.len() < rows.len() && std::time::Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            let record: Value = serde_json::from_slice(message.payload().unwrap_or_default()).expect("JSON record");
+            keys.insert(format!("{}|{}|{}", record["sensorId"], record["eventType"], record["windowStart"]));
+        }
+    }
+    assert_eq!(keys.len(), rows.len(), "every window on the results topic");
+    runtime.shutdown().await;
+}
