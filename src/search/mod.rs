@@ -43,9 +43,13 @@ pub enum QueryError {
 }
 
 /// Split text into the words search compares: maximal runs of letters and digits,
-/// lowercased.
+/// lowercased. Lowercasing can add combining marks (`İ` becomes `i` + U+0307): they are
+/// dropped, so a word is letters and digits only (found by fuzzing).
 pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(|c: char| !c.is_alphanumeric()).filter(|word| !word.is_empty()).map(str::to_lowercase)
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|word| !word.is_empty())
+        .map(|word| word.chars().flat_map(char::to_lowercase).filter(|c| c.is_alphanumeric()).collect::<String>())
+        .filter(|word| !word.is_empty())
 }
 
 impl TextQuery {
@@ -209,6 +213,11 @@ mod tests {
         assert_eq!(TextQuery::parse("a*").unwrap().unwrap().terms, vec![term(&["a"], true, false)]);
         assert_eq!(TextQuery::parse(&"é".repeat(512)).map(|q| q.is_some()), Ok(true));
         assert_eq!(TextQuery::parse(&"x".repeat(513)), Err(QueryError::TooLong));
+    }
+
+    #[test]
+    fn lowercasing_keeps_words_alphanumeric() {
+        assert_eq!(words("İstanbul SENSOR-ß").collect::<Vec<_>>(), vec!["istanbul", "sensor", "ß"]);
     }
 
     #[test]
