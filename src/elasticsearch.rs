@@ -24,7 +24,7 @@ use crate::actors::sinks::kafka::ResultRecord;
 use crate::config::ElasticsearchConfig;
 use crate::messages::WindowResult;
 use crate::search::{HistogramBucket, HistogramQuery, MAX_BUCKETS, SearchBackend, Term};
-use crate::store::{Cursor, Page, Prediction, PredictionQuery, StoreError};
+use crate::store::{Page, Prediction, PredictionQuery, StoreError};
 
 /// The analyzer of `searchText`: words are runs of letters and digits, lowercased (the
 /// rule of [`crate::search::words`]).
@@ -557,14 +557,7 @@ impl SearchBackend for EsClient {
                 .map_err(|error| StoreError::Internal(format!("unexpected document in elasticsearch: {error}")))?;
             items.push(Prediction::try_from(source)?);
         }
-        let limit = query.limit as usize;
-        let next = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|last| Cursor { window_start_ms: last.window_start, id: last.id })
-        } else {
-            None
-        };
-        Ok(Page { items, next })
+        Ok(crate::store::paginate(items, query.limit))
     }
 
     async fn histogram(&self, query: &HistogramQuery) -> Result<Vec<HistogramBucket>, StoreError> {

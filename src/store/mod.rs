@@ -306,7 +306,7 @@ pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
 }
 
 /// Trim the extra row a page query fetched, and make the cursor of the next page.
-fn paginate(mut items: Vec<Prediction>, limit: u32) -> Page<Prediction> {
+pub(crate) fn paginate(mut items: Vec<Prediction>, limit: u32) -> Page<Prediction> {
     let next = if items.len() > limit as usize {
         items.truncate(limit as usize);
         items.last().map(|last| Cursor { window_start_ms: last.window_start, id: last.id })

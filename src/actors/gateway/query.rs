@@ -61,6 +61,14 @@ pub async fn alerts(
 }
 
 fn prediction_query(params: &mut Params) -> Result<PredictionQuery, ApiError> {
+    let mut query = prediction_filters(params)?;
+    query.limit = params.number(&["limit"], 1, MAX_LIMIT, DEFAULT_LIMIT)?;
+    query.cursor = params.cursor()?;
+    Ok(query)
+}
+
+/// The filters of a prediction query, without its page (limit, cursor).
+fn prediction_filters(params: &mut Params) -> Result<PredictionQuery, ApiError> {
     let severities = match params.take(&["severity"])? {
         None => Vec::new(),
         Some(list) => list
@@ -82,8 +90,8 @@ fn prediction_query(params: &mut Params) -> Result<PredictionQuery, ApiError> {
         to_ms: params.time(&["to"])?,
         anomaly: None,
         severities,
-        limit: params.number(&["limit"], 1, MAX_LIMIT, DEFAULT_LIMIT)?,
-        cursor: params.cursor()?,
+        limit: DEFAULT_LIMIT,
+        cursor: None,
         text: None,
     };
     // `from` after `to` is an empty range: an empty page, like SQL's reversed BETWEEN.
@@ -99,10 +107,16 @@ const SEARCH_PARAMS: &[&str] = &["q", "sensorId", "eventType", "from", "to", "an
 
 fn search_query(params: &mut Params) -> Result<PredictionQuery, ApiError> {
     let mut query = prediction_query(params)?;
+    search_text(params, &mut query)?;
+    Ok(query)
+}
+
+/// `anomaly` and `q`, the filters `/api/search` adds to those of `/api/alerts`.
+fn search_text(params: &mut Params, query: &mut PredictionQuery) -> Result<(), ApiError> {
     query.anomaly = params.boolean(&["anomaly"])?;
     let q = params.take(&["q"])?.unwrap_or_default();
     query.text = TextQuery::parse(&q).map_err(|error| ApiError::parameter("q", error))?;
-    Ok(query)
+    Ok(())
 }
 
 /// `GET /api/search?q=&sensorId=&…` — window results whose sensor id, event type,
@@ -135,12 +149,10 @@ pub async fn histogram(State(app): State<Arc<AppContext>>, RawQuery(raw): RawQue
                 format!("expected a duration from 1s to 366d such as 1m or 1h, got {interval_text:?}"),
             )
         })?;
-    let query = search_query(&mut params)?;
+    let mut query = prediction_filters(&mut params)?;
+    search_text(&mut params, &mut query)?;
     let mut allowed = vec!["interval"];
     allowed.extend(SEARCH_PARAMS.iter().filter(|name| !matches!(**name, "limit" | "cursor")));
-    if query.cursor.is_some() || params_had_limit(&raw) {
-        return Err(ApiError::parameter("limit", "not taken by the histogram; narrow from/to or widen the interval"));
-    }
     params.finish(&allowed)?;
     let histogram = HistogramQuery { query, interval_ms: interval };
     let mut buckets = app.search.histogram(&histogram).await?;
@@ -157,10 +169,6 @@ pub async fn histogram(State(app): State<Arc<AppContext>>, RawQuery(raw): RawQue
         "backend": app.search.name(),
         "buckets": buckets,
     })))
-}
-
-fn params_had_limit(raw: &Option<String>) -> bool {
-    raw.as_deref().is_some_and(|raw| raw.split('&').any(|pair| pair == "limit" || pair.starts_with("limit=")))
 }
 
 fn minutes(params: &mut Params) -> Result<u32, ApiError> {
