@@ -37,6 +37,7 @@ pub struct Config {
     pub dead_letters: DeadLetterConfig,
     pub auth: AuthConfig,
     pub elasticsearch: ElasticsearchConfig,
+    pub mqtt: MqttConfig,
     pub chaos: ChaosConfig,
 }
 
@@ -313,6 +314,80 @@ impl fmt::Debug for StoreConfig {
     }
 }
 
+/// Where MQTT messages go once decoded (`mqtt.forward`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MqttForward {
+    /// The same path as HTTP ingestion (`ingest.mode`): the embedded ingest log, or
+    /// `kafka.topic` in Kafka mode.
+    Ingest,
+    /// Always `kafka.topic` (a bridge: the pipeline reads the topic, here or elsewhere).
+    Kafka,
+}
+
+/// MQTT ingestion (`[mqtt]`).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub enabled: bool,
+    /// `mqtt://host:port` or `mqtts://host:port` (TLS).
+    pub url: String,
+    /// The session's name at the broker: one per instance, stable across restarts.
+    pub client_id: String,
+    /// Topic patterns: MQTT filters where `{sensorId}` and `{eventType}` stand for one
+    /// level (subscribed as `+`) whose text fills the field.
+    pub topics: Vec<String>,
+    pub username: String,
+    pub password: String,
+    /// PEM CA certificate of the broker (`mqtts://`); empty: the system roots.
+    pub ca_file: String,
+    /// PEM client certificate and key for brokers that require one (both or neither).
+    pub client_cert_file: String,
+    pub client_key_file: String,
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// How long the broker keeps the session (subscriptions, unacknowledged messages)
+    /// while tidemark is away.
+    #[serde(with = "humantime_serde")]
+    pub session_expiry: Duration,
+    /// QoS 1 messages the broker may send before tidemark acknowledges (MQTT 5
+    /// Receive Maximum).
+    pub receive_maximum: u16,
+    /// Messages handed to the pipeline together, at most.
+    pub batch_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_backoff_max: Duration,
+    /// Recent events remembered to recognise a redelivery; at least `receive_maximum`.
+    pub dedup_window: usize,
+    pub forward: MqttForward,
+}
+
+impl fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("enabled", &self.enabled)
+            .field("url", &redact_url(&self.url))
+            .field("client_id", &self.client_id)
+            .field("topics", &self.topics)
+            .field("username", &self.username)
+            .field("password", &if self.password.is_empty() { "" } else { "***" })
+            .field("ca_file", &self.ca_file)
+            .field("client_cert_file", &self.client_cert_file)
+            .field("client_key_file", &self.client_key_file)
+            .field("keep_alive", &self.keep_alive)
+            .field("session_expiry", &self.session_expiry)
+            .field("receive_maximum", &self.receive_maximum)
+            .field("batch_size", &self.batch_size)
+            .field("reconnect_backoff_initial", &self.reconnect_backoff_initial)
+            .field("reconnect_backoff_max", &self.reconnect_backoff_max)
+            .field("dedup_window", &self.dedup_window)
+            .field("forward", &self.forward)
+            .finish()
+    }
+}
+
 /// The Elasticsearch sink and search backend (`[elasticsearch]`).
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -523,6 +598,7 @@ impl Config {
         let dead_letters = section!("dead_letters");
         let auth = section!("auth");
         let elasticsearch = section!("elasticsearch");
+        let mqtt = section!("mqtt");
         let chaos = section!("chaos");
 
         if let (
@@ -539,6 +615,7 @@ impl Config {
             Some(dead_letters),
             Some(auth),
             Some(elasticsearch),
+            Some(mqtt),
             Some(chaos),
         ) = (
             http,
@@ -554,6 +631,7 @@ impl Config {
             dead_letters,
             auth,
             elasticsearch,
+            mqtt,
             chaos,
         ) {
             let config = Config {
@@ -570,6 +648,7 @@ impl Config {
                 dead_letters,
                 auth,
                 elasticsearch,
+                mqtt,
                 chaos,
             };
             config.validate(&mut errors);
@@ -721,6 +800,9 @@ impl Config {
             (0.0..=1.0).contains(&self.chaos.store_batch_failure_rate),
             "chaos.store_batch_failure_rate: must be in [0, 1]",
         );
+        if self.mqtt.enabled {
+            errors.extend(crate::mqtt::config_problems(self));
+        }
     }
 
     /// The effective configuration as TOML, with secrets redacted.
@@ -728,7 +810,8 @@ impl Config {
         let mut shown = self.clone();
         shown.store.url = redact_url(&shown.store.url);
         shown.elasticsearch.urls = shown.elasticsearch.urls.iter().map(|url| redact_url(url)).collect();
-        for secret in [&mut shown.elasticsearch.password, &mut shown.elasticsearch.api_key] {
+        shown.mqtt.url = redact_url(&shown.mqtt.url);
+        for secret in [&mut shown.elasticsearch.password, &mut shown.elasticsearch.api_key, &mut shown.mqtt.password] {
             if !secret.is_empty() {
                 *secret = "***".into();
             }

@@ -39,6 +39,7 @@ pub mod kafka;
 pub mod keys;
 pub mod messages;
 pub mod metrics;
+pub mod mqtt;
 pub mod ratelimit;
 pub mod replay;
 pub mod router;

@@ -111,6 +111,10 @@ pub struct Metrics {
     pub ingest_to_fire: Latency,
     pub fire_to_ack: Latency,
     pub ingest_log: crate::ingest::log::LogMetrics,
+    pub mqtt_connected: Gauge,
+    pub mqtt_reconnects: Counter,
+    pub mqtt_in_flight: Gauge,
+    pub mqtt_duplicates: Counter,
 }
 
 impl Default for Metrics {
@@ -156,9 +160,29 @@ impl Metrics {
             ingest_to_fire: Latency::default(),
             fire_to_ack: Latency::default(),
             ingest_log: crate::ingest::log::LogMetrics::default(),
+            mqtt_connected: Gauge::default(),
+            mqtt_reconnects: Counter::default(),
+            mqtt_in_flight: Gauge::default(),
+            mqtt_duplicates: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("events_received", "Events received, valid or not", metrics.events_received.clone());
+        registry.register("mqtt_connected", "1 while the MQTT connection is up", metrics.mqtt_connected.clone());
+        registry.register(
+            "mqtt_reconnects",
+            "Times the MQTT connection was lost after being up",
+            metrics.mqtt_reconnects.clone(),
+        );
+        registry.register(
+            "mqtt_in_flight",
+            "MQTT messages received and not yet acknowledged",
+            metrics.mqtt_in_flight.clone(),
+        );
+        registry.register(
+            "mqtt_duplicates",
+            "MQTT messages recognised as redeliveries of events already taken (acknowledged, not counted again)",
+            metrics.mqtt_duplicates.clone(),
+        );
         registry.register(
             "ingest_log_syncs",
             "Group commits (fdatasync rounds) of the embedded ingest log",

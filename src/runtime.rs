@@ -104,6 +104,7 @@ impl Runtime {
             .await
             .with_context(|| format!("cannot open store {}", crate::config::redact_url(&config.store.url)))?;
         let kafka_consume = config.kafka.enabled;
+        let mut mqtt_seed = Vec::new();
         let router = PartitionRouter::new(
             config.pipeline.partitions,
             config.pipeline.max_buffered_events,
@@ -134,21 +135,27 @@ impl Runtime {
                     })
                     .sum();
                 tracing::info!(dir = %dir.display(), logged_events = logged, durability = ?config.ingest.durability, "ingest log open");
+                if config.mqtt.enabled {
+                    mqtt_seed = crate::mqtt::seed_from_log(&recovered, config.mqtt.dedup_window);
+                }
                 router.with_disk_log(Arc::new(log), recovered)
             } else {
                 router
             },
         );
         let outputs_configured = !config.kafka.results_topic.is_empty() || !config.kafka.alerts_topic.is_empty();
-        let producer = if kafka_consume || outputs_configured || config.ingest.mode == IngestMode::Kafka {
-            Some(
-                crate::kafka::producer_config(&config.kafka)
-                    .create::<FutureProducer>()
-                    .context("cannot create the Kafka producer")?,
-            )
-        } else {
-            None
-        };
+        let mqtt_to_kafka = config.mqtt.enabled
+            && (config.mqtt.forward == crate::config::MqttForward::Kafka || config.ingest.mode == IngestMode::Kafka);
+        let producer =
+            if kafka_consume || outputs_configured || config.ingest.mode == IngestMode::Kafka || mqtt_to_kafka {
+                Some(
+                    crate::kafka::producer_config(&config.kafka)
+                        .create::<FutureProducer>()
+                        .context("cannot create the Kafka producer")?,
+                )
+            } else {
+                None
+            };
         if let (Some(producer), true) = (&producer, kafka_consume) {
             check_topic_partitions(producer.clone(), &config).await?;
         }
@@ -236,6 +243,48 @@ impl Runtime {
             .await
             .with_context(|| format!("cannot listen on {} (http.listen)", config.http.listen))?;
         let addr = listener.local_addr()?;
+        let kafka_ingest = |producer: &FutureProducer| -> Arc<dyn crate::ingest::Ingest> {
+            Arc::new(crate::kafka::KafkaIngest {
+                producer: producer.clone(),
+                topic: config.kafka.topic.clone(),
+                timeout: config.kafka.produce_timeout,
+            })
+        };
+        let http_ingest: Arc<dyn crate::ingest::Ingest> = match &producer {
+            Some(producer) if config.ingest.mode == IngestMode::Kafka => kafka_ingest(producer),
+            _ => Arc::clone(&router) as Arc<dyn crate::ingest::Ingest>,
+        };
+        let mqtt = if config.mqtt.enabled {
+            let shared = Arc::new(
+                crate::mqtt::MqttShared::new(&config, Arc::clone(&metrics), mqtt_seed)
+                    .map_err(|e| anyhow::anyhow!(e))?,
+            );
+            // Fail at start-up on unreadable certificates rather than in a restart loop.
+            crate::mqtt::options(&config.mqtt).map_err(|e| anyhow::anyhow!(e))?;
+            let ingest = match &producer {
+                Some(producer) if mqtt_to_kafka => kafka_ingest(producer),
+                _ => Arc::clone(&http_ingest),
+            };
+            Some(crate::actors::sources::mqtt::MqttSourceArgs {
+                shared,
+                ingest,
+                rejects: Arc::clone(&sinks) as Arc<dyn crate::mqtt::RejectSink>,
+                limits: ParseLimits::from_config(&config),
+                // A batch is accepted whole or refused whole: it must fit a partition's share.
+                batch_size: if mqtt_to_kafka {
+                    config.mqtt.batch_size
+                } else {
+                    config.mqtt.batch_size.min((router.limit() / 2).max(1))
+                },
+            })
+        } else {
+            None
+        };
+        let mut sources: Vec<Arc<dyn crate::ingest::SourceStatus>> =
+            kafka.iter().map(|kafka| Arc::clone(kafka) as Arc<dyn crate::ingest::SourceStatus>).collect();
+        if let Some(mqtt) = &mqtt {
+            sources.push(Arc::clone(&mqtt.shared) as Arc<dyn crate::ingest::SourceStatus>);
+        }
         let app = Arc::new(AppContext {
             config: Arc::clone(&config),
             router: Arc::clone(&router),
@@ -248,15 +297,8 @@ impl Runtime {
                 config.http.rate_limit_burst,
             ),
             started_at: Instant::now(),
-            ingest: match producer.filter(|_| config.ingest.mode == IngestMode::Kafka) {
-                Some(producer) => Arc::new(crate::kafka::KafkaIngest {
-                    producer,
-                    topic: config.kafka.topic.clone(),
-                    timeout: config.kafka.produce_timeout,
-                }),
-                None => Arc::clone(&router) as Arc<dyn crate::ingest::Ingest>,
-            },
-            sources: kafka.iter().map(|kafka| Arc::clone(kafka) as Arc<dyn crate::ingest::SourceStatus>).collect(),
+            ingest: http_ingest,
+            sources,
             search: match &elasticsearch {
                 Some(client) => Arc::clone(client) as Arc<dyn crate::search::SearchBackend>,
                 None => Arc::new(crate::store::StoreSearch(Arc::clone(&store))),
@@ -284,6 +326,7 @@ impl Runtime {
             assignment,
             checkpoint_listener,
             kafka,
+            mqtt,
             kafka_outputs,
             elasticsearch,
             owner: instance_name(),
@@ -422,14 +465,15 @@ impl Runtime {
         let deadline = started + self.parts.config.shutdown.timeout;
         let remaining = || deadline.saturating_duration_since(Instant::now());
         let router = &self.parts.router;
-        router.close();
         self.parts.topology.shutting_down();
         let _ = self.root.send_message(RootMsg::ShuttingDown);
-        // Kafka: leave the group first; the revocation checkpoints every partition and
-        // commits its offset before releasing it.
+        // The sources first, while the pipeline still takes events: MQTT acknowledges
+        // what it handed over and disconnects; Kafka leaves the group, its revocation
+        // checkpointing every partition and committing its offset before releasing it.
         if let Some(sources) = self.parts.topology.source_supervisor() {
             let _ = sources.call(SourceSupervisorMsg::StopSources, Some(remaining())).await;
         }
+        router.close();
 
         // Partitions still running (with Kafka, leaving the group already checkpointed and
         // released this instance's partitions).

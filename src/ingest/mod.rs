@@ -8,4 +8,4 @@ pub mod parse;
 pub mod sampling;
 
 pub use handle::{Ingest, IngestRefusal, SourceStatus};
-pub use parse::{BodyError, BodyFormat, ParseLimits, Parsed, Rejection, parse_body};
+pub use parse::{BodyError, BodyFormat, Implied, ParseLimits, Parsed, Rejection, parse_body, parse_event_with};

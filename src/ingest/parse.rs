@@ -139,6 +139,25 @@ pub fn parse_body(body: &[u8], format: BodyFormat, limits: ParseLimits, now_ms: 
 /// Parse a message that must hold exactly one event object (a Kafka or MQTT message).
 /// A rejection carries the reason and a message naming the field.
 pub fn parse_event(payload: &[u8], limits: ParseLimits, now_ms: i64) -> Result<Event, (RejectReason, String)> {
+    parse_event_with(payload, limits, now_ms, Implied::default())
+}
+
+/// Fields a message's envelope names (an MQTT topic such as `sensors/{sensorId}/data`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Implied<'a> {
+    pub sensor_id: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+}
+
+/// [`parse_event`] for a message whose envelope names some fields: the payload may leave
+/// them out (a field given in both must agree), and when the envelope names the sensor
+/// and the event type the payload may be a bare number, stamped with `now_ms`.
+pub fn parse_event_with(
+    payload: &[u8],
+    limits: ParseLimits,
+    now_ms: i64,
+    implied: Implied<'_>,
+) -> Result<Event, (RejectReason, String)> {
     let text = std::str::from_utf8(payload).map_err(|error| {
         (RejectReason::Unparsable, format!("message is not valid UTF-8 (byte {})", error.valid_up_to()))
     })?;
@@ -147,7 +166,11 @@ pub fn parse_event(payload: &[u8], limits: ParseLimits, now_ms: i64) -> Result<E
         None => Err((RejectReason::Unparsable, "message is empty".to_string())),
         Some(b'{') => {
             match super::fast::whole_object(trimmed).map_or_else(|| serde_json::from_str::<RawEvent>(trimmed), Ok) {
-                Ok(raw) => raw.validate(limits, now_ms).map_err(|error| (error.reason, error.message)),
+                Ok(mut raw) => {
+                    fill("sensorId", &mut raw.sensor_id, implied.sensor_id)?;
+                    fill("eventType", &mut raw.event_type, implied.event_type)?;
+                    raw.validate(limits, now_ms).map_err(|error| (error.reason, error.message))
+                }
                 Err(error) => Err(match field_error_from_json(&error) {
                     Some(field_error) => (field_error.reason, field_error.message),
                     None => (RejectReason::Unparsable, format!("unparsable: {error}")),
@@ -157,8 +180,57 @@ pub fn parse_event(payload: &[u8], limits: ParseLimits, now_ms: i64) -> Result<E
         Some(b'[') => {
             Err((RejectReason::InvalidValue, "a message must hold exactly one event object, not an array".to_string()))
         }
+        Some(b'0'..=b'9' | b'-' | b'+' | b'.') => bare_number(trimmed, limits, now_ms, implied),
         Some(_) => Err((RejectReason::Unparsable, "a message must hold one JSON event object".to_string())),
     }
+}
+
+/// A field the envelope names: fills the payload's gap, or must equal what it holds.
+fn fill<'a>(
+    field: &'static str,
+    slot: &mut Option<Scalar<'a>>,
+    implied: Option<&'a str>,
+) -> Result<(), (RejectReason, String)> {
+    let Some(implied) = implied else {
+        return Ok(());
+    };
+    match slot {
+        None | Some(Scalar::Null) => {
+            *slot = Some(Scalar::Str(std::borrow::Cow::Borrowed(implied)));
+            Ok(())
+        }
+        Some(Scalar::Str(given)) if given.as_ref() == implied => Ok(()),
+        Some(Scalar::Str(given)) => {
+            Err((RejectReason::InvalidValue, format!("{field}: {given:?} in the message, {implied:?} in the topic")))
+        }
+        // The payload's own type error names the field.
+        Some(_) => Ok(()),
+    }
+}
+
+/// A payload that is only a number: the reading of the sensor and type the envelope names.
+fn bare_number(
+    text: &str,
+    limits: ParseLimits,
+    now_ms: i64,
+    implied: Implied<'_>,
+) -> Result<Event, (RejectReason, String)> {
+    let (Some(sensor_id), Some(event_type)) = (implied.sensor_id, implied.event_type) else {
+        return Err((
+            RejectReason::MissingField,
+            "a bare number needs a topic pattern that names {sensorId} and {eventType}; send an event object \
+             otherwise"
+                .to_string(),
+        ));
+    };
+    let parsed: f64 = text.parse().map_err(|_| (RejectReason::Unparsable, format!("not a number: {text:?}")))?;
+    let raw = RawEvent {
+        sensor_id: Some(Scalar::Str(std::borrow::Cow::Borrowed(sensor_id))),
+        event_type: Some(Scalar::Str(std::borrow::Cow::Borrowed(event_type))),
+        value: Some(Scalar::Float(parsed)),
+        ..RawEvent::default()
+    };
+    raw.validate(limits, now_ms).map_err(|error| (error.reason, error.message))
 }
 
 fn parse_json(text: &str, limits: ParseLimits, now_ms: i64) -> Result<Parsed, BodyError> {

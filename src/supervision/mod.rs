@@ -4,7 +4,7 @@
 //! RootSupervisor
 //!  ├─ SinkSupervisor ── StoreSink · KafkaSink (results and alerts topics)
 //!  ├─ PartitionSupervisor ── PartitionActor 0 … P-1
-//!  ├─ SourceSupervisor ── KafkaSource (when kafka.enabled)
+//!  ├─ SourceSupervisor ── KafkaSource (kafka.enabled) · MqttSource (mqtt.enabled)
 //!  └─ GatewayActor (HTTP ingestion, queries, /metrics, /health, /ready)
 //! ```
 //!
@@ -101,6 +101,8 @@ pub struct RuntimeParts {
     pub checkpoint_listener: Arc<dyn crate::actors::sinks::CheckpointListener>,
     /// The Kafka source, when consuming.
     pub kafka: Option<Arc<crate::actors::sources::kafka::KafkaShared>>,
+    /// The MQTT source, when enabled.
+    pub mqtt: Option<crate::actors::sources::mqtt::MqttSourceArgs>,
     /// Output topics, when configured.
     pub kafka_outputs: Option<sinks::KafkaOutputs>,
     /// The search cluster, when configured.
@@ -184,11 +186,12 @@ impl RootState {
                 id
             }
             Child::Sources => {
-                let Some(kafka) = &parts.kafka else {
+                if parts.kafka.is_none() && parts.mqtt.is_none() {
                     return Ok(());
-                };
+                }
                 let args = sources::SourceSupervisorArgs {
-                    kafka: Arc::clone(kafka),
+                    kafka: parts.kafka.clone(),
+                    mqtt: parts.mqtt.clone(),
                     metrics: Arc::clone(&parts.metrics),
                     budget,
                 };

@@ -142,6 +142,7 @@ pub async fn status(State(app): State<Arc<AppContext>>) -> Json<Value> {
         "sinks": sinks,
         "search": app.search.name(),
         "kafka": app.sources.iter().find(|source| source.name() == "kafka").map(|kafka| kafka.status()),
+        "mqtt": app.sources.iter().find(|source| source.name() == "mqtt").map(|mqtt| mqtt.status()),
         "latency": {
             "ingestToWindowFire": latency(&app.metrics.ingest_to_fire),
             "windowFireToStoreAck": latency(&app.metrics.fire_to_ack),
