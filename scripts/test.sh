@@ -46,9 +46,13 @@ start_postgres() {
 start_mosquitto() {
   export TIDEMARK_TEST_MQTT_URL="${TIDEMARK_TEST_MQTT_URL:-mqtt://127.0.0.1:51883}"
   local port=51883
+  # The MQTT tests also start brokers of their own (restarts, TLS) and use mosquitto_passwd.
+  apt_install mosquitto mosquitto-clients
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return; fi
-  apt_install mosquitto
-  printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port" >"$state_dir/mosquitto.conf"
+  # max_queued_messages: Mosquitto's default (1000 per client) drops what a busy
+  # subscriber has not taken yet; tidemark's sessions need a real backlog.
+  printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n' "$port" \
+    >"$state_dir/mosquitto.conf"
   mosquitto -c "$state_dir/mosquitto.conf" -d
   for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
   echo "mosquitto on 127.0.0.1:$port" >&2

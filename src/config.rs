@@ -487,6 +487,9 @@ pub struct ChaosConfig {
     pub store_batch_failure_rate: f64,
     /// The Kafka poll thread panics after this many messages, once per process (0: off).
     pub source_panic_after_messages: u64,
+    /// The MQTT source takes events but never acknowledges them (the broker redelivers
+    /// them to the next run, which must recognise them).
+    pub mqtt_withhold_acks: bool,
     pub seed: u64,
 }
 

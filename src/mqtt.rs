@@ -608,6 +608,8 @@ pub struct IngestSetup {
     pub limits: ParseLimits,
     /// `mqtt.batch_size`, capped so that one batch always fits a partition's share.
     pub batch_size: usize,
+    /// Fault injection (`chaos.mqtt_withhold_acks`, chaos builds only).
+    pub withhold_acks: bool,
 }
 
 /// Takes received messages in batches, decodes them, skips redeliveries, hands the
@@ -619,7 +621,7 @@ pub async fn run_ingest(
     mut from_connection: mpsc::Receiver<Received>,
     drained: watch::Sender<bool>,
 ) {
-    let IngestSetup { shared, ingest, rejects, limits, batch_size } = setup;
+    let IngestSetup { shared, ingest, rejects, limits, batch_size, withhold_acks } = setup;
     let batch_size = batch_size.max(1);
     let mut recent = RecentEvents::new(shared.config.dedup_window);
     for id in std::mem::take(&mut *shared.seed.lock()) {
@@ -691,7 +693,7 @@ pub async fn run_ingest(
         for received in batch.drain(..) {
             // An earlier connection's message is redelivered on this one: acknowledging
             // it here could acknowledge another message that reuses its packet id.
-            if received.generation == generation && !connection_gone {
+            if received.generation == generation && !connection_gone && !withhold_acks {
                 connection_gone = client.ack(&received.publish).await.is_err();
             }
         }

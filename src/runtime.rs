@@ -276,6 +276,7 @@ impl Runtime {
                 } else {
                     config.mqtt.batch_size.min((router.limit() / 2).max(1))
                 },
+                withhold_acks: cfg!(feature = "chaos") && config.chaos.mqtt_withhold_acks,
             })
         } else {
             None

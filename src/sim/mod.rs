@@ -6,6 +6,7 @@ pub mod es_double;
 pub mod http;
 pub mod kafka;
 pub mod load;
+pub mod mqtt;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
