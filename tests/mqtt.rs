@@ -643,3 +643,44 @@ async fn redeliveries_after_a_sigkill_are_recognised_from_the_ingest_log() {
     let reference = http_reference(&events, &closing).await;
     assert_same_table(&reference, &rows, "MQTT redelivered after SIGKILL vs HTTP");
 }
+
+/// `mqtt.forward = "kafka"`: a message is acknowledged once Kafka has its event on
+/// `kafka.topic`; this instance also consumes the topic, and the table equals HTTP's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bridged_to_kafka_the_results_equal_http_ingestion() {
+    let topics = [("sensor-events".to_string(), 4), ("sensor-events.dlq".to_string(), 1)];
+    let kafka = tidemark::sim::kafka::MockBroker::start(1, &topics, Duration::ZERO).expect("mock Kafka cluster");
+    let brokers = kafka.bootstrap_servers().expect("bootstrap servers");
+    let url = shared_broker();
+    let prefix = unique("bridge");
+    let events = stream(20, 8_000, 19);
+    let closing = closers(&events);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = common::start(
+        mqtt_sources(dir.path(), &url, &prefix)
+            .with("mqtt.forward", "kafka")
+            .with("ingest.mode", "kafka")
+            .with("kafka.enabled", true)
+            .with("kafka.brokers", brokers.as_str()),
+    )
+    .await;
+    let client = Client::new(&runtime);
+    eventually(Duration::from_secs(20), "the MQTT connection", || async {
+        mqtt_status(&client).await["connected"].as_bool().filter(|c| *c)
+    })
+    .await;
+    let publishers = publisher_config(&url);
+    publish(&publishers, &prefix, &events, 2, || {}).await;
+    publish(&publishers, &prefix, &closing, 1, || {}).await;
+    let total = (events.len() + closing.len()) as u64;
+    eventually(Duration::from_secs(60), "every message on the topic", || async {
+        (mqtt_status(&client).await["accepted"].as_u64() == Some(total)).then_some(())
+    })
+    .await;
+    let rows = settled_table(&client, closing.len()).await;
+    let metrics = metrics_text(&client).await;
+    assert!(metrics.contains(&format!("tidemark_events_accepted_total{{source=\"mqtt\"}} {total}")), "{metrics}");
+    runtime.shutdown().await;
+    let reference = http_reference(&events, &closing).await;
+    assert_same_table(&reference, &rows, "MQTT bridged through Kafka vs HTTP");
+}
