@@ -162,6 +162,8 @@ struct SlotState {
 struct Slot {
     state: Mutex<SlotState>,
     progress: Arc<SlotProgress>,
+    /// `next_position` of the last complete checkpoint, for waiters.
+    checkpointed: tokio::sync::watch::Sender<Position>,
 }
 
 /// Why events were not accepted.
@@ -224,6 +226,7 @@ impl PartitionRouter {
                     restarts: 0,
                 }),
                 progress: Arc::new(SlotProgress::default()),
+                checkpointed: tokio::sync::watch::Sender::new(0),
             })
             .collect();
         Self {
@@ -602,6 +605,7 @@ impl PartitionRouter {
         if next_position >= guard.checkpointed {
             guard.checkpointed = next_position;
             guard.last_checkpoint_id = checkpoint_id;
+            self.slot(partition).checkpointed.send_replace(next_position);
         }
         self.metrics.checkpoints_completed.get_or_create(&labels).inc();
         self.slot(partition).progress.release_quarantine(next_position);
@@ -730,6 +734,37 @@ impl PartitionRouter {
     /// Total events held for replay across partitions.
     pub fn buffered_total(&self) -> usize {
         self.slots.iter().map(|slot| slot.state.lock().buffered).sum()
+    }
+}
+
+/// Embedded ingestion that is only done once a complete checkpoint covers the events: for
+/// acknowledgements that must mean "safe" when the replay buffer is not durable
+/// (`ingest.durability = "memory"`, MQTT). A wait past 100 ms asks the partition for a
+/// checkpoint instead of waiting for `checkpoint.interval`.
+pub struct CheckpointedIngest(pub Arc<PartitionRouter>);
+
+#[async_trait::async_trait]
+impl crate::ingest::Ingest for CheckpointedIngest {
+    async fn accept(&self, events: Vec<Event>) -> Result<(), crate::ingest::IngestRefusal> {
+        let router = &self.0;
+        let mut partitions: Vec<PartitionId> = events.iter().map(|e| router.partition_of(&e.sensor_id)).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        crate::ingest::Ingest::accept(router.as_ref(), events).await?;
+        for partition in partitions {
+            let slot = router.slot(partition);
+            // Every event of this request is before the partition's next position now.
+            let target = slot.state.lock().next_position;
+            let mut checkpointed = slot.checkpointed.subscribe();
+            let covered = |position: &Position| *position >= target;
+            if tokio::time::timeout(Duration::from_millis(100), checkpointed.wait_for(covered)).await.is_err() {
+                router.request_checkpoint(partition, &slot.state.lock());
+                if checkpointed.wait_for(covered).await.is_err() {
+                    return Err(crate::ingest::IngestRefusal::Closed);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

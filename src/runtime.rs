@@ -261,8 +261,10 @@ impl Runtime {
             );
             // Fail at start-up on unreadable certificates rather than in a restart loop.
             crate::mqtt::options(&config.mqtt).map_err(|e| anyhow::anyhow!(e))?;
-            let ingest = match &producer {
+            let ingest: Arc<dyn crate::ingest::Ingest> = match &producer {
                 Some(producer) if mqtt_to_kafka => kafka_ingest(producer),
+                // No durable log: an acknowledgement waits for the checkpoint.
+                _ if router.disk_log().is_none() => Arc::new(crate::router::CheckpointedIngest(Arc::clone(&router))),
                 _ => Arc::clone(&http_ingest),
             };
             Some(crate::actors::sources::mqtt::MqttSourceArgs {

@@ -684,3 +684,51 @@ async fn bridged_to_kafka_the_results_equal_http_ingestion() {
     let reference = http_reference(&events, &closing).await;
     assert_same_table(&reference, &rows, "MQTT bridged through Kafka vs HTTP");
 }
+
+/// When is a message safe? With the fsynced ingest log: once logged, even while the store
+/// takes nothing. With `ingest.durability = "memory"`: only once a checkpoint covering
+/// it is committed — so while every store write fails, nothing is acknowledged.
+#[cfg(feature = "chaos")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledgements_wait_for_durability_log_or_checkpoint() {
+    let url = shared_broker();
+    for (durability, failure_rate, acknowledged) in
+        [("fsync", 1.0, true), ("memory", 1.0, false), ("memory", 0.0, true)]
+    {
+        let prefix = unique(&format!("ack-{durability}"));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let runtime = common::start(
+            mqtt_sources(dir.path(), &url, &prefix)
+                .with("ingest.durability", durability)
+                .with("chaos.store_batch_failure_rate", failure_rate),
+        )
+        .await;
+        let client = Client::new(&runtime);
+        eventually(Duration::from_secs(10), "the MQTT connection", || async {
+            mqtt_status(&client).await["connected"].as_bool().filter(|c| *c)
+        })
+        .await;
+        let events = stream(4, 200, 23);
+        publish(&publisher_config(&url), &prefix, &events, 1, || {}).await;
+        let status = eventually(Duration::from_secs(20), "the events taken", || async {
+            let status = mqtt_status(&client).await;
+            (status["accepted"].as_u64() == Some(events.len() as u64)
+                || (status["messages"].as_u64() == Some(events.len() as u64) && !acknowledged))
+                .then_some(status)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let status = if acknowledged { mqtt_status(&client).await } else { status };
+        let in_flight = mqtt_status(&client).await["inFlight"].as_u64().unwrap_or(0);
+        if acknowledged {
+            assert_eq!(in_flight, 0, "{durability} (store failing: {failure_rate}): all acknowledged: {status}");
+        } else {
+            assert_eq!(
+                in_flight,
+                events.len() as u64,
+                "{durability}: nothing is acknowledged before a checkpoint commits: {status}"
+            );
+        }
+        drop(runtime);
+    }
+}
