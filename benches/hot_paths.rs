@@ -44,6 +44,45 @@ fn parsing(c: &mut Criterion) {
     group.finish();
 }
 
+/// What the MQTT source does per message: topic → fields, payload → event, identity,
+/// redelivery check against the last 65,536 events.
+fn mqtt_messages(c: &mut Criterion) {
+    let topics = tidemark::mqtt::Topics::parse(&["sensors/{sensorId}/data".to_string()]).expect("pattern");
+    let messages: Vec<(String, String)> = (0..10_000)
+        .map(|i| {
+            (
+                format!("sensors/sensor-{:04}/data", i % 1000),
+                format!(
+                    r#"{{"eventType":"temperature","value":{}.25,"timestamp":{}}}"#,
+                    i % 97,
+                    1_767_225_600_000i64 + i
+                ),
+            )
+        })
+        .collect();
+    let mut group = c.benchmark_group("mqtt");
+    group.throughput(Throughput::Elements(messages.len() as u64));
+    group.bench_function("decode_and_dedup_10k_messages", |b| {
+        b.iter(|| {
+            // A fresh memory each round, so every message takes the insert path.
+            let mut recent = tidemark::mqtt::RecentEvents::new(65_536);
+            let mut taken = 0usize;
+            for (topic, payload) in &messages {
+                if let Ok(event) = tidemark::mqtt::decode(&topics, topic, payload.as_bytes(), ParseLimits::default(), 0)
+                {
+                    let id = tidemark::mqtt::identity(&event);
+                    if !recent.contains(id) {
+                        recent.insert(id);
+                        taken += 1;
+                    }
+                }
+            }
+            black_box(taken)
+        })
+    });
+    group.finish();
+}
+
 fn routing(c: &mut Criterion) {
     let ids: Vec<String> = (0..1000).map(|i| format!("sensor-{i:04}")).collect();
     let mut group = c.benchmark_group("route");
@@ -264,6 +303,6 @@ fn rand_start() -> i64 {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = parsing, routing, windows, scoring, store_writes, postgres_writes, elasticsearch_bulk
+    targets = parsing, mqtt_messages, routing, windows, scoring, store_writes, postgres_writes, elasticsearch_bulk
 }
 criterion_main!(benches);

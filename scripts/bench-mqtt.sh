@@ -14,7 +14,7 @@
 #    event is processed by the partitions (in the ingest log, windows updated).
 # 3. tidemark, live: tidemark runs while the publishers send as fast as they can —
 #    messages/s over the publishing time, and how long after the last publish every
-#    event was processed.
+#    event was processed; beside mosquitto_sub in the same situation (1b).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="$root/target/release"
@@ -39,7 +39,7 @@ mosquitto -c mosquitto.conf > mosquitto.log 2>&1 &
 pids+=($!)
 sleep 0.5
 publish() {
-  "$bin/tidemark-sim" --mqtt "mqtt://127.0.0.1:$port" --mqtt-topic "$1/{sensorId}/data" --no-pace \
+  "$bin/tidemark-sim" --mqtt "mqtt://127.0.0.1:$port" --mqtt-topic "$1/{sensorId}/data" --no-pace --start 2026-01-01T00:00:00Z \
     --sensors "$sensors" --rate "$rate" --duration "${seconds}s" --anomalies 0 --mqtt-publishers 4 2>&1 | tail -1
 }
 processed() {
@@ -56,7 +56,7 @@ run_tidemark() {
     TIDEMARK__STORE__URL="sqlite://$work/$1.db" "$bin/tidemark" run > "$1.log" 2>&1 &
   tm=$!
   pids+=($tm)
-  until curl -s -o /dev/null "http://$http/health"; do sleep 0.02; done
+  until curl -s "http://$http/api/status" | grep -q '"subscribed":true'; do sleep 0.02; done
 }
 stop_tidemark() { kill -TERM "$tm"; wait "$tm" 2>/dev/null || true; }
 
@@ -70,7 +70,17 @@ mosquitto_sub -p "$port" -q 1 -c -i bench-sub -t 'limit/#' -C "$expected" > /dev
 end=$(now)
 echo "broker limit, mosquitto_sub -q 1 draining the backlog: $(rate_of "$expected" "$start" "$end") messages/s"
 
-# 2. tidemark drains the same backlog into results.
+# 1b. ... and live: mosquitto_sub subscribed while the publishers send.
+mosquitto_sub -p "$port" -q 1 -t 'limitlive/#' -C "$expected" > /dev/null &
+sub=$!
+sleep 0.5
+start=$(now)
+echo "publish live (broker limit): $(publish limitlive)"
+wait "$sub"
+end=$(now)
+echo "broker limit, mosquitto_sub -q 1 live: $(rate_of "$expected" "$start" "$end") messages/s end to end"
+
+# 2. tidemark drains the same backlog into results (its session subscribed first).
 run_tidemark backlog backlog
 stop_tidemark
 echo "publish backlog (tidemark stopped): $(publish backlog)"

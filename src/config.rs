@@ -1026,4 +1026,32 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn mqtt_settings_are_checked_and_its_password_redacted() {
+        let sources = ConfigSources::default()
+            .with("mqtt.enabled", true)
+            .with("mqtt.url", "mqtts://device:urlpass@broker:8883")
+            .with("mqtt.username", "device")
+            .with("mqtt.password", "hunter2");
+        let config = Config::load(&sources).expect("valid");
+        for shown in [config.to_redacted_toml(), format!("{config:?}")] {
+            assert!(!shown.contains("hunter2") && !shown.contains("urlpass"), "shown: {shown}");
+        }
+        let errors = Config::load(
+            &ConfigSources::default()
+                .with("mqtt.enabled", true)
+                .with("mqtt.url", "http://broker")
+                .with("mqtt.topics", vec!["sensors/#/data", "ok/{sensorId}"])
+                .with("mqtt.client_cert_file", "/tmp/cert.pem")
+                .with("mqtt.receive_maximum", 100)
+                .with("mqtt.dedup_window", 10),
+        )
+        .expect_err("invalid")
+        .to_string();
+        for expected in ["mqtt.url", "mqtt.topics: \"sensors/#/data\"", "mqtt.client_key_file", "mqtt.dedup_window"] {
+            assert!(errors.contains(expected), "{expected} not in {errors}");
+        }
+        assert!(!errors.contains("ok/{sensorId}"), "a valid pattern is not reported: {errors}");
+    }
 }

@@ -367,6 +367,8 @@ pub struct MqttShared {
     pub topics: Topics,
     pub metrics: Arc<Metrics>,
     connected: AtomicBool,
+    /// The broker confirmed the subscriptions (SUBACK, or a session that has them).
+    subscribed: AtomicBool,
     /// Incremented on every CONNACK: acknowledgements of an earlier connection's
     /// messages are not sent (the broker redelivers those).
     generation: AtomicU64,
@@ -390,6 +392,7 @@ impl MqttShared {
             config: config.mqtt.clone(),
             metrics,
             connected: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             running: AtomicBool::new(false),
             received: AtomicU64::new(0),
@@ -445,6 +448,7 @@ impl crate::ingest::SourceStatus for MqttShared {
             "clientId": self.config.client_id,
             "topics": self.topics.filters(),
             "connected": self.is_connected(),
+            "subscribed": self.subscribed.load(Ordering::SeqCst),
             "messages": self.received.load(Ordering::Relaxed),
             "accepted": self.accepted.load(Ordering::Relaxed),
             "rejected": self.rejected.load(Ordering::Relaxed),
@@ -460,7 +464,11 @@ impl crate::ingest::SourceStatus for MqttShared {
             return vec!["mqtt source: not running (restarting or stopped)".to_string()];
         }
         if self.is_connected() {
-            return Vec::new();
+            // Connected, but a subscription was refused (the broker's ACL, say).
+            return match (self.subscribed.load(Ordering::SeqCst), self.last_error.lock().as_deref()) {
+                (false, Some(error)) => vec![format!("mqtt: {error}")],
+                _ => Vec::new(),
+            };
         }
         vec![format!(
             "mqtt: not connected to {} ({}); reconnecting",
@@ -520,6 +528,7 @@ pub async fn run_connection(
                     generation,
                     "mqtt connected"
                 );
+                shared.subscribed.store(connack.session_present, Ordering::SeqCst);
                 if !connack.session_present {
                     let filters = shared.topics.filters().into_iter().map(|topic| {
                         let mut filter = Filter::new(topic, QoS::AtLeastOnce);
@@ -545,13 +554,16 @@ pub async fn run_connection(
                 }
             }
             Ok(MqttEvent::Incoming(Packet::SubAck(suback))) => {
+                let mut all = true;
                 for (filter, code) in shared.topics.filters().iter().zip(&suback.return_codes) {
                     if !matches!(code, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)) {
+                        all = false;
                         let message = format!("subscription to {filter:?} refused: {code:?}");
                         tracing::error!(%message, "mqtt");
                         *shared.last_error.lock() = Some(message);
                     }
                 }
+                shared.subscribed.store(all, Ordering::SeqCst);
             }
             Ok(MqttEvent::Incoming(Packet::Disconnect(disconnect))) => {
                 tracing::warn!(reason = ?disconnect.reason_code, "mqtt: the broker disconnected");
@@ -629,7 +641,23 @@ pub async fn run_ingest(
     }
     let source = SourceLabels { source: "mqtt" };
     let mut batch: Vec<Received> = Vec::with_capacity(batch_size);
-    while from_connection.recv_many(&mut batch, batch_size).await > 0 {
+    // Taken, not yet handed to the client: acknowledging never waits, or the two loops
+    // could wait for each other (the connection blocked on a full channel to this loop,
+    // this loop on a full request channel only the connection drains).
+    let mut unacked: VecDeque<Received> = VecDeque::new();
+    loop {
+        acknowledge(&shared, &client, &mut unacked, withhold_acks);
+        let received = if unacked.is_empty() {
+            from_connection.recv_many(&mut batch, batch_size).await
+        } else {
+            tokio::select! {
+                received = from_connection.recv_many(&mut batch, batch_size) => received,
+                () = tokio::time::sleep(Duration::from_millis(1)) => continue,
+            }
+        };
+        if received == 0 {
+            break;
+        }
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut events = Vec::with_capacity(batch.len());
         let mut letters = Vec::new();
@@ -687,19 +715,31 @@ pub async fn run_ingest(
         shared.accepted.fetch_add(taken, Ordering::Relaxed);
         shared.rejected.fetch_add(rejected, Ordering::Relaxed);
         shared.duplicates.fetch_add(duplicates, Ordering::Relaxed);
-        let generation = shared.generation.load(Ordering::SeqCst);
-        let handled = batch.len() as u64;
-        let mut connection_gone = false;
-        for received in batch.drain(..) {
-            // An earlier connection's message is redelivered on this one: acknowledging
-            // it here could acknowledge another message that reuses its packet id.
-            if received.generation == generation && !connection_gone && !withhold_acks {
-                connection_gone = client.ack(&received.publish).await.is_err();
-            }
+        unacked.extend(batch.drain(..));
+    }
+    // Stopping: the connection keeps polling until `drained`, so these go out.
+    let generation = shared.generation.load(Ordering::SeqCst);
+    for received in unacked.drain(..) {
+        shared.sub_in_flight(1);
+        if received.generation == generation && !withhold_acks && client.ack(&received.publish).await.is_err() {
+            break;
         }
-        shared.sub_in_flight(handled);
     }
     let _ = drained.send(true);
+}
+
+/// Hand the client every acknowledgement its request channel takes now, in order. An
+/// earlier connection's message is not acknowledged: the broker redelivers it on this
+/// one, and its packet id may since name another message.
+fn acknowledge(shared: &MqttShared, client: &AsyncClient, unacked: &mut VecDeque<Received>, withhold: bool) {
+    let generation = shared.generation.load(Ordering::SeqCst);
+    while let Some(received) = unacked.front() {
+        if received.generation == generation && !withhold && client.try_ack(&received.publish).is_err() {
+            break; // full: the connection drains it
+        }
+        unacked.pop_front();
+        shared.sub_in_flight(1);
+    }
 }
 
 /// Hand `events` to the pipeline, waiting out backpressure and outages; `false` when
