@@ -732,3 +732,34 @@ async fn acknowledgements_wait_for_durability_log_or_checkpoint() {
         drop(runtime);
     }
 }
+
+/// A backlog queued in tidemark's session while it was away — far more than
+/// `receive_maximum` — drains completely once it is back (the broker may send more
+/// than the Receive Maximum; acknowledging must never wait for the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_queued_while_tidemark_was_away_drains_completely() {
+    let broker = PrivateBroker::start("allow_anonymous true\n");
+    let url = broker.url("mqtt", "127.0.0.1");
+    let prefix = unique("backlog");
+    let events = stream(100, 80_000, 29);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = common::start(mqtt_sources(dir.path(), &url, &prefix)).await;
+    let client = Client::new(&runtime);
+    eventually(Duration::from_secs(10), "the subscription", || async {
+        mqtt_status(&client).await["subscribed"].as_bool().filter(|s| *s)
+    })
+    .await;
+    runtime.shutdown().await;
+
+    let published = publish(&publisher_config(&url), &prefix, &events, 4, || {}).await;
+    assert_eq!(published as usize, events.len());
+    let runtime = common::start(mqtt_sources(dir.path(), &url, &prefix)).await;
+    let client = Client::new(&runtime);
+    let status = eventually(Duration::from_secs(90), "the backlog to drain", || async {
+        let status = mqtt_status(&client).await;
+        (status["accepted"].as_u64() == Some(events.len() as u64) && status["inFlight"] == 0).then_some(status)
+    })
+    .await;
+    assert_eq!(status["duplicates"], 0, "{status}");
+    runtime.shutdown().await;
+}
