@@ -343,7 +343,8 @@ async fn a_broker_restart_mid_stream_loses_and_doubles_nothing() {
     let mut broker = PrivateBroker::start("allow_anonymous true\n");
     let url = broker.url("mqtt", "127.0.0.1");
     let prefix = unique("restart");
-    let events = stream(40, 50_000, 11);
+    let events = stream(40, 52_000, 11);
+    assert!(events.len() >= 50_000, "the stream has {} events", events.len());
     let closing = closers(&events);
 
     let dir = tempfile::tempdir().expect("temp dir");
@@ -386,6 +387,7 @@ async fn sigterm_and_sigkill_mid_stream_then_the_same_session_resumes_exactly_on
     let url = broker.url("mqtt", "127.0.0.1");
     let prefix = unique("kill");
     let events = stream(40, 60_000, 13);
+    assert!(events.len() >= 50_000, "the stream has {} events", events.len());
     let closing = closers(&events);
     let dir = tempfile::tempdir().expect("temp dir");
     let env: Vec<(&str, String)> = vec![
