@@ -70,6 +70,66 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     )
 }
 
+/// The events of the last `per_partition` messages of each partition of `kafka.topic`
+/// (an MQTT bridge seeds its redelivery memory with them after a restart). Reads with a
+/// group-less consumer, commits nothing, and gives up after `timeout` with what it read.
+pub fn topic_tail(
+    kafka: &KafkaConfig,
+    per_partition: i64,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Vec<crate::messages::Event>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = base(
+        kafka,
+        &[("fetch.wait.max.ms", "50".into())],
+        &[
+            ("group.id", format!("{}-tail", kafka.group_id)),
+            ("enable.auto.commit", "false".into()),
+            ("enable.partition.eof", "false".into()),
+        ],
+    )
+    .create()?;
+    let metadata = consumer.fetch_metadata(Some(&kafka.topic), timeout)?;
+    let Some(topic) = metadata.topics().iter().find(|t| t.name() == kafka.topic) else {
+        return Ok(Vec::new());
+    };
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = std::collections::HashMap::new();
+    for partition in topic.partitions() {
+        let (low, high) = consumer.fetch_watermarks(&kafka.topic, partition.id(), timeout)?;
+        if high > low {
+            assignment.add_partition_offset(
+                &kafka.topic,
+                partition.id(),
+                Offset::Offset((high - per_partition).max(low)),
+            )?;
+            ends.insert(partition.id(), high);
+        }
+    }
+    if ends.is_empty() {
+        return Ok(Vec::new());
+    }
+    consumer.assign(&assignment)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut events = Vec::new();
+    while !ends.is_empty() && std::time::Instant::now() < deadline {
+        let Some(message) = consumer.poll(std::time::Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        if let Ok(event) =
+            crate::ingest::parse::parse_event(message.payload().unwrap_or_default(), Default::default(), i64::MAX / 2)
+        {
+            events.push(event);
+        }
+        if ends.get(&message.partition()).is_some_and(|&end| message.offset() + 1 >= end) {
+            ends.remove(&message.partition());
+        }
+    }
+    Ok(events)
+}
+
 /// The low and high watermarks librdkafka cached for a partition from its last fetch
 /// response (no request to the broker; rdkafka only offers the fetching variant).
 pub fn cached_watermarks<C: rdkafka::ClientContext>(

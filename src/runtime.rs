@@ -254,6 +254,22 @@ impl Runtime {
             Some(producer) if config.ingest.mode == IngestMode::Kafka => kafka_ingest(producer),
             _ => Arc::clone(&router) as Arc<dyn crate::ingest::Ingest>,
         };
+        if mqtt_to_kafka {
+            // A bridge's redeliveries are recognised against the topic's newest messages.
+            let kafka_config = config.kafka.clone();
+            let per_partition = i64::try_from(config.mqtt.dedup_window).unwrap_or(i64::MAX);
+            match tokio::task::spawn_blocking(move || {
+                crate::kafka::topic_tail(&kafka_config, per_partition, Duration::from_secs(10))
+            })
+            .await
+            {
+                Ok(Ok(events)) => mqtt_seed = events.iter().map(crate::mqtt::identity).collect(),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "cannot read the topic's tail: MQTT redeliveries of the previous run may be published twice")
+                }
+                Err(error) => tracing::warn!(%error, "reading the topic's tail failed"),
+            }
+        }
         let mqtt = if config.mqtt.enabled {
             let shared = Arc::new(
                 crate::mqtt::MqttShared::new(&config, Arc::clone(&metrics), mqtt_seed)

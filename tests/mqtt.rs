@@ -765,3 +765,62 @@ async fn a_backlog_queued_while_tidemark_was_away_drains_completely() {
     assert_eq!(status["duplicates"], 0, "{status}");
     runtime.shutdown().await;
 }
+
+/// A bridge (`mqtt.forward = "kafka"`) killed with every message unacknowledged: the
+/// next run recognises all of them against the topic's newest messages, so the topic
+/// holds each event once.
+#[cfg(feature = "chaos")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_bridge_publishes_nothing_twice() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let topics = [("sensor-events".to_string(), 4)];
+    let kafka = tidemark::sim::kafka::MockBroker::start(1, &topics, Duration::ZERO).expect("mock Kafka cluster");
+    let brokers = kafka.bootstrap_servers().expect("bootstrap servers");
+    let broker = PrivateBroker::start("allow_anonymous true\n");
+    let url = broker.url("mqtt", "127.0.0.1");
+    let prefix = unique("bridge-kill");
+    let events = stream(10, 4_000, 31);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut env: Vec<(&str, String)> = vec![
+        ("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.path().join("tidemark.db").display())),
+        ("TIDEMARK__MQTT__ENABLED", "true".into()),
+        ("TIDEMARK__MQTT__URL", url.clone()),
+        ("TIDEMARK__MQTT__CLIENT_ID", format!("{prefix}-tidemark")),
+        ("TIDEMARK__MQTT__TOPICS", format!("[\"{prefix}/{{sensorId}}/data\"]")),
+        ("TIDEMARK__MQTT__FORWARD", "kafka".into()),
+        ("TIDEMARK__KAFKA__BROKERS", brokers.clone()),
+    ];
+    env.push(("TIDEMARK__CHAOS__MQTT_WITHHOLD_ACKS", "true".into()));
+    let mut process = Process::start(&env);
+    let client = process.client();
+    eventually(Duration::from_secs(10), "the subscription", || async {
+        mqtt_status(&client).await["subscribed"].as_bool().filter(|s| *s)
+    })
+    .await;
+    publish(&publisher_config(&url), &prefix, &events, 2, || {}).await;
+    eventually(Duration::from_secs(60), "every event on the topic, none acknowledged", || async {
+        (mqtt_status(&client).await["accepted"].as_u64() == Some(events.len() as u64)).then_some(())
+    })
+    .await;
+    process.signal("KILL");
+    let _ = process.wait(Duration::from_secs(10));
+    env.pop();
+    let process = Process::start(&env);
+    let client = process.client();
+    let status = eventually(Duration::from_secs(60), "every redelivery recognised", || async {
+        let status = mqtt_status(&client).await;
+        (status["duplicates"].as_u64() == Some(events.len() as u64)).then_some(status)
+    })
+    .await;
+    assert_eq!(status["accepted"], 0, "a redelivery was published again: {status}");
+    let consumer: BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("consumer");
+    let on_topic: i64 = (0..4)
+        .map(|p| {
+            let (low, high) =
+                consumer.fetch_watermarks("sensor-events", p, Duration::from_secs(5)).expect("watermarks");
+            high - low
+        })
+        .sum();
+    assert_eq!(on_topic as usize, events.len(), "the topic holds every event once");
+}
