@@ -665,7 +665,8 @@ pub async fn run_ingest(
         for received in &batch {
             let publish = &received.publish;
             let topic = String::from_utf8_lossy(&publish.topic);
-            match decode(&shared.topics, &topic, &publish.payload, limits, now_ms) {
+            let implied = shared.topics.fields(&topic);
+            match parse_event_with(&publish.payload, limits, now_ms, implied) {
                 Ok(event) => {
                     let id = identity(&event);
                     if recent.contains(id) {
@@ -688,8 +689,8 @@ pub async fn run_ingest(
                         source: Source::Mqtt,
                         reason,
                         error: format!("mqtt topic {topic:?}: {message}"),
-                        sensor_id: shared.topics.fields(&topic).sensor_id.map(Into::into),
-                        event_type: shared.topics.fields(&topic).event_type.map(Into::into),
+                        sensor_id: implied.sensor_id.map(Into::into),
+                        event_type: implied.event_type.map(Into::into),
                         event_time_ms: None,
                         partition: None,
                         position: None,

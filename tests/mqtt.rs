@@ -274,6 +274,25 @@ async fn mqtt_status(client: &Client) -> Value {
     client.get_ok("/api/status").await["mqtt"].clone()
 }
 
+/// Wait (10 s at most) until `/api/status` → `mqtt.<flag>` is true (`connected`, `subscribed`).
+async fn wait_for_flag(client: &Client, flag: &str) {
+    eventually(Duration::from_secs(10), &format!("mqtt.{flag}"), || async {
+        mqtt_status(client).await[flag].as_bool().filter(|set| *set)
+    })
+    .await;
+}
+
+/// The settings of a `tidemark run` process subscribed to `{prefix}/{sensorId}/data`.
+fn process_env(dir: &Path, url: &str, prefix: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.join("tidemark.db").display())),
+        ("TIDEMARK__MQTT__ENABLED", "true".into()),
+        ("TIDEMARK__MQTT__URL", url.to_string()),
+        ("TIDEMARK__MQTT__CLIENT_ID", format!("{prefix}-tidemark")),
+        ("TIDEMARK__MQTT__TOPICS", format!("[\"{prefix}/{{sensorId}}/data\"]")),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_from_several_publishers_equals_http_ingestion_and_bad_payloads_are_dead_lettered() {
     let url = shared_broker();
@@ -285,10 +304,7 @@ async fn a_stream_from_several_publishers_equals_http_ingestion_and_bad_payloads
     let dir = tempfile::tempdir().expect("temp dir");
     let runtime = common::start(mqtt_sources(dir.path(), &url, &prefix)).await;
     let client = Client::new(&runtime);
-    eventually(Duration::from_secs(10), "the MQTT connection", || async {
-        mqtt_status(&client).await["connected"].as_bool().filter(|c| *c)
-    })
-    .await;
+    wait_for_flag(&client, "connected").await;
     let publishers = publisher_config(&url);
     let published = publish(&publishers, &prefix, &events, 4, || {}).await;
     assert_eq!(published as usize, events.len());
@@ -353,10 +369,7 @@ async fn a_broker_restart_mid_stream_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
     let runtime = common::start(mqtt_sources(dir.path(), &url, &prefix)).await;
     let client = Client::new(&runtime);
-    eventually(Duration::from_secs(10), "the MQTT connection", || async {
-        mqtt_status(&client).await["connected"].as_bool().filter(|c| *c)
-    })
-    .await;
+    wait_for_flag(&client, "connected").await;
     let publishers = publisher_config(&url);
     let broker_ref = &mut broker;
     let published = publish(&publishers, &prefix, &events, 4, || {
@@ -393,13 +406,7 @@ async fn sigterm_and_sigkill_mid_stream_then_the_same_session_resumes_exactly_on
     assert!(events.len() >= 50_000, "the stream has {} events", events.len());
     let closing = closers(&events);
     let dir = tempfile::tempdir().expect("temp dir");
-    let env: Vec<(&str, String)> = vec![
-        ("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.path().join("tidemark.db").display())),
-        ("TIDEMARK__MQTT__ENABLED", "true".into()),
-        ("TIDEMARK__MQTT__URL", url.clone()),
-        ("TIDEMARK__MQTT__CLIENT_ID", format!("{prefix}-tidemark")),
-        ("TIDEMARK__MQTT__TOPICS", format!("[\"{prefix}/{{sensorId}}/data\"]")),
-    ];
+    let env: Vec<(&str, String)> = process_env(dir.path(), &url, &prefix);
     let process = Arc::new(parking_lot::Mutex::new(Process::start(&env)));
     let publishers = publisher_config(&url);
 
@@ -530,10 +537,7 @@ async fn tls_with_a_client_certificate_and_a_password() {
     let store = tempfile::tempdir().expect("temp dir");
     let runtime = common::start(secure(mqtt_sources(store.path(), &url, &prefix), "s3cret-pass")).await;
     let client = Client::new(&runtime);
-    eventually(Duration::from_secs(10), "the TLS connection", || async {
-        mqtt_status(&client).await["connected"].as_bool().filter(|c| *c)
-    })
-    .await;
+    wait_for_flag(&client, "connected").await;
     let (code, _) = client.get("/ready").await;
     assert_eq!(code, 200);
     let status = client.get_ok("/api/status").await;
@@ -610,21 +614,12 @@ async fn redeliveries_after_a_sigkill_are_recognised_from_the_ingest_log() {
     let events = stream(20, 10_000, 17);
     let closing = closers(&events);
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut env: Vec<(&str, String)> = vec![
-        ("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.path().join("tidemark.db").display())),
-        ("TIDEMARK__MQTT__ENABLED", "true".into()),
-        ("TIDEMARK__MQTT__URL", url.clone()),
-        ("TIDEMARK__MQTT__CLIENT_ID", format!("{prefix}-tidemark")),
-        ("TIDEMARK__MQTT__TOPICS", format!("[\"{prefix}/{{sensorId}}/data\"]")),
-    ];
+    let mut env: Vec<(&str, String)> = process_env(dir.path(), &url, &prefix);
     env.push(("TIDEMARK__CHAOS__MQTT_WITHHOLD_ACKS", "true".into()));
     let mut process = Process::start(&env);
     let publishers = publisher_config(&url);
     let client = process.client();
-    eventually(Duration::from_secs(10), "the MQTT connection", || async {
-        mqtt_status(&client).await["connected"].as_bool().filter(|c| *c)
-    })
-    .await;
+    wait_for_flag(&client, "connected").await;
     publish(&publishers, &prefix, &events, 2, || {}).await;
     // Taken (and, with the chaos setting, dropped instead of acknowledged).
     eventually(Duration::from_secs(60), "every event taken and none acknowledged", || async {
@@ -709,10 +704,7 @@ async fn acknowledgements_wait_for_durability_log_or_checkpoint() {
         )
         .await;
         let client = Client::new(&runtime);
-        eventually(Duration::from_secs(10), "the MQTT connection", || async {
-            mqtt_status(&client).await["connected"].as_bool().filter(|c| *c)
-        })
-        .await;
+        wait_for_flag(&client, "connected").await;
         let events = stream(4, 200, 23);
         publish(&publisher_config(&url), &prefix, &events, 1, || {}).await;
         let status = eventually(Duration::from_secs(20), "the events taken", || async {
@@ -750,10 +742,7 @@ async fn a_backlog_queued_while_tidemark_was_away_drains_completely() {
     let dir = tempfile::tempdir().expect("temp dir");
     let runtime = common::start(mqtt_sources(dir.path(), &url, &prefix)).await;
     let client = Client::new(&runtime);
-    eventually(Duration::from_secs(10), "the subscription", || async {
-        mqtt_status(&client).await["subscribed"].as_bool().filter(|s| *s)
-    })
-    .await;
+    wait_for_flag(&client, "subscribed").await;
     runtime.shutdown().await;
 
     let published = publish(&publisher_config(&url), &prefix, &events, 4, || {}).await;
@@ -784,22 +773,13 @@ async fn a_killed_bridge_publishes_nothing_twice() {
     let prefix = unique("bridge-kill");
     let events = stream(10, 4_000, 31);
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut env: Vec<(&str, String)> = vec![
-        ("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.path().join("tidemark.db").display())),
-        ("TIDEMARK__MQTT__ENABLED", "true".into()),
-        ("TIDEMARK__MQTT__URL", url.clone()),
-        ("TIDEMARK__MQTT__CLIENT_ID", format!("{prefix}-tidemark")),
-        ("TIDEMARK__MQTT__TOPICS", format!("[\"{prefix}/{{sensorId}}/data\"]")),
-        ("TIDEMARK__MQTT__FORWARD", "kafka".into()),
-        ("TIDEMARK__KAFKA__BROKERS", brokers.clone()),
-    ];
+    let mut env: Vec<(&str, String)> = process_env(dir.path(), &url, &prefix);
+    env.push(("TIDEMARK__MQTT__FORWARD", "kafka".into()));
+    env.push(("TIDEMARK__KAFKA__BROKERS", brokers.clone()));
     env.push(("TIDEMARK__CHAOS__MQTT_WITHHOLD_ACKS", "true".into()));
     let mut process = Process::start(&env);
     let client = process.client();
-    eventually(Duration::from_secs(10), "the subscription", || async {
-        mqtt_status(&client).await["subscribed"].as_bool().filter(|s| *s)
-    })
-    .await;
+    wait_for_flag(&client, "subscribed").await;
     publish(&publisher_config(&url), &prefix, &events, 2, || {}).await;
     eventually(Duration::from_secs(60), "every event on the topic, none acknowledged", || async {
         (mqtt_status(&client).await["accepted"].as_u64() == Some(events.len() as u64)).then_some(())
