@@ -270,7 +270,8 @@ impl KeyRing {
 /// The scope a request needs; `None`: open (probes).
 pub fn required_scope(method: &http::Method, path: &str) -> Option<Scope> {
     match path {
-        "/health" | "/ready" | "/api/openapi.json" => None,
+        // The dashboard page holds no data: it asks for a key when the API needs one.
+        "/health" | "/ready" | "/api/openapi.json" | "/" | "/dashboard.js" | "/dashboard.css" => None,
         "/metrics" | "/api/status" => Some(Scope::Admin),
         "/api/events" if method == http::Method::POST => Some(Scope::Ingest),
         _ => Some(Scope::Read),

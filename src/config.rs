@@ -38,7 +38,54 @@ pub struct Config {
     pub auth: AuthConfig,
     pub elasticsearch: ElasticsearchConfig,
     pub mqtt: MqttConfig,
+    pub ws: WsConfig,
     pub chaos: ChaosConfig,
+}
+
+/// The live feed at `GET /ws` and the dashboard at `/` (`[ws]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WsConfig {
+    pub enabled: bool,
+    /// Open WebSocket connections at most; past it the upgrade is answered 503.
+    pub max_connections: usize,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Messages queued for one connection; past it messages are dropped for that
+    /// connection and it is told how many (`lagged`).
+    pub queue_capacity: usize,
+    /// A connection that keeps dropping messages for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub max_lag: Duration,
+    /// A send that does not complete within this closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// Ping this often; a client silent for two intervals is closed.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// How often `status` subscribers get the pipeline status.
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+    /// Rows a `since` replay sends at most before going live (an older start is an error
+    /// telling the client to page with `GET /api/predictions` instead).
+    pub max_replay_rows: u64,
+}
+
+impl Default for WsConfig {
+    /// As in `config/default.toml` (a test holds them equal).
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_connections: 10_000,
+            max_subscriptions: 16,
+            queue_capacity: 4096,
+            max_lag: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(20),
+            status_interval: Duration::from_secs(1),
+            max_replay_rows: 100_000,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -602,6 +649,7 @@ impl Config {
         let auth = section!("auth");
         let elasticsearch = section!("elasticsearch");
         let mqtt = section!("mqtt");
+        let ws = section!("ws");
         let chaos = section!("chaos");
 
         if let (
@@ -619,6 +667,7 @@ impl Config {
             Some(auth),
             Some(elasticsearch),
             Some(mqtt),
+            Some(ws),
             Some(chaos),
         ) = (
             http,
@@ -635,6 +684,7 @@ impl Config {
             auth,
             elasticsearch,
             mqtt,
+            ws,
             chaos,
         ) {
             let config = Config {
@@ -652,6 +702,7 @@ impl Config {
                 auth,
                 elasticsearch,
                 mqtt,
+                ws,
                 chaos,
             };
             config.validate(&mut errors);
@@ -803,6 +854,15 @@ impl Config {
             (0.0..=1.0).contains(&self.chaos.store_batch_failure_rate),
             "chaos.store_batch_failure_rate: must be in [0, 1]",
         );
+        let ws = &self.ws;
+        check(ws.max_connections >= 1, "ws.max_connections: must be at least 1");
+        check(ws.max_subscriptions >= 1, "ws.max_subscriptions: must be at least 1");
+        check(ws.queue_capacity >= 16, "ws.queue_capacity: must be at least 16");
+        check(
+            !ws.max_lag.is_zero() && !ws.send_timeout.is_zero() && !ws.ping_interval.is_zero(),
+            "ws.max_lag, ws.send_timeout and ws.ping_interval: must be above 0",
+        );
+        check(!ws.status_interval.is_zero(), "ws.status_interval: must be above 0");
         if self.mqtt.enabled {
             errors.extend(crate::mqtt::config_problems(self));
         }
@@ -1025,6 +1085,12 @@ mod tests {
                 assert!(!shown.contains(secret) && !shown.contains("urlpass"), "{key} shown: {shown}");
             }
         }
+    }
+
+    #[test]
+    fn ws_defaults_match_the_default_file() {
+        let config = Config::load(&ConfigSources::default()).expect("defaults load");
+        assert_eq!(config.ws, WsConfig::default());
     }
 
     #[test]

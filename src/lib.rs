@@ -37,6 +37,7 @@ pub mod elasticsearch;
 pub mod ingest;
 pub mod kafka;
 pub mod keys;
+pub mod live;
 pub mod messages;
 pub mod metrics;
 pub mod mqtt;

@@ -2,6 +2,9 @@
 //! several instances in one process). Labels carry partitions, sources, reasons and
 //! sinks, never a sensor id: their cardinality stays bounded.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -78,9 +81,9 @@ fn latency_histogram() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
-    pub events_received: Family<SourceLabels, Counter>,
-    pub events_accepted: Family<SourceLabels, Counter>,
-    pub events_rejected: Family<RejectLabels, Counter>,
+    pub events_received: Totalled<SourceLabels>,
+    pub events_accepted: Totalled<SourceLabels>,
+    pub events_rejected: Totalled<RejectLabels>,
     pub dead_letters_sampled: Family<RejectLabels, Counter>,
     pub ingest_backpressure: Family<SourceLabels, Counter>,
     pub events_processed: Family<PartitionLabels, Counter>,
@@ -115,6 +118,70 @@ pub struct Metrics {
     pub mqtt_reconnects: Counter,
     pub mqtt_in_flight: Gauge,
     pub mqtt_duplicates: Counter,
+    pub ws_connections: Gauge,
+    pub ws_messages_sent: Family<KindLabels, Counter>,
+    pub ws_messages_dropped: Family<KindLabels, Counter>,
+    pub ws_disconnects: Family<ReasonLabels, Counter>,
+    pub ws_fire_to_send: Latency,
+}
+
+/// A counter family that also keeps the sum over its labels (the live status shows
+/// totals; a family cannot be read back).
+pub struct Totalled<L> {
+    family: Family<L, Counter>,
+    total: Arc<AtomicU64>,
+}
+
+impl<L: Clone + std::hash::Hash + Eq> Default for Totalled<L> {
+    fn default() -> Self {
+        Self { family: Family::default(), total: Arc::default() }
+    }
+}
+
+impl<L> Totalled<L>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    pub fn get_or_create(&self, labels: &L) -> TotalledCounter {
+        TotalledCounter { counter: self.family.get_or_create(labels).clone(), total: Arc::clone(&self.total) }
+    }
+
+    /// The sum over every label set.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// One counter of a [`Totalled`] family.
+#[derive(Clone)]
+pub struct TotalledCounter {
+    counter: Counter,
+    total: Arc<AtomicU64>,
+}
+
+impl TotalledCounter {
+    pub fn inc(&self) {
+        self.inc_by(1);
+    }
+
+    pub fn inc_by(&self, n: u64) {
+        self.counter.inc_by(n);
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.counter.get()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -127,9 +194,9 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tidemark");
         let metrics = Self {
-            events_received: Family::default(),
-            events_accepted: Family::default(),
-            events_rejected: Family::default(),
+            events_received: Totalled::default(),
+            events_accepted: Totalled::default(),
+            events_rejected: Totalled::default(),
             dead_letters_sampled: Family::default(),
             ingest_backpressure: Family::default(),
             events_processed: Family::default(),
@@ -164,9 +231,14 @@ impl Metrics {
             mqtt_reconnects: Counter::default(),
             mqtt_in_flight: Gauge::default(),
             mqtt_duplicates: Counter::default(),
+            ws_connections: Gauge::default(),
+            ws_messages_sent: Family::default(),
+            ws_messages_dropped: Family::default(),
+            ws_disconnects: Family::default(),
+            ws_fire_to_send: Latency::default(),
             registry: Registry::default(),
         };
-        registry.register("events_received", "Events received, valid or not", metrics.events_received.clone());
+        registry.register("events_received", "Events received, valid or not", metrics.events_received.family.clone());
         registry.register("mqtt_connected", "1 while the MQTT connection is up", metrics.mqtt_connected.clone());
         registry.register(
             "mqtt_reconnects",
@@ -193,11 +265,15 @@ impl Metrics {
             "Bytes written to the embedded ingest log",
             metrics.ingest_log.bytes.clone(),
         );
-        registry.register("events_accepted", "Events accepted into the pipeline", metrics.events_accepted.clone());
+        registry.register(
+            "events_accepted",
+            "Events accepted into the pipeline",
+            metrics.events_accepted.family.clone(),
+        );
         registry.register(
             "events_rejected",
             "Events rejected at ingestion, by reason",
-            metrics.events_rejected.clone(),
+            metrics.events_rejected.family.clone(),
         );
         registry.register(
             "ingest_backpressure",
@@ -256,6 +332,23 @@ impl Metrics {
             "ingest_to_fire_seconds",
             "From ingestion of the event that closed a window to the window firing",
             metrics.ingest_to_fire.histogram(),
+        );
+        registry.register("ws_connections", "Open WebSocket connections (GET /ws)", metrics.ws_connections.clone());
+        registry.register(
+            "ws_messages_sent",
+            "Messages sent to WebSocket clients, by kind",
+            metrics.ws_messages_sent.clone(),
+        );
+        registry.register(
+            "ws_messages_dropped",
+            "Messages a WebSocket client missed because it fell behind (it is told: lagged), by kind",
+            metrics.ws_messages_dropped.clone(),
+        );
+        registry.register("ws_disconnects", "WebSocket connections ended, by reason", metrics.ws_disconnects.clone());
+        registry.register(
+            "ws_fire_to_send_seconds",
+            "From a window firing to its prediction being sent to a WebSocket client",
+            metrics.ws_fire_to_send.histogram(),
         );
         registry.register(
             "fire_to_ack_seconds",

@@ -104,7 +104,7 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
         LogMode::InFlight,
         Arc::clone(&metrics),
     ));
-    let sinks = Arc::new(Sinks::new(16));
+    let sinks = Arc::new(Sinks::new());
     let counts = Arc::new(FileSinkCounts::default());
     let store: Option<Arc<dyn Store>> = match options.sink {
         SinkKind::Store => Some(store::open(&config.store).await.context("cannot open the store")?),
@@ -118,6 +118,7 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
                 listener: Arc::clone(&router) as Arc<dyn crate::actors::sinks::CheckpointListener>,
                 metrics: Arc::clone(&metrics),
                 health: Arc::clone(&sinks.store_health),
+                live: Arc::clone(sinks.live()),
                 chaos: config.chaos.clone(),
             };
             Actor::spawn(None, StoreSink, args).await.map_err(|e| anyhow::anyhow!("store sink: {e}"))?.0

@@ -164,7 +164,9 @@ impl Runtime {
         } else {
             None
         };
-        let sinks = Arc::new(Sinks::with_outputs(4096, outputs_configured, elasticsearch.is_some()));
+        let live = crate::live::LiveHub::new(config.ws.clone(), Arc::clone(&metrics));
+        live.start();
+        let sinks = Arc::new(Sinks::with_outputs(live, outputs_configured, elasticsearch.is_some()));
         let topology = Arc::new(Topology::default());
         let kafka = kafka_consume.then(|| {
             Arc::new(KafkaShared::new(

@@ -354,6 +354,12 @@ impl PartitionState {
     }
 
     fn process(&mut self, batch: &[Event]) {
+        let live = self.context.sinks.live();
+        if live.wants(crate::live::Kind::Events) {
+            // Not the overlap of a replay: those were published before.
+            let fresh = batch.partition_point(|event| event.position < self.next_position);
+            live.publish_events(&batch[fresh..]);
+        }
         let spec = self.context.spec;
         let previous_clock = self.clock_ms;
         let mut processed = 0u64;
@@ -729,7 +735,6 @@ impl PartitionState {
                     metrics.anomalies.get_or_create(&SeverityLabels { severity: result.severity.as_str() }).inc();
                 }
             }
-            self.context.sinks.publish_live(&results);
             self.context.sinks.send_results(results)?;
         }
         if !self.dead_letters.is_empty() {
@@ -858,7 +863,7 @@ mod tests {
         let config = Config::embedded().expect("defaults");
         let (sender, store) = mpsc::unbounded_channel();
         let (fake, _) = Actor::spawn(None, FakeStore, sender).await.expect("fake store");
-        let sinks = Arc::new(Sinks::new(16));
+        let sinks = Arc::new(Sinks::new());
         sinks.set_store(Some(fake));
         let context = Arc::new(PartitionContext {
             limits: crate::ingest::ParseLimits::default(),

@@ -100,6 +100,21 @@ pub struct WriteOutcome {
     /// Checkpoints refused because another owner took their partition since:
     /// `(partition, checkpoint_id)`.
     pub fenced: Vec<(PartitionId, u64)>,
+    /// The result rows this write inserted or changed (a revision older than the stored
+    /// one changes nothing and is not listed), with the ids and times the store gave them.
+    pub written: Vec<WrittenRow>,
+}
+
+/// A prediction row as a write left it: what the live feed adds to a window result to
+/// send it in the REST shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrittenRow {
+    pub id: i64,
+    pub sensor_id: String,
+    pub event_type: String,
+    pub window_start_ms: i64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
 }
 
 /// Whether a checkpoint written under `epoch` may replace the stored one when the
@@ -135,6 +150,31 @@ pub struct Prediction {
     pub updated_at: i64,
 }
 
+impl Prediction {
+    /// A window result as a write stored it (`row` names the same window).
+    pub fn from_written(result: &WindowResult, row: &WrittenRow) -> Self {
+        Self {
+            id: row.id,
+            sensor_id: result.sensor_id.to_string(),
+            event_type: result.event_type.to_string(),
+            window_start: result.window_start_ms,
+            window_end: result.window_end_ms,
+            event_count: i64::try_from(result.event_count).unwrap_or(i64::MAX),
+            avg_value: result.avg_value,
+            min_value: result.min_value,
+            max_value: result.max_value,
+            stddev: result.stddev,
+            prediction_score: result.prediction_score,
+            anomaly: result.anomaly,
+            severity: result.severity.as_str().to_string(),
+            revision: i64::from(result.revision),
+            explanation: result.explanation.clone(),
+            created_at: row.created_at_ms,
+            updated_at: row.updated_at_ms,
+        }
+    }
+}
+
 /// Keyset pagination position: the last row of the previous page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cursor {
@@ -156,6 +196,29 @@ pub struct PredictionQuery {
     pub cursor: Option<Cursor>,
     /// Free text (`/api/search`).
     pub text: Option<crate::search::TextQuery>,
+}
+
+/// Where a replay starts (the WebSocket feed's `since`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Since {
+    /// Windows starting at or after this instant (epoch ms).
+    WindowStart(i64),
+    /// Rows with an id above this one (the last id a client saw).
+    AfterId(i64),
+}
+
+/// Stored predictions after a point, oldest first, for a live subscription to replay
+/// before it goes live. Empty lists match everything.
+#[derive(Clone, Debug)]
+pub struct ReplayQuery {
+    pub sensor_ids: Vec<String>,
+    pub event_types: Vec<String>,
+    pub anomaly: Option<bool>,
+    pub severities: Vec<Severity>,
+    pub since: Since,
+    /// The last row of the previous page (ascending keyset).
+    pub after: Option<Cursor>,
+    pub limit: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -276,6 +339,8 @@ pub trait Store: Send + Sync {
     async fn predictions(&self, query: &PredictionQuery) -> Result<Page<Prediction>, StoreError>;
     /// Windows and anomalies per interval and event type (`/api/search/histogram`).
     async fn histogram(&self, query: &HistogramQuery) -> Result<Vec<HistogramBucket>, StoreError>;
+    /// Predictions after `query.since`, oldest first (window start, then id), one page.
+    async fn replay(&self, query: &ReplayQuery) -> Result<Page<Prediction>, StoreError>;
     async fn top_sensors(&self, query: &TopQuery) -> Result<Vec<TopSensor>, StoreError>;
     async fn summary(&self, since_ms: i64) -> Result<Vec<TypeSummary>, StoreError>;
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetterRow>, StoreError>;

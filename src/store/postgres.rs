@@ -14,8 +14,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::{
-    DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, Store, StoreError, TopQuery, TopSensor,
-    TypeSummary, WriteBatch, WriteOutcome, sql,
+    DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, ReplayQuery, Store, StoreError, TopQuery,
+    TopSensor, TypeSummary, WriteBatch, WriteOutcome, WrittenRow, sql,
 };
 use crate::config::StoreConfig;
 use crate::messages::{KeyStateBlob, PartitionId, RestoredPartition, WindowResult};
@@ -72,6 +72,21 @@ fn millis(row: &PgRow, column: &str) -> Result<i64, sqlx::Error> {
 }
 
 /// The shared upsert clause, also setting `search_words` (a PostgreSQL-only column).
+/// The rows an upsert's `RETURNING` clause listed.
+fn written_rows(rows: &[PgRow]) -> Result<Vec<WrittenRow>, StoreError> {
+    let row = |row: &PgRow| -> Result<WrittenRow, sqlx::Error> {
+        Ok(WrittenRow {
+            id: row.try_get("id")?,
+            sensor_id: row.try_get("sensor_id")?,
+            event_type: row.try_get("event_type")?,
+            window_start_ms: millis(row, "window_start")?,
+            created_at_ms: millis(row, "created_at")?,
+            updated_at_ms: millis(row, "updated_at")?,
+        })
+    };
+    Ok(rows.iter().map(row).collect::<Result<_, _>>()?)
+}
+
 fn upsert_prediction() -> String {
     sql::UPSERT_PREDICTION.replace(
         "updated_at = excluded.updated_at",
@@ -134,7 +149,11 @@ impl PostgresStore {
         }
     }
 
-    async fn upsert_unnest(&self, tx: &mut sqlx::PgConnection, results: &[WindowResult]) -> Result<(), StoreError> {
+    async fn upsert_unnest(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        results: &[WindowResult],
+    ) -> Result<Vec<WrittenRow>, StoreError> {
         let n = results.len();
         let mut sensor_ids = Vec::with_capacity(n);
         let mut event_types = Vec::with_capacity(n);
@@ -175,7 +194,7 @@ impl PostgresStore {
              $13::int[], $14::text[], $15::text[]) AS t(s, e, ws, we, c, a, mi, ma, sd, ps, an, sv, r, ex, sw){}",
             upsert_prediction()
         );
-        sqlx::query(sqlx::AssertSqlSafe(statement))
+        let rows = sqlx::query(sqlx::AssertSqlSafe(statement))
             .bind(sensor_ids)
             .bind(event_types)
             .bind(starts)
@@ -191,12 +210,16 @@ impl PostgresStore {
             .bind(revisions)
             .bind(explanations)
             .bind(words)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
-        Ok(())
+        written_rows(&rows)
     }
 
-    async fn upsert_copy(&self, tx: &mut sqlx::PgConnection, results: &[WindowResult]) -> Result<(), StoreError> {
+    async fn upsert_copy(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        results: &[WindowResult],
+    ) -> Result<Vec<WrittenRow>, StoreError> {
         sqlx::query(
             "CREATE TEMPORARY TABLE IF NOT EXISTS predictions_stage \
              (LIKE predictions INCLUDING DEFAULTS EXCLUDING CONSTRAINTS) ON COMMIT DELETE ROWS",
@@ -222,18 +245,18 @@ impl PostgresStore {
              now(), now() FROM predictions_stage{}",
             upsert_prediction()
         );
-        sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut *tx).await?;
-        Ok(())
+        let rows = sqlx::query(sqlx::AssertSqlSafe(statement)).fetch_all(&mut *tx).await?;
+        written_rows(&rows)
     }
 
     async fn write_inner(&self, batch: &WriteBatch<'_>) -> Result<WriteOutcome, StoreError> {
         let mut outcome = WriteOutcome::default();
         let mut tx = self.pool.begin().await?;
         if !batch.results.is_empty() {
-            match self.method {
+            outcome.written = match self.method {
                 WriteMethod::Unnest => self.upsert_unnest(&mut tx, batch.results).await?,
                 WriteMethod::Copy => self.upsert_copy(&mut tx, batch.results).await?,
-            }
+            };
         }
         if !batch.dead_letters.is_empty() {
             let letters = batch.dead_letters;
@@ -473,6 +496,15 @@ impl Store for PostgresStore {
     async fn predictions(&self, query: &PredictionQuery) -> Result<Page<Prediction>, StoreError> {
         self.timed(async {
             let rows = sql::predictions::<Postgres, _>(query, time, &text_filter).build().fetch_all(&self.pool).await?;
+            let items = rows.iter().map(prediction_from_row).collect::<Result<Vec<_>, _>>()?;
+            Ok(super::paginate(items, query.limit))
+        })
+        .await
+    }
+
+    async fn replay(&self, query: &ReplayQuery) -> Result<Page<Prediction>, StoreError> {
+        self.timed(async {
+            let rows = sql::replay::<Postgres, _>(query, time).build().fetch_all(&self.pool).await?;
             let items = rows.iter().map(prediction_from_row).collect::<Result<Vec<_>, _>>()?;
             Ok(super::paginate(items, query.limit))
         })

@@ -4,7 +4,7 @@
 
 use sqlx::{Database, Encode, QueryBuilder, Type};
 
-use super::{DeadLetterQuery, PredictionQuery, TopBy, TopQuery};
+use super::{DeadLetterQuery, PredictionQuery, ReplayQuery, Since, TopBy, TopQuery};
 use crate::search::{HistogramQuery, TextQuery};
 
 pub const PREDICTION_COLUMNS: &str = "id, sensor_id, event_type, window_start, window_end, event_count, \
@@ -44,6 +44,56 @@ where
             .push("))");
     }
     builder.push(" ORDER BY window_start DESC, id DESC LIMIT ").push_bind(i64::from(query.limit) + 1);
+    builder
+}
+
+/// `SELECT … FROM predictions` after a replay's starting point, oldest first, one row
+/// more than the limit.
+pub fn replay<DB, T>(query: &ReplayQuery, time: impl Fn(i64) -> T) -> QueryBuilder<DB>
+where
+    DB: Database,
+    T: for<'t> Encode<'t, DB> + Type<DB>,
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    bool: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let mut builder = QueryBuilder::new(format!("SELECT {PREDICTION_COLUMNS} FROM predictions WHERE 1 = 1"));
+    for (column, values) in [("sensor_id", &query.sensor_ids), ("event_type", &query.event_types)] {
+        if !values.is_empty() {
+            builder.push(format_args!(" AND {column} IN ("));
+            let mut separated = builder.separated(", ");
+            for value in values {
+                separated.push_bind(value.as_str());
+            }
+            builder.push(")");
+        }
+    }
+    if let Some(anomaly) = query.anomaly {
+        builder.push(" AND anomaly = ").push_bind(anomaly);
+    }
+    if !query.severities.is_empty() {
+        builder.push(" AND severity IN (");
+        let mut separated = builder.separated(", ");
+        for severity in &query.severities {
+            separated.push_bind(severity.as_str());
+        }
+        builder.push(")");
+    }
+    match query.since {
+        Since::WindowStart(ms) => builder.push(" AND window_start >= ").push_bind(time(ms)),
+        Since::AfterId(id) => builder.push(" AND id > ").push_bind(id),
+    };
+    if let Some(cursor) = query.after {
+        builder
+            .push(" AND (window_start > ")
+            .push_bind(time(cursor.window_start_ms))
+            .push(" OR (window_start = ")
+            .push_bind(time(cursor.window_start_ms))
+            .push(" AND id > ")
+            .push_bind(cursor.id)
+            .push("))");
+    }
+    builder.push(" ORDER BY window_start ASC, id ASC LIMIT ").push_bind(i64::from(query.limit) + 1);
     builder
 }
 
@@ -195,7 +245,8 @@ pub const UPSERT_PREDICTION: &str = " ON CONFLICT (sensor_id, event_type, window
      stddev = excluded.stddev, prediction_score = excluded.prediction_score, anomaly = excluded.anomaly, \
      severity = excluded.severity, revision = excluded.revision, explanation = excluded.explanation, \
      updated_at = excluded.updated_at \
-     WHERE excluded.revision >= predictions.revision";
+     WHERE excluded.revision >= predictions.revision \
+     RETURNING id, sensor_id, event_type, window_start, created_at, updated_at";
 
 /// A count or position as the `BIGINT` the stores keep it in.
 pub fn int(value: u64) -> i64 {

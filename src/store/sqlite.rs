@@ -12,8 +12,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
-    DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, Store, StoreError, TopQuery, TopSensor,
-    TypeSummary, WriteBatch, WriteOutcome, sql,
+    DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, ReplayQuery, Store, StoreError, TopQuery,
+    TopSensor, TypeSummary, WriteBatch, WriteOutcome, WrittenRow, sql,
 };
 use crate::config::{StoreConfig, sqlite_path};
 use crate::messages::{KeyStateBlob, PartitionId, RestoredPartition};
@@ -178,7 +178,16 @@ impl SqliteStore {
                     .push_bind(now_ms);
             });
             builder.push(sql::UPSERT_PREDICTION);
-            builder.build().execute(&mut *tx).await?;
+            for row in builder.build().fetch_all(&mut *tx).await? {
+                outcome.written.push(WrittenRow {
+                    id: row.try_get("id")?,
+                    sensor_id: row.try_get("sensor_id")?,
+                    event_type: row.try_get("event_type")?,
+                    window_start_ms: row.try_get("window_start")?,
+                    created_at_ms: row.try_get("created_at")?,
+                    updated_at_ms: row.try_get("updated_at")?,
+                });
+            }
         }
         for chunk in batch.dead_letters.chunks(ROWS_PER_STATEMENT) {
             let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -366,6 +375,15 @@ impl Store for SqliteStore {
         self.timed(async {
             let rows =
                 sql::predictions::<Sqlite, i64>(query, |ms| ms, &text_filter).build().fetch_all(&self.pool).await?;
+            let items = rows.iter().map(prediction_from_row).collect::<Result<Vec<_>, _>>()?;
+            Ok(super::paginate(items, query.limit))
+        })
+        .await
+    }
+
+    async fn replay(&self, query: &ReplayQuery) -> Result<Page<Prediction>, StoreError> {
+        self.timed(async {
+            let rows = sql::replay::<Sqlite, i64>(query, |ms| ms).build().fetch_all(&self.pool).await?;
             let items = rows.iter().map(prediction_from_row).collect::<Result<Vec<_>, _>>()?;
             Ok(super::paginate(items, query.limit))
         })

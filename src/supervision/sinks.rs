@@ -124,6 +124,7 @@ impl SinkSupervisorState {
             listener: Arc::clone(&self.args.listener),
             metrics: Arc::clone(&self.args.metrics),
             health: Arc::clone(&self.args.sinks.store_health),
+            live: Arc::clone(self.args.sinks.live()),
             chaos: self.args.chaos.clone(),
         };
         // What a failed sink held is gone; what the new one receives is counted afresh.

@@ -4,12 +4,14 @@
 //! start, visibly), fails if the server stops on its own (so its supervisor restarts
 //! it on the same address), and shuts the server down gracefully when stopped.
 
+mod dashboard;
 mod error;
 mod ingest;
 mod ops;
 pub mod params;
 pub mod query;
 pub mod serve;
+mod ws;
 
 pub use error::ApiError;
 
@@ -86,6 +88,10 @@ pub fn routes(app: Arc<AppContext>) -> Router {
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
+        .route("/ws", get(ws::upgrade))
+        .route("/", get(dashboard::page))
+        .route("/dashboard.js", get(dashboard::script))
+        .route("/dashboard.css", get(dashboard::style))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -141,16 +147,25 @@ async fn authorize(State(app): State<Arc<AppContext>>, request: Request, next: N
         return next.run(request).await;
     };
     let headers = request.headers();
-    let presented = headers
+    let mut presented = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
         .or_else(|| headers.get("x-api-key").and_then(|value| value.to_str().ok()))
-        .map(str::trim);
-    match app.keys.authorize(presented, scope) {
+        .map(|key| key.trim().to_string());
+    let websocket = request.uri().path() == "/ws";
+    if websocket && presented.is_none() {
+        // Browsers cannot set headers on a WebSocket: the key may come as a parameter.
+        presented = ws::access_token(request.uri().query());
+    }
+    match app.keys.authorize(presented.as_deref(), scope) {
         Ok(name) => {
             let client = name.map(crate::ratelimit::ClientId::Key);
             let mut request = request;
+            if websocket {
+                let admin = app.keys.authorize(presented.as_deref(), crate::auth::Scope::Admin).is_ok();
+                request.extensions_mut().insert(ws::Grant { admin });
+            }
             if let Some(client) = client {
                 request.extensions_mut().insert(client);
             }
@@ -242,6 +257,24 @@ pub enum GatewayMsg {
 pub struct GatewayState {
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
+    /// Publishes the status to `/ws` subscribers.
+    status_feed: JoinHandle<()>,
+    live: Arc<crate::live::LiveHub>,
+}
+
+/// Hand the status to the live feed every `ws.status_interval` while anyone subscribes.
+fn spawn_status_feed(app: Arc<AppContext>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(app.config.ws.status_interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let live = app.sinks.live();
+            if live.wants(crate::live::Kind::Status) {
+                live.publish_status(ops::status_body(&app));
+            }
+        }
+    })
 }
 
 /// Run the server on a runtime of its own (`http.worker_threads` threads), so request
@@ -272,6 +305,8 @@ fn own_runtime(
 impl Drop for GatewayState {
     /// A killed actor skips `post_stop`; its server must not outlive it.
     fn drop(&mut self) {
+        self.status_feed.abort();
+        self.live.close_all();
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
@@ -306,6 +341,8 @@ impl Actor for GatewayActor {
         };
         let tls = args.app.tls.clone();
         let workers = args.app.config.http.worker_threads;
+        let live = Arc::clone(args.app.sinks.live());
+        let status_feed = spawn_status_feed(Arc::clone(&args.app));
         let app = routes(args.app);
         let serving = async move {
             serve::serve(listener, app, limits, tls, async move {
@@ -323,7 +360,7 @@ impl Actor for GatewayActor {
             // Only reaches a live actor if nobody asked the server to stop.
             let _ = myself.send_message(GatewayMsg::ServerExited(reason));
         });
-        Ok(GatewayState { shutdown: Some(shutdown), server: Some(server) })
+        Ok(GatewayState { shutdown: Some(shutdown), server: Some(server), status_feed, live })
     }
 
     async fn handle(
@@ -347,6 +384,8 @@ impl Actor for GatewayActor {
         _myself: ActorRef<GatewayMsg>,
         state: &mut GatewayState,
     ) -> Result<(), ActorProcessingErr> {
+        // WebSocket clients are told to reconnect (to this instance once restarted).
+        state.live.close_all();
         if let Some(shutdown) = state.shutdown.take() {
             let _ = shutdown.send(());
         }

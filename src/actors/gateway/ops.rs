@@ -91,6 +91,11 @@ pub async fn metrics(State(app): State<Arc<AppContext>>) -> Response {
 /// `GET /api/status` — partitions (restarts, checkpoints, replay buffers, in-flight
 /// events), sinks, and pipeline latencies.
 pub async fn status(State(app): State<Arc<AppContext>>) -> Json<Value> {
+    Json(status_body(&app))
+}
+
+/// The body of `GET /api/status` (also what `status` subscribers of `/ws` receive).
+pub fn status_body(app: &AppContext) -> Value {
     let mut partitions = Vec::new();
     for partition in app.owned_partitions() {
         let slot = app.router.status(partition);
@@ -132,13 +137,22 @@ pub async fn status(State(app): State<Arc<AppContext>>) -> Json<Value> {
     if app.sinks.elasticsearch_configured() {
         sinks.push(app.sinks.elasticsearch_health.snapshot("elasticsearch"));
     }
-    Json(json!({
+    let metrics = &app.metrics;
+    json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "timestamp": crate::store::ser::rfc3339(chrono::Utc::now().timestamp_millis()),
         "uptimeSeconds": app.started_at.elapsed().as_secs(),
         "store": app.store.backend(),
         "acceptingEvents": !app.router.is_closed(),
         "replayBufferEvents": app.router.buffered_total(),
         "partitions": partitions,
+        // Totals since start over every source (rates: differences over time).
+        "events": {
+            "received": metrics.events_received.total(),
+            "accepted": metrics.events_accepted.total(),
+            "rejected": metrics.events_rejected.total(),
+        },
+        "websocketConnections": app.sinks.live().open_connections(),
         "sinks": sinks,
         "search": app.search.name(),
         "kafka": app.sources.iter().find(|source| source.name() == "kafka").map(|kafka| kafka.status()),
@@ -146,6 +160,7 @@ pub async fn status(State(app): State<Arc<AppContext>>) -> Json<Value> {
         "latency": {
             "ingestToWindowFire": latency(&app.metrics.ingest_to_fire),
             "windowFireToStoreAck": latency(&app.metrics.fire_to_ack),
+            "windowFireToWebSocketSend": latency(&app.metrics.ws_fire_to_send),
         },
-    }))
+    })
 }

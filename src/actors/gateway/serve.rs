@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -68,7 +67,7 @@ pub async fn serve(
         .as_ref()
         .map(|tls| AbortOnDrop(tokio::spawn(reload_certificates(Arc::clone(&tls.cert), limits.tls_reload_interval))));
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let graceful = GracefulShutdown::new();
+    let (stopping, stop_signal) = tokio::sync::watch::channel(false);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_buf_size(MAX_HEAD_BYTES);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -96,7 +95,7 @@ pub async fn serve(
         // The peer's address for the handlers (per-IP rate limits).
         let with_peer = axum::Extension(axum::extract::ConnectInfo::<std::net::SocketAddr>(peer));
         let service = TowerToHyperService::new(tower::Layer::layer(&with_peer, app.clone()));
-        let watcher = graceful.watcher();
+        let stop_signal = stop_signal.clone();
         let builder = builder.clone();
         let tls = tls.clone();
         let handshake_timeout = limits.header_read_timeout;
@@ -105,12 +104,12 @@ pub async fn serve(
             let outcome = match tls {
                 None => {
                     let io = TokioIo::new(JsonParseErrors::new(stream));
-                    watcher.watch(builder.serve_connection(io, service)).await
+                    drive(builder.serve_connection(io, service).with_upgrades(), stop_signal).await
                 }
                 Some(tls) => match tokio::time::timeout(handshake_timeout, tls.acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
                         let io = TokioIo::new(JsonParseErrors::new(stream));
-                        watcher.watch(builder.serve_connection(io, service)).await
+                        drive(builder.serve_connection(io, service).with_upgrades(), stop_signal).await
                     }
                     Ok(Err(error)) => {
                         tracing::debug!(%error, %peer, "TLS handshake failed");
@@ -129,10 +128,48 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await.is_err() {
+    let _ = stopping.send(true);
+    // Every connection holds a permit until it ends (an upgraded WebSocket hands its
+    // socket over and ends its HTTP connection; the live feed closes those itself).
+    let all = u32::try_from(limits.max_connections.max(1)).unwrap_or(u32::MAX);
+    if tokio::time::timeout(limits.drain_timeout, permits.acquire_many(all)).await.is_err() {
         tracing::warn!(timeout = ?limits.drain_timeout, "requests still in flight at shutdown were cut off");
     }
     Ok(())
+}
+
+/// Serve one connection (upgrades included: `GET /ws`) until it ends; once `stopping`
+/// turns true, finish the request in flight and close it.
+async fn drive<C>(connection: C, mut stopping: tokio::sync::watch::Receiver<bool>) -> Result<(), hyper::Error>
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>> + GracefulShutdown,
+{
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        outcome = connection.as_mut() => return outcome,
+        _ = stopping.wait_for(|stopping| *stopping) => {}
+    }
+    connection.as_mut().shut_down_gracefully();
+    connection.await
+}
+
+/// What [`drive`] needs of a hyper connection (hyper-util's own trait is sealed and
+/// does not cover connections that may upgrade).
+trait GracefulShutdown {
+    fn shut_down_gracefully(self: Pin<&mut Self>);
+}
+
+impl<I, B, S> GracefulShutdown for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn shut_down_gracefully(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
+    }
 }
 
 /// hyper answers a request head it cannot take (400 malformed, 414 URI too long, 431

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::{Mutex, RwLock};
 use ractor::ActorRef;
 use serde::Serialize;
-use tokio::sync::broadcast;
 
+use crate::live::LiveHub;
 use crate::messages::{CheckpointData, PartitionId, Position, StoreMsg, WindowResult};
 
 /// Window results waiting for a sink's next write, at most one per window: a later
@@ -53,6 +53,12 @@ impl PendingResults {
 
     pub fn as_slice(&self) -> &[WindowResult] {
         &self.results
+    }
+
+    /// The pending result of a window.
+    pub fn get(&self, sensor_id: &str, event_type: &str, window_start_ms: i64) -> Option<&WindowResult> {
+        let key = (sensor_id.into(), event_type.into(), window_start_ms);
+        self.index.get(&key).map(|&at| &self.results[at])
     }
 
     /// Everything pending, in arrival order.
@@ -177,24 +183,27 @@ pub struct Sinks {
     elasticsearch_configured: bool,
     pub store_health: Arc<SinkHealth>,
     pub elasticsearch_health: Arc<SinkHealth>,
-    live: broadcast::Sender<Arc<WindowResult>>,
+    /// The live feed (`GET /ws`): results once stored, accepted events.
+    live: Arc<LiveHub>,
+}
+
+impl Default for Sinks {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Sinks {
-    pub fn new(live_capacity: usize) -> Self {
-        Self::with_kafka(live_capacity, false)
+    /// Store only, with a live feed nobody has started (tests, `tidemark replay`).
+    pub fn new() -> Self {
+        Self::with_outputs(LiveHub::new(crate::config::WsConfig::default(), Arc::default()), false, false)
     }
 
     /// `kafka_configured`: results also go to output topics, and checkpoints pass through
     /// the Kafka sink (which forwards them once the results are acknowledged).
-    pub fn with_kafka(live_capacity: usize, kafka_configured: bool) -> Self {
-        Self::with_outputs(live_capacity, kafka_configured, false)
-    }
-
     /// `elasticsearch_configured`: results are also indexed, and checkpoints pass through
     /// the Elasticsearch sink (after the Kafka sink, when both are).
-    pub fn with_outputs(live_capacity: usize, kafka_configured: bool, elasticsearch_configured: bool) -> Self {
-        let (live, _) = broadcast::channel(live_capacity.max(16));
+    pub fn with_outputs(live: Arc<LiveHub>, kafka_configured: bool, elasticsearch_configured: bool) -> Self {
         Self {
             store: RwLock::new(None),
             kafka: RwLock::new(None),
@@ -205,6 +214,10 @@ impl Sinks {
             elasticsearch_health: Arc::new(SinkHealth::default()),
             live,
         }
+    }
+
+    pub fn live(&self) -> &Arc<LiveHub> {
+        &self.live
     }
 
     pub fn set_elasticsearch(&self, actor: Option<ActorRef<elasticsearch::EsSinkMsg>>) {
@@ -325,20 +338,5 @@ impl Sinks {
             }
             None => Err(SinkUnavailable("store")),
         }
-    }
-
-    /// Publish results to live subscribers (WebSocket, dashboard). Slow subscribers miss
-    /// results rather than slowing the pipeline; the store is the record.
-    pub fn publish_live(&self, results: &[WindowResult]) {
-        if self.live.receiver_count() == 0 {
-            return;
-        }
-        for result in results {
-            let _ = self.live.send(Arc::new(result.clone()));
-        }
-    }
-
-    pub fn subscribe_live(&self) -> broadcast::Receiver<Arc<WindowResult>> {
-        self.live.subscribe()
     }
 }

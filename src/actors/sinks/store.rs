@@ -32,6 +32,8 @@ pub struct StoreSinkArgs {
     pub listener: Arc<dyn CheckpointListener>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<SinkHealth>,
+    /// Told what each commit stored (the WebSocket feed).
+    pub live: Arc<crate::live::LiveHub>,
     pub chaos: ChaosConfig,
 }
 
@@ -161,7 +163,7 @@ impl StoreSinkState {
             };
             match outcome {
                 Ok(outcome) => {
-                    self.on_written(started.elapsed(), &outcome.fenced);
+                    self.on_written(started.elapsed(), &outcome);
                     return Ok(());
                 }
                 Err(error) if error.is_retriable() => self.wait_before_retry(&error).await,
@@ -213,7 +215,12 @@ impl StoreSinkState {
         self.args.health.record_failure(error.to_string());
     }
 
-    fn on_written(&mut self, took: Duration, fenced: &[(crate::messages::PartitionId, u64)]) {
+    fn on_written(&mut self, took: Duration, outcome: &crate::store::WriteOutcome) {
+        let fenced = &outcome.fenced;
+        let results = &self.results;
+        self.args
+            .live
+            .publish_written(&outcome.written, |row| results.get(&row.sensor_id, &row.event_type, row.window_start_ms));
         let metrics = &self.args.metrics;
         let rows = (self.results.len() + self.dead_letters.len()) as u64;
         metrics.sink_batches.get_or_create(&SinkResultLabels { sink: SINK, result: "ok" }).inc();
