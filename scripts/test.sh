@@ -11,6 +11,8 @@
 #   Mosquitto      TIDEMARK_TEST_MQTT_URL     (default mqtt://127.0.0.1:51883)
 #   schemathesis   TIDEMARK_SCHEMATHESIS      (PyPI, in a virtualenv under the state directory)
 #   openssl        the CLI, for the JWT test's RSA key
+#   Chromium       chromium + chromium-driver; chromedriver on TIDEMARK_TEST_CHROMEDRIVER
+#                  (default http://127.0.0.1:59515), for the dashboard test
 # Kafka tests use librdkafka's in-process mock cluster and need no service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,11 +74,24 @@ install_schemathesis() {
   echo "schemathesis $("$TIDEMARK_SCHEMATHESIS" --version | awk '{print $NF}')" >&2
 }
 
+# The dashboard test (tests/dashboard.rs) drives headless Chromium over WebDriver.
+start_chromedriver() {
+  export TIDEMARK_TEST_CHROMEDRIVER="${TIDEMARK_TEST_CHROMEDRIVER:-http://127.0.0.1:59515}"
+  local port="${TIDEMARK_TEST_CHROMEDRIVER##*:}"
+  port="${port%%/*}"
+  apt_install chromium chromium-driver
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return; fi
+  nohup chromedriver --port="$port" --allowed-ips=127.0.0.1 >"$state_dir/chromedriver.log" 2>&1 &
+  for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  echo "chromedriver on 127.0.0.1:$port ($(chromium --version 2>/dev/null))" >&2
+}
+
 build_prerequisites
 apt_install openssl
 start_postgres
 start_mosquitto
 install_schemathesis
+start_chromedriver
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

@@ -184,6 +184,7 @@ function draw(key) {
   g.clearRect(0, 0, width, height);
   if (points.length === 0) return;
   const last = points[points.length - 1];
+  box.dataset.last = String(ms(last.windowStart));
   box.querySelector(".last").textContent = `avg ${fmt(last.avgValue, 2)} · score ${fmt(last.predictionScore, 2)}`;
   const css = getComputedStyle(document.documentElement);
   const t0 = ms(points[0].windowStart), t1 = Math.max(ms(last.windowStart), t0 + 1);
