@@ -458,18 +458,46 @@ impl LiveHub {
             let connections = self.connections.read().clone();
             match input {
                 Input::Rows(rows) => {
-                    for (prediction, fired_at_ms) in &rows {
-                        let severity = Severity::parse(&prediction.severity);
-                        let mut frames = [None, None];
-                        for connection in &connections {
-                            for (slot, kind) in [Kind::Predictions, Kind::Alerts].into_iter().enumerate() {
-                                if (kind == Kind::Alerts && !prediction.anomaly)
-                                    || !connection.wants(kind, &prediction.sensor_id, &prediction.event_type, severity)
-                                {
-                                    continue;
-                                }
-                                let frame: &Frame = frames[slot]
-                                    .get_or_insert_with(|| prediction_frame(kind, prediction, Some(*fired_at_ms)));
+                    // Each row serialised once per kind; each connection's subscriptions
+                    // read once per batch (a window boundary is a burst of rows).
+                    let (all, alerts) = (self.wants(Kind::Predictions), self.wants(Kind::Alerts));
+                    let frames: Vec<_> = rows
+                        .iter()
+                        .map(|(prediction, fired_at_ms)| {
+                            (
+                                all.then(|| prediction_frame(Kind::Predictions, prediction, Some(*fired_at_ms))),
+                                (alerts && prediction.anomaly)
+                                    .then(|| prediction_frame(Kind::Alerts, prediction, Some(*fired_at_ms))),
+                                Severity::parse(&prediction.severity),
+                            )
+                        })
+                        .collect();
+                    let any_alert = frames.iter().any(|(_, alert, _)| alert.is_some());
+                    for connection in &connections {
+                        let subscriptions = connection.subscriptions.read();
+                        let wants = |kind: Kind| subscriptions.iter().any(|s| s.kind == kind);
+                        let (wants_predictions, wants_alerts) =
+                            (wants(Kind::Predictions), any_alert && wants(Kind::Alerts));
+                        if !wants_predictions && !wants_alerts {
+                            continue;
+                        }
+                        let matches = |kind: Kind, prediction: &Prediction, severity: Option<Severity>| {
+                            subscriptions.iter().any(|s| {
+                                s.kind == kind
+                                    && s.filter.matches(&prediction.sensor_id, &prediction.event_type, severity)
+                            })
+                        };
+                        for ((prediction, _), (all, alert, severity)) in rows.iter().zip(&frames) {
+                            if let Some(frame) = all
+                                && wants_predictions
+                                && matches(Kind::Predictions, prediction, *severity)
+                            {
+                                connection.offer(frame, &self.metrics);
+                            }
+                            if let Some(frame) = alert
+                                && wants_alerts
+                                && matches(Kind::Alerts, prediction, *severity)
+                            {
                                 connection.offer(frame, &self.metrics);
                             }
                         }

@@ -40,10 +40,8 @@ impl Browser {
             .json()
             .await
             .expect("a JSON answer");
-        let session = answer["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no browser session: {answer}"))
-            .to_string();
+        let session =
+            answer["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no browser session: {answer}")).to_string();
         Self { http, session: format!("{driver}/session/{session}") }
     }
 
@@ -52,13 +50,7 @@ impl Browser {
         if !body.is_null() {
             request = request.json(&body);
         }
-        let answer: Value = request
-            .send()
-            .await
-            .expect("chromedriver answers")
-            .json()
-            .await
-            .expect("JSON");
+        let answer: Value = request.send().await.expect("chromedriver answers").json().await.expect("JSON");
         answer["value"].clone()
     }
 
@@ -73,8 +65,9 @@ impl Browser {
     async fn screenshot(&self, path: &std::path::Path) {
         use base64::Engine;
         let png = self.call(reqwest::Method::GET, "/screenshot", Value::Null).await;
-        let bytes =
-            base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap_or_else(|| panic!("no screenshot: {png}"))).expect("decodes");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().unwrap_or_else(|| panic!("no screenshot: {png}")))
+            .expect("decodes");
         std::fs::write(path, bytes).expect("screenshot written");
     }
 
@@ -182,11 +175,8 @@ async fn the_dashboard_shows_live_windows_and_alerts_and_reconnects_after_a_rest
     let feeding = feed(std::sync::Arc::clone(&addr), now);
     let alerts = common::eventually(Duration::from_secs(30), "an alert in the store", || async {
         let alerts = client.get_ok("/api/alerts").await;
-        let sensors: Vec<String> = alerts["items"]
-            .as_array()?
-            .iter()
-            .filter_map(|a| a["sensorId"].as_str().map(str::to_string))
-            .collect();
+        let sensors: Vec<String> =
+            alerts["items"].as_array()?.iter().filter_map(|a| a["sensorId"].as_str().map(str::to_string)).collect();
         (!sensors.is_empty()).then_some(sensors)
     })
     .await;
@@ -221,8 +211,8 @@ async fn the_dashboard_shows_live_windows_and_alerts_and_reconnects_after_a_rest
         .await;
     let mut tidemark = Process::start(&env);
     *addr.lock() = tidemark.addr.clone();
-    let back = wait_for(&browser, Duration::from_secs(20), "the reconnected feed", |state| state["connection"] == "up")
-        .await;
+    let back =
+        wait_for(&browser, Duration::from_secs(20), "the reconnected feed", |state| state["connection"] == "up").await;
     let resumed = points(&back);
     wait_for(&browser, Duration::from_secs(10), "live windows after the restart", |state| points(state) > resumed)
         .await;

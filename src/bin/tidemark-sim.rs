@@ -37,6 +37,25 @@ enum SimCommand {
     /// with fault injection at `POST /_double/faults`) until interrupted. Prints
     /// `url=http://HOST:PORT`.
     EsDouble(EsDouble),
+    /// Open many WebSocket clients of the live feed (`GET /ws`), each subscribed to
+    /// every alert or every prediction, read for --duration, and report what arrived
+    /// and how long after it was stored.
+    WsClients(WsClients),
+}
+
+#[derive(Args)]
+struct WsClients {
+    /// The feed's URL (add ?access_token=KEY when the gateway wants a key).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    url: String,
+    /// Clients subscribed to every alert.
+    #[arg(long, default_value_t = 1000)]
+    alerts: usize,
+    /// Clients subscribed to every prediction.
+    #[arg(long, default_value_t = 100)]
+    predictions: usize,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
 }
 
 #[derive(Args)]
@@ -160,6 +179,7 @@ fn main() -> ExitCode {
         Some(SimCommand::Load(load)) => run_load(load),
         Some(SimCommand::KafkaMock(mock)) => run_kafka_mock(mock),
         Some(SimCommand::EsDouble(double)) => run_es_double(double),
+        Some(SimCommand::WsClients(clients)) => run_ws_clients(clients),
         None => simulate(cli.simulate),
     }
 }
@@ -218,6 +238,29 @@ fn run_es_double(args: EsDouble) -> ExitCode {
             }
         }
     })
+}
+
+fn run_ws_clients(clients: WsClients) -> ExitCode {
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
+        eprintln!("cannot start the async runtime");
+        return ExitCode::FAILURE;
+    };
+    let options = sim::ws::WsClientOptions {
+        url: clients.url,
+        alerts: clients.alerts,
+        predictions: clients.predictions,
+        duration: clients.duration,
+    };
+    match runtime.block_on(sim::ws::run(options)) {
+        Ok(report) => {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            if report.failed_to_connect > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+        }
+        Err(error) => {
+            eprintln!("tidemark-sim ws-clients: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn run_load(load: Load) -> ExitCode {

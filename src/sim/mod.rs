@@ -7,6 +7,7 @@ pub mod http;
 pub mod kafka;
 pub mod load;
 pub mod mqtt;
+pub mod ws;
 
 use std::fmt::Write as _;
 use std::sync::Arc;

@@ -42,6 +42,8 @@ pub fn access_token(query: Option<&str>) -> Option<String> {
 
 /// Client messages larger than this close the connection (requests are small).
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// Queued messages written before one flush.
+const BATCH: usize = 1024;
 /// Rows a replay reads per query.
 const REPLAY_PAGE: u32 = 1000;
 /// Replayed rows updated this close to (or after) the subscription are remembered, so
@@ -226,17 +228,41 @@ impl Writer {
         outcome.err().unwrap_or(Ended::Client)
     }
 
+    /// Send `frame` and whatever else is queued already (up to [`BATCH`]), with one flush.
     async fn deliver(&mut self, frame: Frame) -> Result<(), Ended> {
-        if self.overlap.already_sent(&frame) {
+        let mut batch = Vec::with_capacity(16);
+        batch.push(frame);
+        while batch.len() < BATCH {
+            match self.session.frames.try_recv() {
+                Ok(frame) => batch.push(frame),
+                Err(_) => break,
+            }
+        }
+        batch.retain(|frame| !self.overlap.already_sent(frame));
+        if batch.is_empty() {
             return Ok(());
         }
-        let kind = frame.kind;
-        self.send(Message::Text(frame.text)).await?;
+        let timeout = self.session.config().send_timeout;
+        let sender = &mut self.sender;
+        let written = tokio::time::timeout(timeout, async {
+            for frame in &batch {
+                sender.feed(Message::Text(frame.text.clone())).await?;
+            }
+            sender.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(Ended::Broken),
+            Err(_) => return Err(Ended::SendTimeout),
+        }
         let metrics = self.session.metrics();
-        metrics.ws_messages_sent.get_or_create(&KindLabels { kind: kind.as_str() }).inc();
-        if let Some(fired_at_ms) = frame.fired_at_ms {
-            let now_ms = chrono::Utc::now().timestamp_millis();
-            metrics.ws_fire_to_send.observe((now_ms - fired_at_ms) as f64 / 1000.0);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for frame in &batch {
+            metrics.ws_messages_sent.get_or_create(&KindLabels { kind: frame.kind.as_str() }).inc();
+            if let Some(fired_at_ms) = frame.fired_at_ms {
+                metrics.ws_fire_to_send.observe((now_ms - fired_at_ms) as f64 / 1000.0);
+            }
         }
         Ok(())
     }
