@@ -444,14 +444,6 @@ impl LiveHub {
         self.closing.send_modify(|generation| *generation += 1);
     }
 
-    fn count(&self, kind: Kind, delta: isize) {
-        if delta >= 0 {
-            self.subscribers[kind.index()].fetch_add(delta.unsigned_abs(), Ordering::Relaxed);
-        } else {
-            self.subscribers[kind.index()].fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
-        }
-    }
-
     async fn dispatch(self: Arc<Self>, mut receiver: mpsc::Receiver<Input>) {
         while let Some(input) = receiver.recv().await {
             self.report_lost();
@@ -575,25 +567,28 @@ impl Session {
                 self.hub.config.max_subscriptions
             ));
         }
-        self.hub.count(subscription.kind, 1);
+        self.hub.subscribers[subscription.kind.index()].fetch_add(1, Ordering::Relaxed);
         subscriptions.push(subscription);
         Ok(())
     }
 
     /// Remove subscriptions; returns the ids removed.
     pub fn unsubscribe(&self, which: &Unsubscribe) -> Vec<String> {
-        let mut subscriptions = self.connection.subscriptions.write();
+        self.remove(|s| match which {
+            Unsubscribe::Id(id) => &s.id == id,
+            Unsubscribe::Kind(kind) => s.kind == *kind,
+        })
+    }
+
+    fn remove(&self, which: impl Fn(&Subscription) -> bool) -> Vec<String> {
         let mut removed = Vec::new();
-        subscriptions.retain(|s| {
-            let matches = match which {
-                Unsubscribe::Id(id) => &s.id == id,
-                Unsubscribe::Kind(kind) => s.kind == *kind,
-            };
-            if matches {
-                self.hub.count(s.kind, -1);
+        self.connection.subscriptions.write().retain(|s| {
+            let gone = which(s);
+            if gone {
+                self.hub.subscribers[s.kind.index()].fetch_sub(1, Ordering::Relaxed);
                 removed.push(s.id.clone());
             }
-            !matches
+            !gone
         });
         removed
     }
@@ -613,9 +608,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        for subscription in self.connection.subscriptions.write().drain(..) {
-            self.hub.count(subscription.kind, -1);
-        }
+        self.remove(|_| true);
         self.hub.connections.write().retain(|c| c.id != self.connection.id);
         let open = self.hub.open.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
         self.hub.metrics.ws_connections.set(open as i64);

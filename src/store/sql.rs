@@ -34,14 +34,7 @@ where
     let mut builder = QueryBuilder::new(format!("SELECT {PREDICTION_COLUMNS} FROM predictions WHERE 1 = 1"));
     filters(&mut builder, query, &time, text);
     if let Some(cursor) = query.cursor {
-        builder
-            .push(" AND (window_start < ")
-            .push_bind(time(cursor.window_start_ms))
-            .push(" OR (window_start = ")
-            .push_bind(time(cursor.window_start_ms))
-            .push(" AND id < ")
-            .push_bind(cursor.id)
-            .push("))");
+        keyset(&mut builder, cursor, "<", &time);
     }
     builder.push(" ORDER BY window_start DESC, id DESC LIMIT ").push_bind(i64::from(query.limit) + 1);
     builder
@@ -58,43 +51,56 @@ where
     bool: for<'t> Encode<'t, DB> + Type<DB>,
 {
     let mut builder = QueryBuilder::new(format!("SELECT {PREDICTION_COLUMNS} FROM predictions WHERE 1 = 1"));
-    for (column, values) in [("sensor_id", &query.sensor_ids), ("event_type", &query.event_types)] {
-        if !values.is_empty() {
-            builder.push(format_args!(" AND {column} IN ("));
-            let mut separated = builder.separated(", ");
-            for value in values {
-                separated.push_bind(value.as_str());
-            }
-            builder.push(")");
-        }
-    }
+    any_of(&mut builder, "sensor_id", query.sensor_ids.iter().map(String::as_str));
+    any_of(&mut builder, "event_type", query.event_types.iter().map(String::as_str));
     if let Some(anomaly) = query.anomaly {
         builder.push(" AND anomaly = ").push_bind(anomaly);
     }
-    if !query.severities.is_empty() {
-        builder.push(" AND severity IN (");
-        let mut separated = builder.separated(", ");
-        for severity in &query.severities {
-            separated.push_bind(severity.as_str());
-        }
-        builder.push(")");
-    }
+    any_of(&mut builder, "severity", query.severities.iter().map(|severity| severity.as_str()));
     match query.since {
         Since::WindowStart(ms) => builder.push(" AND window_start >= ").push_bind(time(ms)),
         Since::AfterId(id) => builder.push(" AND id > ").push_bind(id),
     };
     if let Some(cursor) = query.after {
-        builder
-            .push(" AND (window_start > ")
-            .push_bind(time(cursor.window_start_ms))
-            .push(" OR (window_start = ")
-            .push_bind(time(cursor.window_start_ms))
-            .push(" AND id > ")
-            .push_bind(cursor.id)
-            .push("))");
+        keyset(&mut builder, cursor, ">", &time);
     }
     builder.push(" ORDER BY window_start ASC, id ASC LIMIT ").push_bind(i64::from(query.limit) + 1);
     builder
+}
+
+/// ` AND column IN (…)` over `values`; nothing when there are none.
+fn any_of<'v, DB>(builder: &mut QueryBuilder<DB>, column: &str, values: impl Iterator<Item = &'v str>)
+where
+    DB: Database,
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+{
+    let mut values = values.peekable();
+    if values.peek().is_none() {
+        return;
+    }
+    builder.push(format_args!(" AND {column} IN ("));
+    let mut separated = builder.separated(", ");
+    for value in values {
+        separated.push_bind(value);
+    }
+    builder.push(")");
+}
+
+/// The keyset condition past `cursor` (`after` is `<` newest first, `>` oldest first).
+fn keyset<DB, T>(builder: &mut QueryBuilder<DB>, cursor: super::Cursor, after: &str, time: &impl Fn(i64) -> T)
+where
+    DB: Database,
+    T: for<'t> Encode<'t, DB> + Type<DB>,
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    builder
+        .push(format_args!(" AND (window_start {after} "))
+        .push_bind(time(cursor.window_start_ms))
+        .push(" OR (window_start = ")
+        .push_bind(time(cursor.window_start_ms))
+        .push(format_args!(" AND id {after} "))
+        .push_bind(cursor.id)
+        .push("))");
 }
 
 /// Windows and anomalies per bucket (`bucket` pushes a backend's expression of the
@@ -150,14 +156,7 @@ fn filters<DB, T>(
     if let Some(anomaly) = query.anomaly {
         builder.push(" AND anomaly = ").push_bind(anomaly);
     }
-    if !query.severities.is_empty() {
-        builder.push(" AND severity IN (");
-        let mut separated = builder.separated(", ");
-        for severity in &query.severities {
-            separated.push_bind(severity.as_str());
-        }
-        builder.push(")");
-    }
+    any_of(builder, "severity", query.severities.iter().map(|severity| severity.as_str()));
     if let Some(query) = &query.text {
         text(builder, query);
     }

@@ -242,20 +242,7 @@ impl Writer {
         if batch.is_empty() {
             return Ok(());
         }
-        let timeout = self.session.config().send_timeout;
-        let sender = &mut self.sender;
-        let written = tokio::time::timeout(timeout, async {
-            for frame in &batch {
-                sender.feed(Message::Text(frame.text.clone())).await?;
-            }
-            sender.flush().await
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(Ended::Broken),
-            Err(_) => return Err(Ended::SendTimeout),
-        }
+        self.write(batch.iter().map(|frame| Message::Text(frame.text.clone()))).await?;
         let metrics = self.session.metrics();
         let now_ms = chrono::Utc::now().timestamp_millis();
         for frame in &batch {
@@ -268,8 +255,21 @@ impl Writer {
     }
 
     async fn send(&mut self, message: Message) -> Result<(), Ended> {
+        self.write(std::iter::once(message)).await
+    }
+
+    /// Write `messages` with one flush, within `ws.send_timeout`.
+    async fn write(&mut self, messages: impl Iterator<Item = Message>) -> Result<(), Ended> {
         let timeout = self.session.config().send_timeout;
-        match tokio::time::timeout(timeout, self.sender.send(message)).await {
+        let sender = &mut self.sender;
+        let written = tokio::time::timeout(timeout, async {
+            for message in messages {
+                sender.feed(message).await?;
+            }
+            sender.flush().await
+        })
+        .await;
+        match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Ended::Broken),
             Err(_) => Err(Ended::SendTimeout),
