@@ -236,15 +236,23 @@ where
 
 pub const DEAD_LETTER_COUNTS: &str = "SELECT reason, COUNT(*) AS n FROM dead_letters GROUP BY reason ORDER BY reason";
 
-/// The upsert's conflict clause: a replay re-emits identical values, and an older
-/// revision never overwrites a newer one.
+/// The upsert's conflict clause: an older revision never overwrites a newer one; a
+/// replay after a restart re-emits identical values, which change nothing (so the row is
+/// not returned, and the live feed does not send it twice); the same revision with other
+/// values (reprocessing with another model) replaces it.
 pub const UPSERT_PREDICTION: &str = " ON CONFLICT (sensor_id, event_type, window_start) DO UPDATE SET \
      window_end = excluded.window_end, event_count = excluded.event_count, \
      avg_value = excluded.avg_value, min_value = excluded.min_value, max_value = excluded.max_value, \
      stddev = excluded.stddev, prediction_score = excluded.prediction_score, anomaly = excluded.anomaly, \
      severity = excluded.severity, revision = excluded.revision, explanation = excluded.explanation, \
      updated_at = excluded.updated_at \
-     WHERE excluded.revision >= predictions.revision \
+     WHERE excluded.revision > predictions.revision \
+     OR (excluded.revision = predictions.revision AND (excluded.window_end, excluded.event_count, \
+     excluded.avg_value, excluded.min_value, excluded.max_value, excluded.stddev, excluded.prediction_score, \
+     excluded.anomaly, excluded.severity, excluded.explanation) <> (predictions.window_end, \
+     predictions.event_count, predictions.avg_value, predictions.min_value, predictions.max_value, \
+     predictions.stddev, predictions.prediction_score, predictions.anomaly, predictions.severity, \
+     predictions.explanation)) \
      RETURNING id, sensor_id, event_type, window_start, created_at, updated_at";
 
 /// A count or position as the `BIGINT` the stores keep it in.
