@@ -275,6 +275,28 @@ async fn mqtt_status(client: &Client) -> Value {
 }
 
 /// Wait (10 s at most) until `/api/status` → `mqtt.<flag>` is true (`connected`, `subscribed`).
+/// SIGKILL a process that took `events` without acknowledging them (its last setting
+/// is `chaos.mqtt_withhold_acks`), start it again without that setting, and wait until
+/// the broker's redelivery of every one is recognised.
+#[cfg(feature = "chaos")]
+async fn kill_and_restart_with_acks(
+    mut process: Process,
+    env: &mut Vec<(&'static str, String)>,
+    events: usize,
+) -> (Process, Client, Value) {
+    process.signal("KILL");
+    let _ = process.wait(Duration::from_secs(10));
+    env.pop();
+    let process = Process::start(env);
+    let client = process.client();
+    let status = eventually(Duration::from_secs(60), "every redelivery recognised", || async {
+        let status = mqtt_status(&client).await;
+        (status["duplicates"].as_u64() == Some(events as u64)).then_some(status)
+    })
+    .await;
+    (process, client, status)
+}
+
 async fn wait_for_flag(client: &Client, flag: &str) {
     eventually(Duration::from_secs(10), &format!("mqtt.{flag}"), || async {
         mqtt_status(client).await[flag].as_bool().filter(|set| *set)
@@ -616,7 +638,7 @@ async fn redeliveries_after_a_sigkill_are_recognised_from_the_ingest_log() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut env: Vec<(&str, String)> = process_env(dir.path(), &url, &prefix);
     env.push(("TIDEMARK__CHAOS__MQTT_WITHHOLD_ACKS", "true".into()));
-    let mut process = Process::start(&env);
+    let process = Process::start(&env);
     let publishers = publisher_config(&url);
     let client = process.client();
     wait_for_flag(&client, "connected").await;
@@ -627,16 +649,7 @@ async fn redeliveries_after_a_sigkill_are_recognised_from_the_ingest_log() {
         (status["accepted"].as_u64() == Some(events.len() as u64) && status["inFlight"] == 0).then_some(status)
     })
     .await;
-    process.signal("KILL");
-    let _ = process.wait(Duration::from_secs(10));
-    env.pop();
-    let process = Process::start(&env);
-    let client = process.client();
-    let status = eventually(Duration::from_secs(60), "the broker to redeliver every event", || async {
-        let status = mqtt_status(&client).await;
-        (status["duplicates"].as_u64() == Some(events.len() as u64)).then_some(status)
-    })
-    .await;
+    let (_process, client, status) = kill_and_restart_with_acks(process, &mut env, events.len()).await;
     assert_eq!(status["accepted"], 0, "a redelivery was counted again: {status}");
     publish(&publishers, &prefix, &closing, 1, || {}).await;
     let rows = settled_table(&client, closing.len()).await;
@@ -777,7 +790,7 @@ async fn a_killed_bridge_publishes_nothing_twice() {
     env.push(("TIDEMARK__MQTT__FORWARD", "kafka".into()));
     env.push(("TIDEMARK__KAFKA__BROKERS", brokers.clone()));
     env.push(("TIDEMARK__CHAOS__MQTT_WITHHOLD_ACKS", "true".into()));
-    let mut process = Process::start(&env);
+    let process = Process::start(&env);
     let client = process.client();
     wait_for_flag(&client, "subscribed").await;
     publish(&publisher_config(&url), &prefix, &events, 2, || {}).await;
@@ -785,16 +798,7 @@ async fn a_killed_bridge_publishes_nothing_twice() {
         (mqtt_status(&client).await["accepted"].as_u64() == Some(events.len() as u64)).then_some(())
     })
     .await;
-    process.signal("KILL");
-    let _ = process.wait(Duration::from_secs(10));
-    env.pop();
-    let process = Process::start(&env);
-    let client = process.client();
-    let status = eventually(Duration::from_secs(60), "every redelivery recognised", || async {
-        let status = mqtt_status(&client).await;
-        (status["duplicates"].as_u64() == Some(events.len() as u64)).then_some(status)
-    })
-    .await;
+    let (_process, _client, status) = kill_and_restart_with_acks(process, &mut env, events.len()).await;
     assert_eq!(status["accepted"], 0, "a redelivery was published again: {status}");
     let consumer: BaseConsumer =
         rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("consumer");
