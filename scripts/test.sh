@@ -22,6 +22,9 @@ mkdir -p "$state_dir"
 
 . scripts/lib.sh
 
+# A clean build gains nothing from incremental state, and it costs gigabytes of disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 start_postgres() {
   export TIDEMARK_TEST_DATABASE_URL="${TIDEMARK_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:55432/postgres}"
   local port=55432
