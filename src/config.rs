@@ -34,6 +34,7 @@ pub struct Config {
     pub supervision: SupervisionConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
     pub dead_letters: DeadLetterConfig,
     pub auth: AuthConfig,
     pub elasticsearch: ElasticsearchConfig,
@@ -525,6 +526,47 @@ pub struct LogConfig {
     pub format: String,
 }
 
+/// OpenTelemetry traces (`[telemetry]`); off while `otlp_endpoint` is empty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP collector, e.g. `http://127.0.0.1:4317` (gRPC) or `http://127.0.0.1:4318`
+    /// (HTTP; `/v1/traces` is appended). Empty: no traces, and no tracing cost.
+    pub otlp_endpoint: String,
+    /// `grpc` or `http/protobuf`.
+    pub otlp_protocol: String,
+    /// Fraction of new traces kept (0..=1); a caller's sampled `traceparent` is always
+    /// continued and an unsampled one never.
+    pub sampling_ratio: f64,
+    /// `service.name` of the spans.
+    pub service_name: String,
+    /// More resource attributes, e.g. `{ "deployment.environment" = "prod" }`.
+    pub resource_attributes: BTreeMap<String, String>,
+    /// Time allowed for one export.
+    #[serde(with = "humantime_serde")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TelemetryConfig {
+    /// Off; the other values as in `config/default.toml`.
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            otlp_protocol: "grpc".into(),
+            sampling_ratio: 0.1,
+            service_name: "tidemark".into(),
+            resource_attributes: BTreeMap::new(),
+            export_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    pub fn enabled(&self) -> bool {
+        !self.otlp_endpoint.is_empty()
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChaosConfig {
@@ -645,6 +687,7 @@ impl Config {
         let supervision = section!("supervision");
         let shutdown = section!("shutdown");
         let log = section!("log");
+        let telemetry = section!("telemetry");
         let dead_letters = section!("dead_letters");
         let auth = section!("auth");
         let elasticsearch = section!("elasticsearch");
@@ -663,6 +706,7 @@ impl Config {
             Some(supervision),
             Some(shutdown),
             Some(log),
+            Some(telemetry),
             Some(dead_letters),
             Some(auth),
             Some(elasticsearch),
@@ -680,6 +724,7 @@ impl Config {
             supervision,
             shutdown,
             log,
+            telemetry,
             dead_letters,
             auth,
             elasticsearch,
@@ -698,6 +743,7 @@ impl Config {
                 supervision,
                 shutdown,
                 log,
+                telemetry,
                 dead_letters,
                 auth,
                 elasticsearch,
@@ -733,6 +779,21 @@ impl Config {
             "ingest.max_string_bytes: must be between 1 and 4096",
         );
         check((1..=1024).contains(&self.pipeline.partitions), "pipeline.partitions: must be between 1 and 1024");
+        let telemetry = &self.telemetry;
+        check((0.0..=1.0).contains(&telemetry.sampling_ratio), "telemetry.sampling_ratio: must be between 0 and 1");
+        check(
+            matches!(telemetry.otlp_protocol.as_str(), "grpc" | "http/protobuf"),
+            "telemetry.otlp_protocol: must be \"grpc\" or \"http/protobuf\"",
+        );
+        check(
+            telemetry.otlp_endpoint.is_empty()
+                || ((telemetry.otlp_endpoint.starts_with("http://")
+                    || telemetry.otlp_endpoint.starts_with("https://"))
+                    && reqwest::Url::parse(&telemetry.otlp_endpoint).is_ok()),
+            "telemetry.otlp_endpoint: must be empty (off) or an http:// or https:// URL",
+        );
+        check(!telemetry.service_name.is_empty(), "telemetry.service_name: must not be empty");
+        check(!telemetry.export_timeout.is_zero(), "telemetry.export_timeout: must be above 0");
         if self.elasticsearch.enabled {
             let es = &self.elasticsearch;
             check(!es.urls.is_empty(), "elasticsearch.urls: at least one URL when elasticsearch.enabled");
@@ -1091,6 +1152,7 @@ mod tests {
     fn ws_defaults_match_the_default_file() {
         let config = Config::load(&ConfigSources::default()).expect("defaults load");
         assert_eq!(config.ws, WsConfig::default());
+        assert_eq!(config.telemetry, TelemetryConfig::default());
     }
 
     #[test]

@@ -188,9 +188,36 @@ pub struct KafkaIngest {
     pub timeout: std::time::Duration,
 }
 
+/// The producer span of a traced request (a child of it).
+fn produce_span(topic: &str, records: usize) -> tracing::Span {
+    if !crate::telemetry::enabled() || crate::telemetry::TraceContext::of(&tracing::Span::current()).is_none() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "kafka.produce",
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.destination.name = topic,
+        messaging.batch.message_count = records,
+    )
+}
+
 #[async_trait::async_trait]
 impl crate::ingest::Ingest for KafkaIngest {
     async fn accept(&self, events: Vec<crate::messages::Event>) -> Result<(), crate::ingest::IngestRefusal> {
+        let span = produce_span(&self.topic, events.len());
+        let headers = crate::telemetry::TraceContext::of(&span).map(trace_headers);
+        tracing::Instrument::instrument(self.produce(events, headers), span).await
+    }
+}
+
+impl KafkaIngest {
+    async fn produce(
+        &self,
+        events: Vec<crate::messages::Event>,
+        headers: Option<rdkafka::message::OwnedHeaders>,
+    ) -> Result<(), crate::ingest::IngestRefusal> {
         use rdkafka::producer::FutureRecord;
         let total = events.len();
         let mut deliveries = Vec::with_capacity(total);
@@ -198,10 +225,13 @@ impl crate::ingest::Ingest for KafkaIngest {
         for event in &events {
             payload.clear();
             event_json(event, &mut payload);
-            let record = FutureRecord::to(&self.topic)
+            let mut record = FutureRecord::to(&self.topic)
                 .key(event.sensor_id.as_str())
                 .payload(payload.as_str())
                 .timestamp(event.ingest_ms);
+            if let Some(headers) = &headers {
+                record = record.headers(headers.clone());
+            }
             match self.producer.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((error, _)) => {
@@ -226,6 +256,16 @@ impl crate::ingest::Ingest for KafkaIngest {
         }
     }
 }
+
+/// The W3C `traceparent` header of a record produced inside a traced span.
+pub fn trace_headers(trace: crate::telemetry::TraceContext) -> rdkafka::message::OwnedHeaders {
+    use rdkafka::message::Header;
+    let value = trace.traceparent();
+    rdkafka::message::OwnedHeaders::new_with_capacity(1).insert(Header { key: TRACEPARENT, value: Some(&value) })
+}
+
+/// The header (and MQTT user property) a trace context travels in.
+pub const TRACEPARENT: &str = "traceparent";
 
 /// An event as the JSON object a message on `kafka.topic` holds.
 pub fn event_json(event: &crate::messages::Event, out: &mut String) {

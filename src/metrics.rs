@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -44,6 +45,12 @@ pub struct SeverityLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabels {
     pub sink: &'static str,
+}
+
+/// The exemplar of a traced observation: Grafana links it to the trace.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceLabels {
+    pub trace_id: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -101,7 +108,7 @@ pub struct Metrics {
     pub events_quarantined: Family<PartitionLabels, Counter>,
     pub sink_batches: Family<SinkResultLabels, Counter>,
     pub sink_rows: Family<SinkRowLabels, Counter>,
-    pub sink_write_seconds: Family<SinkLabels, Histogram>,
+    pub sink_write_seconds: Family<SinkLabels, HistogramWithExemplars<TraceLabels>>,
     pub sink_up: Family<SinkLabels, Gauge>,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_request_seconds: Family<RouteLabels, Histogram>,
@@ -214,7 +221,7 @@ impl Metrics {
             events_quarantined: Family::default(),
             sink_batches: Family::default(),
             sink_rows: Family::default(),
-            sink_write_seconds: Family::new_with_constructor(latency_histogram),
+            sink_write_seconds: Family::new_with_constructor(|| HistogramWithExemplars::new(latency_bounds())),
             sink_up: Family::default(),
             http_requests: Family::default(),
             http_request_seconds: Family::new_with_constructor(latency_histogram),
@@ -388,7 +395,17 @@ impl Metrics {
         Self { registry, ..metrics }
     }
 
-    /// The Prometheus text exposition.
+    /// A sink write took `seconds`; inside a traced write's span, the observation
+    /// carries its trace id as an exemplar (OpenMetrics only).
+    pub fn observe_sink_write(&self, sink: &'static str, seconds: f64) {
+        let exemplar = crate::telemetry::enabled()
+            .then(|| crate::telemetry::TraceContext::of(&tracing::Span::current()))
+            .flatten()
+            .map(|trace| TraceLabels { trace_id: trace.trace_id.to_string() });
+        self.sink_write_seconds.get_or_create(&SinkLabels { sink }).observe(seconds, exemplar, None);
+    }
+
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         if let Err(error) = encode(&mut out, &self.registry) {
@@ -396,6 +413,103 @@ impl Metrics {
         }
         out
     }
+
+    /// The exposition in `format`, with its content type.
+    pub fn render_as(&self, format: Exposition) -> (&'static str, String) {
+        match format {
+            Exposition::OpenMetrics => (Exposition::OPENMETRICS, self.render()),
+            Exposition::Text => (Exposition::TEXT, openmetrics_to_text(&self.render())),
+        }
+    }
+}
+
+/// The two formats `/metrics` speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposition {
+    /// OpenMetrics 1.0 (`application/openmetrics-text`): exemplars, `# EOF`.
+    OpenMetrics,
+    /// Prometheus' classic text format 0.0.4 (`text/plain`).
+    Text,
+}
+
+impl Exposition {
+    pub const OPENMETRICS: &'static str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    pub const TEXT: &'static str = "text/plain; version=0.0.4; charset=utf-8";
+
+    /// The format an `Accept` header asks for, as Prometheus' own client libraries
+    /// decide: OpenMetrics when it is named and weighted at least as high as
+    /// `text/plain`; the classic text format otherwise (no header, `*/*`, `text/plain`).
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let mut openmetrics = 0.0_f64;
+        let mut text = 0.0_f64;
+        for range in accept.unwrap_or_default().split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|param| param.split_once('='))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                .map_or(1.0, |(_, value)| value.trim().parse::<f64>().unwrap_or(0.0));
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text { Self::OpenMetrics } else { Self::Text }
+    }
+}
+
+/// OpenMetrics text (as `prometheus-client` writes it) in the classic text format:
+/// counter families are named with their `_total` suffix, `info` families become
+/// gauges named `_info`, `unknown` becomes `untyped`; `# UNIT`, `# EOF`, `_created`
+/// samples and exemplars are dropped; HELP text is re-escaped (`\"` is not an escape
+/// there).
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<(&str, &str)> = None;
+    let mut counter_family: Option<String> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (suffix, classic) = match kind {
+                "counter" => ("_total", "counter"),
+                "info" => ("_info", "gauge"),
+                "gauge" | "stateset" => ("", "gauge"),
+                "histogram" | "gaugehistogram" => ("", "histogram"),
+                "summary" => ("", "summary"),
+                _ => ("", "untyped"),
+            };
+            counter_family = (kind == "counter").then(|| name.to_string());
+            if let Some((help_name, text)) = help.take()
+                && help_name == name
+            {
+                out.push_str(&format!("# HELP {name}{suffix} {}\n", text.replace("\\\"", "\"")));
+            }
+            out.push_str(&format!("# TYPE {name}{suffix} {classic}\n"));
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        if let Some(family) = &counter_family
+            && line.strip_prefix(family.as_str()).is_some_and(|rest| rest.starts_with("_created"))
+        {
+            continue;
+        }
+        // An exemplar follows the value as ` # {labels} value [timestamp]`.
+        let sample = match line.find(" # {") {
+            Some(at) => &line[..at],
+            None => line,
+        };
+        out.push_str(sample);
+        out.push('\n');
+    }
+    out
 }
 
 /// Bucket bounds (seconds) shared by the latency histograms: 0.1 ms .. ~26 s.
@@ -467,6 +581,37 @@ mod tests {
         assert_eq!(count, 100);
         assert!((q[0].unwrap() - 0.00005).abs() < 1e-6, "{q:?}");
         assert!((q[1].unwrap() - 0.05).abs() < 0.0001, "{q:?}");
+    }
+
+    #[test]
+    fn accept_headers_choose_the_format() {
+        use Exposition::*;
+        // What Prometheus 2.x sends.
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Exposition::negotiate(Some(prometheus)), OpenMetrics);
+        assert_eq!(
+            Exposition::negotiate(Some("text/plain;version=0.0.4;q=1,application/openmetrics-text;q=0.5")),
+            Text
+        );
+        assert_eq!(Exposition::negotiate(Some("text/plain")), Text);
+        assert_eq!(Exposition::negotiate(Some("*/*")), Text);
+        assert_eq!(Exposition::negotiate(None), Text);
+        assert_eq!(Exposition::negotiate(Some("application/openmetrics-text; q=0")), Text);
+        assert_eq!(Exposition::negotiate(Some("Application/OpenMetrics-Text")), OpenMetrics);
+    }
+
+    #[test]
+    fn the_text_format_names_counters_with_their_suffix_and_drops_openmetrics_only_lines() {
+        let openmetrics = "# HELP a_events Events \\\"in\\\".\n# TYPE a_events counter\na_events_total{x=\"1\"} 3 # {trace_id=\"ab\"} 1.0\na_events_created 17.0\n\
+# HELP b_seconds Time.\n# TYPE b_seconds histogram\n# UNIT b_seconds seconds\nb_seconds_bucket{le=\"+Inf\"} 1\nb_seconds_sum 0.5\nb_seconds_count 1\n\
+# HELP c Build.\n# TYPE c info\nc_info{v=\"1\"} 1\n# HELP d Other.\n# TYPE d unknown\nd 2\n# EOF\n";
+        let text = openmetrics_to_text(openmetrics);
+        assert_eq!(
+            text,
+            "# HELP a_events_total Events \"in\".\n# TYPE a_events_total counter\na_events_total{x=\"1\"} 3\n\
+# HELP b_seconds Time.\n# TYPE b_seconds histogram\nb_seconds_bucket{le=\"+Inf\"} 1\nb_seconds_sum 0.5\nb_seconds_count 1\n\
+# HELP c_info Build.\n# TYPE c_info gauge\nc_info{v=\"1\"} 1\n# HELP d Other.\n# TYPE d untyped\nd 2\n"
+        );
     }
 
     #[test]

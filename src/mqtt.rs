@@ -700,7 +700,10 @@ pub async fn run_ingest(
             }
         }
         let taken = events.len() as u64;
-        if !events.is_empty() && !accept_until_taken(&shared, ingest.as_ref(), events).await {
+        let span = receive_span(&batch);
+        if !events.is_empty()
+            && !tracing::Instrument::instrument(accept_until_taken(&shared, ingest.as_ref(), events), span).await
+        {
             // Shutting down: nothing of the batch is acknowledged; the broker redelivers.
             shared.sub_in_flight(batch.len() as u64);
             break;
@@ -741,6 +744,31 @@ fn acknowledge(shared: &MqttShared, client: &AsyncClient, unacked: &mut VecDeque
         unacked.pop_front();
         shared.sub_in_flight(1);
     }
+}
+
+/// With traces on: the span of a received batch, continuing the `traceparent` user
+/// properties (MQTT 5) of its messages (the first, linking the others), or starting a
+/// trace (sampled by ratio).
+fn receive_span(batch: &[Received]) -> tracing::Span {
+    if !crate::telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let mut parents = crate::telemetry::Parents::default();
+    for received in batch {
+        if let Some(properties) = &received.publish.properties {
+            let traceparents = properties.user_properties.iter().filter(|(key, _)| key == crate::kafka::TRACEPARENT);
+            parents.extend(traceparents.filter_map(|(_, value)| crate::telemetry::TraceContext::parse(value)));
+        }
+    }
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "mqtt.receive",
+        otel.kind = "consumer",
+        messaging.system = "mqtt",
+        messaging.batch.message_count = batch.len(),
+    );
+    crate::telemetry::follow(&span, parents.as_slice());
+    span
 }
 
 /// Hand `events` to the pipeline, waiting out backpressure and outages; `false` when

@@ -341,6 +341,9 @@ impl PartitionRouter {
         if total == 0 {
             return Ok((0, Vec::new()));
         }
+        let span = route_span(total);
+        let _entered = span.enter();
+        let trace = crate::telemetry::TraceContext::of(&span);
         let mut groups: Vec<Vec<Event>> = (0..self.slots.len()).map(|_| Vec::new()).collect();
         if self.slots.len() == 1 {
             groups[0] = events;
@@ -388,7 +391,7 @@ impl PartitionRouter {
         for (partition, mut guard) in guards {
             let group = std::mem::take(&mut groups[partition as usize]);
             let encoded = encoded[partition as usize].take();
-            if let Some(ticket) = self.append(partition, &mut guard, group, encoded) {
+            if let Some(ticket) = self.append(partition, &mut guard, group, encoded, trace) {
                 tickets.push((partition, ticket));
             }
         }
@@ -405,7 +408,7 @@ impl PartitionRouter {
     pub fn submit_to(&self, partition: PartitionId, events: Vec<Event>) {
         let mut guard = self.slot(partition).state.lock();
         let encoded = self.disk.as_ref().map(|_| EncodedEvents::new(&events));
-        self.append(partition, &mut guard, events, encoded);
+        self.append(partition, &mut guard, events, encoded, None);
         if let Some(disk) = &self.disk {
             disk.commit();
         }
@@ -419,6 +422,7 @@ impl PartitionRouter {
         guard: &mut SlotState,
         mut group: Vec<Event>,
         encoded: Option<EncodedEvents>,
+        trace: Option<crate::telemetry::TraceContext>,
     ) -> Option<u64> {
         if self.keeps_log() {
             guard.clock_ms = guard.clock_ms.max(chrono::Utc::now().timestamp_millis());
@@ -437,7 +441,7 @@ impl PartitionRouter {
         };
         if let Some(actor) = &guard.actor {
             // A failed send means the actor just died: the supervisor replays the log.
-            let _ = actor.send_message(PartitionMsg::Events(Arc::clone(&batch)));
+            let _ = actor.send_message(PartitionMsg::Events(Arc::clone(&batch), trace));
         }
         if self.keeps_log() {
             guard.buffered += batch.len();
@@ -476,7 +480,7 @@ impl PartitionRouter {
         let Some(last) = events.last().map(|event| event.position) else {
             return true;
         };
-        self.deliver_message(partition, last + 1, PartitionMsg::Events(Arc::new(events)))
+        self.deliver_message(partition, last + 1, PartitionMsg::Events(Arc::new(events), None))
     }
 
     /// Deliver undecoded messages (see [`Self::deliver`]).
@@ -689,7 +693,7 @@ impl PartitionRouter {
                         Arc::new(batch.iter().filter(|e| e.position >= from).cloned().collect())
                     };
                     replayed += batch.len();
-                    let _ = actor.send_message(PartitionMsg::Events(batch));
+                    let _ = actor.send_message(PartitionMsg::Events(batch, None));
                 }
                 LogEntry::Tick { position, now_ms } => {
                     if *position >= from {
@@ -735,6 +739,14 @@ impl PartitionRouter {
     pub fn buffered_total(&self) -> usize {
         self.slots.iter().map(|slot| slot.state.lock().buffered).sum()
     }
+}
+
+/// The router's span for a request, when the request is traced (a child of it).
+fn route_span(events: usize) -> tracing::Span {
+    if !crate::telemetry::enabled() || crate::telemetry::TraceContext::of(&tracing::Span::current()).is_none() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(target: crate::telemetry::TARGET, "router.route", events)
 }
 
 /// Embedded ingestion that is only done once a complete checkpoint covers the events: for
@@ -831,7 +843,7 @@ mod tests {
             seen: &mut Self::State,
         ) -> Result<(), ActorProcessingErr> {
             let _ = seen.send(match message {
-                PartitionMsg::Events(batch) => Seen::Events(batch.iter().map(|e| e.position).collect()),
+                PartitionMsg::Events(batch, _) => Seen::Events(batch.iter().map(|e| e.position).collect()),
                 PartitionMsg::NoEvent(no_event) => Seen::NoEvent(no_event.from, no_event.to),
                 PartitionMsg::Tick { now_ms } => Seen::Tick(now_ms),
                 PartitionMsg::Checkpoint => Seen::Checkpoint,

@@ -171,6 +171,8 @@ pub struct PartitionState {
     checkpoint_boost: Option<(u64, tokio::time::Instant)>,
     fired: Vec<Fired>,
     results: Vec<WindowResult>,
+    /// The span of the batch being processed, when it is traced.
+    batch_span: Option<tracing::Span>,
     dead_letters: Vec<DeadLetter>,
     metrics: Counters,
     windows_fired: u64,
@@ -273,6 +275,7 @@ impl Actor for PartitionActor {
             checkpoint_boost,
             fired: Vec::new(),
             results: Vec::new(),
+            batch_span: None,
             dead_letters: Vec::new(),
             metrics: metric_counters,
             windows_fired: 0,
@@ -289,7 +292,10 @@ impl Actor for PartitionActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            PartitionMsg::Events(batch) => {
+            PartitionMsg::Events(batch, trace) => {
+                let span = trace.map(|trace| state.batch_span(batch.len(), &[trace]));
+                let _entered = span.as_ref().map(tracing::Span::enter);
+                state.batch_span = span.clone();
                 let every = state.checkpoint_every();
                 // In slices of the checkpoint spacing, so a checkpoint can fall inside a
                 // long batch (a replay after a crash arrives as a few large ones).
@@ -303,6 +309,9 @@ impl Actor for PartitionActor {
                 }
             }
             PartitionMsg::Raw(batch) => {
+                let span = (!batch.traces.is_empty()).then(|| state.batch_span(batch.len(), batch.traces.as_slice()));
+                let _entered = span.as_ref().map(tracing::Span::enter);
+                state.batch_span = span.clone();
                 state.process_raw(&batch);
                 state.emit()?;
                 let every = state.checkpoint_every();
@@ -336,6 +345,7 @@ impl Actor for PartitionActor {
                 let _ = reply.send(state.status());
             }
         }
+        state.batch_span = None;
         Ok(())
     }
 }
@@ -717,6 +727,13 @@ impl PartitionState {
         }
     }
 
+    /// The span of a traced batch: continues the first of `parents`, links the others.
+    fn batch_span(&self, events: usize, parents: &[crate::telemetry::TraceContext]) -> tracing::Span {
+        let span = tracing::info_span!(target: crate::telemetry::TARGET, "partition.batch", partition = self.partition, events);
+        crate::telemetry::follow(&span, parents);
+        span
+    }
+
     /// Hand results and dead letters to the sinks. A sink that cannot be reached fails
     /// the partition: it restarts from its checkpoint and replays, so nothing is lost.
     fn emit(&mut self) -> Result<(), ActorProcessingErr> {
@@ -724,6 +741,7 @@ impl PartitionState {
         if !self.results.is_empty() {
             let results = std::mem::take(&mut self.results);
             let metrics = &self.context.metrics;
+            let mut anomalies = 0u64;
             for result in &results {
                 if result.revision == 0 {
                     self.metrics.fired.inc();
@@ -732,10 +750,38 @@ impl PartitionState {
                     self.metrics.updates.inc();
                 }
                 if result.anomaly && result.revision == 0 {
+                    anomalies += 1;
                     metrics.anomalies.get_or_create(&SeverityLabels { severity: result.severity.as_str() }).inc();
                 }
             }
-            self.context.sinks.send_results(results)?;
+            // Scoring ran as the windows fired, inside the batch's span; this span marks
+            // what the batch fired and carries the trace on to the sinks.
+            let trace = self.batch_span.as_ref().and_then(|batch| {
+                let span = tracing::info_span!(
+                    target: crate::telemetry::TARGET,
+                    parent: batch,
+                    "window.fire",
+                    partition = self.partition,
+                    windows = results.len(),
+                    anomalies,
+                );
+                for result in results.iter().filter(|result| result.anomaly).take(16) {
+                    use opentelemetry::KeyValue;
+                    use tracing_opentelemetry::OpenTelemetrySpanExt;
+                    span.add_event(
+                        "anomaly",
+                        vec![
+                            KeyValue::new("sensor.id", result.sensor_id.to_string()),
+                            KeyValue::new("event.type", result.event_type.to_string()),
+                            KeyValue::new("window.start_ms", result.window_start_ms),
+                            KeyValue::new("score", result.prediction_score),
+                            KeyValue::new("severity", result.severity.as_str()),
+                        ],
+                    );
+                }
+                crate::telemetry::TraceContext::of(&span)
+            });
+            self.context.sinks.send_results(results, trace)?;
         }
         if !self.dead_letters.is_empty() {
             let letters = std::mem::take(&mut self.dead_letters);
@@ -1040,7 +1086,7 @@ mod tests {
             let mut results = Vec::new();
             let checkpoint = loop {
                 match tokio::time::timeout(Duration::from_secs(5), harness.store.recv()).await {
-                    Ok(Some(StoreMsg::Results(batch))) => results.extend(batch),
+                    Ok(Some(StoreMsg::Results(batch, _))) => results.extend(batch),
                     Ok(Some(StoreMsg::Checkpoint(checkpoint))) => break *checkpoint,
                     Ok(Some(_)) => {}
                     other => panic!("no checkpoint: {}", other.is_ok()),

@@ -132,7 +132,7 @@ fn main() -> ExitCode {
                     Ok(config) => config,
                     Err(code) => return code,
                 };
-                tidemark::telemetry::init(&config.log);
+                let _logs = tidemark::telemetry::init(&config.log, &Default::default());
                 match tidemark::store::open(&config.store).await {
                     Ok(store) => {
                         eprintln!("store {} is migrated", tidemark::config::redact_url(&config.store.url));
@@ -182,7 +182,7 @@ fn main() -> ExitCode {
                     Ok(config) => config,
                     Err(code) => return code,
                 };
-                tidemark::telemetry::init(&config.log);
+                let telemetry = tidemark::telemetry::init(&config.log, &config.telemetry);
                 let options = tidemark::replay::ReplayOptions {
                     input,
                     output,
@@ -190,7 +190,9 @@ fn main() -> ExitCode {
                     sink: if sink == "store" { tidemark::replay::SinkKind::Store } else { tidemark::replay::SinkKind::None },
                     parsers: parsers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
                 };
-                match tidemark::replay::run(config, options).await {
+                let outcome = tidemark::replay::run(config, options).await;
+                telemetry.shutdown().await;
+                match outcome {
                     Ok(report) => {
                         eprintln!(
                             "replayed {} events in {:.3} s: {:.0} events/s ({} windows, {} rejected, {} late; start-up {:.1} ms, peak RSS {} MiB)",
@@ -249,12 +251,13 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, demo: Option<(SimConfig, PathBuf)>) -> ExitCode {
-    tidemark::telemetry::init(&config.log);
+    let telemetry = tidemark::telemetry::init(&config.log, &config.telemetry);
     let mut runtime = match Runtime::start(config).await {
         Ok(runtime) => runtime,
         Err(error) => {
             tracing::error!("cannot start: {error:#}");
             eprintln!("tidemark: cannot start: {error:#}");
+            telemetry.shutdown().await;
             return ExitCode::FAILURE;
         }
     };
@@ -303,6 +306,7 @@ async fn serve(config: Config, demo: Option<(SimConfig, PathBuf)>) -> ExitCode {
             ExitCode::FAILURE
         }
     };
+    telemetry.shutdown().await;
     exit
 }
 

@@ -19,8 +19,9 @@ pub type EventBatch = Arc<Vec<Event>>;
 
 /// Messages to a partition actor.
 pub enum PartitionMsg {
-    /// Events in position order.
-    Events(EventBatch),
+    /// Events in position order, and the trace they continue (only when traces are on
+    /// and the request that brought them is sampled).
+    Events(EventBatch, Option<crate::telemetry::TraceContext>),
     /// Undecoded messages of a source (Kafka), in position order: the actor decodes them,
     /// so parsing runs on the partitions' threads rather than the source's one.
     Raw(RawBatch),
@@ -48,6 +49,8 @@ pub enum PartitionMsg {
 pub struct RawBatch {
     pub bytes: Vec<u8>,
     pub records: Vec<RawRecord>,
+    /// The traces this batch continues (a consume span; empty when traces are off).
+    pub traces: crate::telemetry::Parents,
 }
 
 /// One message of a [`RawBatch`].
@@ -64,7 +67,11 @@ pub struct RawRecord {
 
 impl RawBatch {
     pub fn with_capacity(records: usize) -> Self {
-        Self { bytes: Vec::with_capacity(records * 112), records: Vec::with_capacity(records) }
+        Self {
+            bytes: Vec::with_capacity(records * 112),
+            records: Vec::with_capacity(records),
+            traces: crate::telemetry::Parents::default(),
+        }
     }
 
     pub fn push(&mut self, position: Position, ingest_ms: i64, payload: &[u8], key: Option<&[u8]>) {
@@ -151,7 +158,8 @@ impl PartitionCounters {
 
 /// Messages to the store sink.
 pub enum StoreMsg {
-    Results(Vec<WindowResult>),
+    /// Results of one fired batch, with its trace (when traced).
+    Results(Vec<WindowResult>, Option<crate::telemetry::TraceContext>),
     DeadLetters(Vec<DeadLetter>),
     /// Written after every result sent before it; complete once committed.
     Checkpoint(Box<CheckpointData>),

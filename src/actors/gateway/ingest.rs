@@ -57,6 +57,46 @@ pub async fn post_events(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    if !crate::telemetry::enabled() {
+        return accept_events(app, client, headers, body).await;
+    }
+    // The request's span continues the caller's `traceparent` (or starts a trace,
+    // sampled by ratio); the router, partitions and sinks continue it.
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "POST /api/events",
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = "POST",
+        http.route = "/api/events",
+        http.request.body.size = body.as_ref().map_or(0, Bytes::len),
+        http.response.status_code = tracing::field::Empty,
+    );
+    if let Some(parent) = headers
+        .get(crate::kafka::TRACEPARENT)
+        .and_then(|value| value.to_str().ok())
+        .and_then(crate::telemetry::TraceContext::parse)
+    {
+        crate::telemetry::follow(&span, &[parent]);
+    }
+    let outcome = tracing::Instrument::instrument(accept_events(app, client, headers, body), span.clone()).await;
+    let status = match &outcome {
+        Ok(response) => response.status(),
+        Err(error) => error.status,
+    };
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    outcome
+}
+
+async fn accept_events(
+    app: Arc<AppContext>,
+    client: Option<axum::Extension<crate::ratelimit::ClientId>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(

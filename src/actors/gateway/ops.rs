@@ -82,10 +82,11 @@ pub async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-/// `GET /metrics` — Prometheus text exposition.
-pub async fn metrics(State(app): State<Arc<AppContext>>) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], app.metrics.render())
-        .into_response()
+/// `GET /metrics` — OpenMetrics, or Prometheus' classic text format, as `Accept` asks.
+pub async fn metrics(State(app): State<Arc<AppContext>>, headers: header::HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|value| value.to_str().ok());
+    let (content_type, body) = app.metrics.render_as(crate::metrics::Exposition::negotiate(accept));
+    ([(header::CONTENT_TYPE, content_type), (header::VARY, "accept")], body).into_response()
 }
 
 /// `GET /api/status` — partitions (restarts, checkpoints, replay buffers, in-flight

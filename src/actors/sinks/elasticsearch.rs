@@ -27,7 +27,7 @@ const SINK: &str = "elasticsearch";
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 pub enum EsSinkMsg {
-    Results(Vec<WindowResult>),
+    Results(Vec<WindowResult>, Option<crate::telemetry::TraceContext>),
     Checkpoint(Box<CheckpointData>),
     Linger,
     /// Check the cluster's health when nothing was sent for a while, so `/ready` tells an
@@ -86,10 +86,8 @@ impl Actor for EsSink {
         state: &mut EsSinkState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            EsSinkMsg::Results(results) => {
-                for result in results {
-                    state.pending.push(result);
-                }
+            EsSinkMsg::Results(results, trace) => {
+                state.pending.push_all(results, trace);
                 if state.pending.len() >= state.args.client.config().batch_size {
                     state.flush().await?;
                 } else if !state.linger_armed {
@@ -153,14 +151,18 @@ impl EsSinkState {
     /// `batch_bytes` bytes, retrying until every item is indexed or dead-lettered.
     async fn flush(&mut self) -> Result<(), ActorProcessingErr> {
         let batch_size = self.args.client.config().batch_size.max(1);
+        let span = self.pending.write_span(SINK);
         let mut pending = self.pending.take();
         self.args.health.pending_results.store(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        while !pending.is_empty() {
-            let rest = pending.split_off(pending.len().min(batch_size));
-            self.send(pending).await?;
-            pending = rest;
-        }
-        Ok(())
+        let send_all = async {
+            while !pending.is_empty() {
+                let rest = pending.split_off(pending.len().min(batch_size));
+                self.send(pending).await?;
+                pending = rest;
+            }
+            Ok(())
+        };
+        tracing::Instrument::instrument(send_all, span).await
     }
 
     /// One chunk: split while its body is over `batch_bytes` or the cluster refuses the
@@ -250,7 +252,7 @@ impl EsSinkState {
     fn on_written(&mut self, took: Duration, indexed: u64, rejected: &[DeadLetter], complete: bool) {
         let metrics = &self.args.metrics;
         metrics.sink_batches.get_or_create(&SinkResultLabels { sink: SINK, result: "ok" }).inc();
-        metrics.sink_write_seconds.get_or_create(&SinkLabels { sink: SINK }).observe(took.as_secs_f64());
+        metrics.observe_sink_write(SINK, took.as_secs_f64());
         if indexed > 0 {
             metrics.sink_rows.get_or_create(&SinkRowLabels { sink: SINK, kind: "result" }).inc_by(indexed);
         }

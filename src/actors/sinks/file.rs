@@ -108,7 +108,7 @@ impl Actor for FileSink {
         state: &mut FileSinkState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            StoreMsg::Results(results) => {
+            StoreMsg::Results(results, _) => {
                 let anomalies = results.iter().filter(|r| r.anomaly).count() as u64;
                 state.counts.results.fetch_add(results.len() as u64, Ordering::Relaxed);
                 state.counts.anomalies.fetch_add(anomalies, Ordering::Relaxed);

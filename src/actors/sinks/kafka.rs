@@ -23,7 +23,7 @@ use crate::store::ser::rfc3339;
 const SINK: &str = "kafka";
 
 pub enum KafkaSinkMsg {
-    Results(Vec<WindowResult>),
+    Results(Vec<WindowResult>, Option<crate::telemetry::TraceContext>),
     Checkpoint(Box<CheckpointData>),
     /// Wait for every delivery so far.
     Flush(RpcReplyPort<()>),
@@ -88,10 +88,19 @@ impl<'a> From<&'a WindowResult> for ResultRecord<'a> {
 
 impl KafkaSinkState {
     /// Queue one record; waits (briefly, repeatedly) while the producer's queue is full.
-    async fn send(&mut self, topic: &str, key: &str, payload: &[u8]) -> Result<(), ActorProcessingErr> {
+    async fn send(
+        &mut self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: Option<&rdkafka::message::OwnedHeaders>,
+    ) -> Result<(), ActorProcessingErr> {
         let deadline = tokio::time::Instant::now() + self.args.timeout;
         loop {
-            let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).key(key).payload(payload);
+            let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).key(key).payload(payload);
+            if let Some(headers) = headers {
+                record = record.headers(headers.clone());
+            }
             match self.args.producer.send_result(record) {
                 Ok(delivery) => {
                     self.pending.push(delivery);
@@ -158,18 +167,35 @@ impl Actor for KafkaSink {
         state: &mut KafkaSinkState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            KafkaSinkMsg::Results(results) => {
-                for result in &results {
-                    let payload = serde_json::to_vec(&ResultRecord::from(result))?;
-                    if let Some(topic) = state.args.results_topic.clone() {
-                        state.send(&topic, &result.sensor_id, &payload).await?;
+            KafkaSinkMsg::Results(results, trace) => {
+                // A traced batch: its records carry the produce span's traceparent.
+                let span = trace.map_or_else(tracing::Span::none, |trace| {
+                    let span = tracing::info_span!(
+                        target: crate::telemetry::TARGET,
+                        "kafka.produce",
+                        otel.kind = "producer",
+                        messaging.system = "kafka",
+                        messaging.batch.message_count = results.len(),
+                    );
+                    crate::telemetry::follow(&span, &[trace]);
+                    span
+                });
+                let headers = crate::telemetry::TraceContext::of(&span).map(crate::kafka::trace_headers);
+                let produce = async {
+                    for result in &results {
+                        let payload = serde_json::to_vec(&ResultRecord::from(result))?;
+                        if let Some(topic) = state.args.results_topic.clone() {
+                            state.send(&topic, &result.sensor_id, &payload, headers.as_ref()).await?;
+                        }
+                        if result.anomaly
+                            && let Some(topic) = state.args.alerts_topic.clone()
+                        {
+                            state.send(&topic, &result.sensor_id, &payload, headers.as_ref()).await?;
+                        }
                     }
-                    if result.anomaly
-                        && let Some(topic) = state.args.alerts_topic.clone()
-                    {
-                        state.send(&topic, &result.sensor_id, &payload).await?;
-                    }
-                }
+                    Ok::<(), ActorProcessingErr>(())
+                };
+                tracing::Instrument::instrument(produce, span).await?;
             }
             KafkaSinkMsg::Checkpoint(checkpoint) => {
                 state.drain().await?;

@@ -25,9 +25,39 @@ use crate::messages::{CheckpointData, PartitionId, Position, StoreMsg, WindowRes
 pub struct PendingResults {
     results: Vec<WindowResult>,
     index: rustc_hash::FxHashMap<(compact_str::CompactString, compact_str::CompactString, i64), usize>,
+    /// The traces of the batches these results came from (empty when traces are off).
+    traces: crate::telemetry::Parents,
 }
 
 impl PendingResults {
+    /// Results of one fired batch, with its trace.
+    pub fn push_all(&mut self, results: Vec<WindowResult>, trace: Option<crate::telemetry::TraceContext>) {
+        if let Some(trace) = trace {
+            self.traces.push(trace);
+        }
+        for result in results {
+            self.push(result);
+        }
+    }
+
+    /// The span of a write of these results, when any of them is traced: it continues
+    /// the first batch's trace and links the others.
+    pub fn write_span(&self, sink: &'static str) -> tracing::Span {
+        if self.traces.is_empty() {
+            return tracing::Span::none();
+        }
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "sink.write",
+            otel.kind = "client",
+            sink,
+            rows = self.results.len(),
+            batches = self.traces.as_slice().len(),
+        );
+        crate::telemetry::follow(&span, self.traces.as_slice());
+        span
+    }
+
     pub fn push(&mut self, result: WindowResult) {
         let key = (result.sensor_id.clone(), result.event_type.clone(), result.window_start_ms);
         match self.index.get(&key) {
@@ -64,6 +94,7 @@ impl PendingResults {
     /// Everything pending, in arrival order.
     pub fn take(&mut self) -> Vec<WindowResult> {
         self.index.clear();
+        self.traces.clear();
         std::mem::take(&mut self.results)
     }
 }
@@ -277,12 +308,16 @@ impl Sinks {
         Ok(())
     }
 
-    /// Hand window results to every sink.
-    pub fn send_results(&self, results: Vec<WindowResult>) -> Result<(), SinkUnavailable> {
+    /// Hand window results (and the trace of the batch that fired them) to every sink.
+    pub fn send_results(
+        &self,
+        results: Vec<WindowResult>,
+        trace: Option<crate::telemetry::TraceContext>,
+    ) -> Result<(), SinkUnavailable> {
         if self.kafka_configured {
             match self.kafka.read().as_ref() {
                 Some(actor) => actor
-                    .send_message(kafka::KafkaSinkMsg::Results(results.clone()))
+                    .send_message(kafka::KafkaSinkMsg::Results(results.clone(), trace))
                     .map_err(|_| SinkUnavailable("kafka"))?,
                 None => return Err(SinkUnavailable("kafka")),
             }
@@ -290,12 +325,12 @@ impl Sinks {
         if self.elasticsearch_configured {
             match self.elasticsearch.read().as_ref() {
                 Some(actor) => actor
-                    .send_message(elasticsearch::EsSinkMsg::Results(results.clone()))
+                    .send_message(elasticsearch::EsSinkMsg::Results(results.clone(), trace))
                     .map_err(|_| SinkUnavailable("elasticsearch"))?,
                 None => return Err(SinkUnavailable("elasticsearch")),
             }
         }
-        self.send_store(StoreMsg::Results(results))
+        self.send_store(StoreMsg::Results(results, trace))
     }
 
     /// Hand a checkpoint to the sinks, behind every result sent before it: to the first

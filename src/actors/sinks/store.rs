@@ -83,10 +83,8 @@ impl Actor for StoreSink {
         state: &mut StoreSinkState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            StoreMsg::Results(results) => {
-                for result in results {
-                    state.results.push(result);
-                }
+            StoreMsg::Results(results, trace) => {
+                state.results.push_all(results, trace);
                 state.after_push(&myself).await?;
             }
             StoreMsg::DeadLetters(letters) => {
@@ -148,6 +146,11 @@ impl StoreSinkState {
             return Ok(());
         }
         self.publish_pending();
+        let span = self.results.write_span(SINK);
+        tracing::Instrument::instrument(self.write_pending(), span).await
+    }
+
+    async fn write_pending(&mut self) -> Result<(), ActorProcessingErr> {
         loop {
             let started = Instant::now();
             let outcome = match self.injected_failure() {
@@ -225,7 +228,7 @@ impl StoreSinkState {
         let rows = (self.results.len() + self.dead_letters.len()) as u64;
         metrics.sink_batches.get_or_create(&SinkResultLabels { sink: SINK, result: "ok" }).inc();
         metrics.sink_up.get_or_create(&SinkLabels { sink: SINK }).set(1);
-        metrics.sink_write_seconds.get_or_create(&SinkLabels { sink: SINK }).observe(took.as_secs_f64());
+        metrics.observe_sink_write(SINK, took.as_secs_f64());
         for (kind, count) in [
             ("result", self.results.len()),
             ("dead_letter", self.dead_letters.len()),

@@ -735,6 +735,7 @@ fn sort_into_items(
 ) {
     let mut cursors = shared.cursors.lock();
     let partitions = cursors.len().max(1);
+    let tracing_on = crate::telemetry::enabled();
     for message in taken.drain(..) {
         let partition = message.partition() as PartitionId;
         let offset = message.offset();
@@ -770,15 +771,51 @@ fn sort_into_items(
             Timestamp::NotAvailable => chrono::Utc::now().timestamp_millis(),
         };
         let payload = message.payload().unwrap_or_default();
-        match queue.last_mut() {
-            Some(Item::Raw(batch)) => batch.push(offset as Position, ingest_ms, payload, message.key()),
-            _ => {
-                let mut batch = RawBatch::with_capacity(POLL_BATCH / partitions);
-                batch.push(offset as Position, ingest_ms, payload, message.key());
-                queue.push(Item::Raw(batch));
+        if !matches!(queue.last(), Some(Item::Raw(_))) {
+            queue.push(Item::Raw(RawBatch::with_capacity(POLL_BATCH / partitions)));
+        }
+        if let Some(Item::Raw(batch)) = queue.last_mut() {
+            batch.push(offset as Position, ingest_ms, payload, message.key());
+            if tracing_on {
+                batch.traces.extend(traceparent(&message));
             }
         }
     }
+}
+
+/// The trace context a producer put in a message's `traceparent` header.
+fn traceparent(message: &BorrowedMessage<'_>) -> Option<crate::telemetry::TraceContext> {
+    use rdkafka::message::{Headers, Message};
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|header| header.key == crate::kafka::TRACEPARENT)
+        .and_then(|header| std::str::from_utf8(header.value?).ok())
+        .and_then(crate::telemetry::TraceContext::parse)
+}
+
+/// With traces on: the span of a polled batch, continuing its producers' traces (the
+/// first, linking the others) or starting one (sampled by ratio); the batch then carries
+/// this span's context to its partition.
+fn consume_span(topic: &str, partition: PartitionId, batch: &mut RawBatch) -> tracing::Span {
+    if !crate::telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "kafka.consume",
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.source.name = topic,
+        messaging.destination.partition.id = partition,
+        messaging.batch.message_count = batch.len(),
+    );
+    crate::telemetry::follow(&span, batch.traces.as_slice());
+    batch.traces.clear();
+    if let Some(context) = crate::telemetry::TraceContext::of(&span) {
+        batch.traces.push(context);
+    }
+    span
 }
 
 /// A gap `expected..offset` in a partition's offsets: a retention gap when the broker no
@@ -848,7 +885,11 @@ fn deliver(
                 continue;
             }
             delivered = match item {
-                Item::Raw(batch) => shared.router.deliver_raw(partition, batch),
+                Item::Raw(mut batch) => {
+                    let span = consume_span(shared.topic(), partition, &mut batch);
+                    let _entered = span.enter();
+                    shared.router.deliver_raw(partition, batch)
+                }
                 Item::NoEvent(no_event) => shared.router.deliver_no_event(partition, no_event),
             };
         }
