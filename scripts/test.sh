@@ -13,6 +13,8 @@
 #   openssl        the CLI, for the JWT test's RSA key
 #   Chromium       chromium + chromium-driver; chromedriver on TIDEMARK_TEST_CHROMEDRIVER
 #                  (default http://127.0.0.1:59515), for the dashboard test
+#   Prometheus     the Debian package's prometheus and promtool (TIDEMARK_TEST_PROMETHEUS,
+#                  TIDEMARK_TEST_PROMTOOL); each observability test starts its own on loopback
 # Kafka tests use librdkafka's in-process mock cluster and need no service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,7 +92,7 @@ start_chromedriver() {
 }
 
 build_prerequisites
-apt_install openssl
+apt_install openssl prometheus
 start_postgres
 start_mosquitto
 install_schemathesis

@@ -381,3 +381,408 @@ async fn metrics_text_format_passes_promtool_and_names_no_sensor() {
     }
     runtime.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Grafana: the dashboards' structure, and every panel query on the data of a real run.
+
+fn grafana_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("grafana")
+}
+
+/// Provisioned data sources: uid → type.
+fn provisioned_data_sources() -> HashMap<String, String> {
+    let path = grafana_dir().join("provisioning/datasources/tidemark.yaml");
+    let text = std::fs::read_to_string(&path).expect("datasource provisioning");
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("provisioning is YAML");
+    assert_eq!(yaml["apiVersion"].as_u64(), Some(1), "{}", path.display());
+    let sources: HashMap<String, String> = yaml["datasources"]
+        .as_sequence()
+        .expect("datasources list")
+        .iter()
+        .map(|source| {
+            let uid = source["uid"].as_str().expect("every data source has a uid").to_string();
+            let kind = source["type"].as_str().expect("every data source has a type").to_string();
+            assert!(source["url"].as_str().is_some_and(|url| !url.is_empty()), "{uid} has no url");
+            (uid, kind)
+        })
+        .collect();
+    // The Prometheus source links exemplars to a provisioned trace source.
+    let prometheus = yaml["datasources"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|source| source["type"] == "prometheus")
+        .expect("a Prometheus data source");
+    let destination = prometheus["jsonData"]["exemplarTraceIdDestinations"][0]["datasourceUid"].as_str();
+    assert_eq!(destination.and_then(|uid| sources.get(uid)).map(String::as_str), Some("tempo"));
+    sources
+}
+
+fn dashboards() -> Vec<(String, Value)> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(grafana_dir().join("dashboards")).expect("grafana/dashboards") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|ext| ext == "json") {
+            let text = std::fs::read_to_string(&path).expect("dashboard");
+            let json: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            all.push((path.file_name().unwrap_or_default().to_string_lossy().into_owned(), json));
+        }
+    }
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+/// Every query of a dashboard: (panel title, data source uid, query text).
+fn queries(dashboard: &Value) -> Vec<(String, String, String)> {
+    let mut found = Vec::new();
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let uid = target["datasource"]["uid"].as_str().or(panel["datasource"]["uid"].as_str()).unwrap_or_default();
+            let text = ["rawSql", "expr", "query"].iter().find_map(|key| target[*key].as_str()).unwrap_or_default();
+            found.push((panel["title"].as_str().unwrap_or_default().to_string(), uid.to_string(), text.to_string()));
+        }
+    }
+    found
+}
+
+/// `$name`, `${name}` and `[[name]]` references that are not Grafana built-ins (`$__…`).
+fn variables_used(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'$' {
+            let rest = &text[i + 1..];
+            let rest = rest.strip_prefix('{').unwrap_or(rest);
+            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if !name.is_empty() && !name.starts_with("__") {
+                names.push(name);
+            }
+        }
+        i += 1;
+    }
+    names
+}
+
+#[test]
+fn grafana_dashboards_are_consistent_with_the_provisioning() {
+    let sources = provisioned_data_sources();
+    let all = dashboards();
+    let titles: Vec<&str> = all.iter().filter_map(|(_, d)| d["title"].as_str()).collect();
+    assert!(
+        titles.iter().any(|t| t.contains("Predictions")) && titles.iter().any(|t| t.contains("Pipeline")),
+        "{titles:?}"
+    );
+    let mut uids = std::collections::HashSet::new();
+    for (file, dashboard) in &all {
+        assert!(uids.insert(dashboard["uid"].as_str().unwrap_or_default().to_string()), "{file}: duplicate uid");
+        assert!(dashboard["schemaVersion"].as_u64().is_some_and(|v| v >= 36), "{file}: schemaVersion");
+        let variables: Vec<&Value> = dashboard["templating"]["list"].as_array().into_iter().flatten().collect();
+        let defined: Vec<&str> = variables.iter().filter_map(|v| v["name"].as_str()).collect();
+        for variable in &variables {
+            let uid = variable["datasource"]["uid"].as_str().unwrap_or_default();
+            assert!(
+                sources.contains_key(uid),
+                "{file}: variable {} uses unknown data source {uid:?}",
+                variable["name"]
+            );
+            let query = variable["query"]["query"].as_str().or(variable["query"].as_str()).unwrap_or_default();
+            for used in variables_used(query) {
+                assert!(
+                    defined.contains(&used.as_str()),
+                    "{file}: variable {} uses undefined ${used}",
+                    variable["name"]
+                );
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            let title = panel["title"].as_str().unwrap_or_default();
+            assert!(ids.insert(panel["id"].as_u64().expect("panel id")), "{file}: duplicate panel id ({title})");
+            let grid = &panel["gridPos"];
+            let (x, w) = (grid["x"].as_u64().expect("gridPos.x"), grid["w"].as_u64().expect("gridPos.w"));
+            assert!(x + w <= 24 && grid["h"].as_u64().is_some(), "{file}: {title} lies outside the 24-column grid");
+            if panel["type"] == "row" {
+                continue;
+            }
+            let uid = panel["datasource"]["uid"].as_str().unwrap_or_default();
+            let kind = panel["datasource"]["type"].as_str().unwrap_or_default();
+            assert_eq!(
+                sources.get(uid).map(String::as_str),
+                Some(kind),
+                "{file}: {title}: data source {uid:?}/{kind:?}"
+            );
+            assert!(!panel["targets"].as_array().is_none_or(Vec::is_empty), "{file}: {title} has no query");
+        }
+        for (title, uid, text) in queries(dashboard) {
+            assert!(sources.contains_key(&uid), "{file}: {title}: unknown data source {uid:?}");
+            assert!(!text.trim().is_empty(), "{file}: {title}: empty query");
+            for used in variables_used(&text) {
+                assert!(
+                    defined.contains(&used.as_str()),
+                    "{file}: {title}: ${used} is not a variable of the dashboard"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(not(feature = "chaos"))]
+#[test]
+fn grafana_dashboards_on_real_data_need_the_chaos_feature() {
+    panic!("the dashboard data test restarts partitions with `--features chaos`; scripts/test.sh runs it");
+}
+
+/// Grafana's SQL macros, as its PostgreSQL data source expands them.
+fn expand_sql(text: &str, from: &str, to: &str, variables: &[(&str, String)]) -> String {
+    let mut out = text.to_string();
+    while let Some(at) = out.find("$__timeFilter(") {
+        let end = at + out[at..].find(')').expect("closing parenthesis");
+        let column = out[at + "$__timeFilter(".len()..end].trim().to_string();
+        out.replace_range(at..=end, &format!("{column} BETWEEN '{from}' AND '{to}'"));
+    }
+    while let Some(at) = out.find("$__timeGroupAlias(") {
+        let end = at + out[at..].find(')').expect("closing parenthesis");
+        let args: Vec<String> = out[at + "$__timeGroupAlias(".len()..end]
+            .split(',')
+            .map(|a| a.trim().trim_matches('\'').to_string())
+            .collect();
+        let seconds = humantime::parse_duration(&args[1]).expect("interval").as_secs();
+        out.replace_range(at..=end, &format!("floor(extract(epoch from {})/{seconds})*{seconds} AS \"time\"", args[0]));
+    }
+    for (name, value) in variables {
+        out = out.replace(&format!("${{{name}}}"), value).replace(&format!("${name}"), value);
+    }
+    assert!(!out.contains('$'), "a macro or variable the test does not expand: {out}");
+    out
+}
+
+fn expand_promql(text: &str) -> String {
+    let out = text.replace("$__rate_interval", "15s").replace("$instance", ".*");
+    assert!(!out.contains('$'), "a macro or variable the test does not expand: {out}");
+    out
+}
+
+/// Prometheus (the Debian package's binary), scraping `target` every second.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Self {
+        let binary = std::env::var("TIDEMARK_TEST_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: tidemark\n    \
+                 static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .expect("config");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let child = std::process::Command::new(&binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--enable-feature=exemplar-storage")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("prometheus.log")).expect("log"))
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!(
+                    "cannot run {binary} ({error}): install Prometheus (Debian package `prometheus`; scripts/test.sh \
+                     does) or set TIDEMARK_TEST_PROMETHEUS"
+                )
+            });
+        Self { child, url: format!("http://127.0.0.1:{port}"), _dir: dir }
+    }
+
+    async fn query(&self, expr: &str) -> Option<Vec<Value>> {
+        let answer: Value = reqwest::Client::new()
+            .get(format!("{}/api/v1/query", self.url))
+            .query(&[("query", expr)])
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        assert_ne!(answer["status"], "error", "{expr}: {answer}");
+        answer["data"]["result"].as_array().cloned()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(feature = "chaos")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grafana_panels_return_data_from_a_real_run() {
+    use tidemark::sim::SimConfig;
+    use tidemark::sim::es_double::EsDouble;
+    use tidemark::sim::kafka::MockBroker;
+
+    let collector = Collector::default();
+    let otlp = http_receiver(collector.clone()).await;
+    let topics = [("sensor-events".to_string(), 4), ("sensor-events.dlq".to_string(), 1)];
+    let mock = MockBroker::start(1, &topics, Duration::ZERO).expect("mock cluster");
+    let brokers = mock.bootstrap_servers().expect("bootstrap servers");
+    let elasticsearch = EsDouble::start("127.0.0.1:0".parse().expect("addr")).await.expect("stand-in starts");
+    let store_url = common::fresh_postgres_database().await;
+    let process = Process::start(&[
+        ("TIDEMARK__STORE__URL", store_url.clone()),
+        ("TIDEMARK__KAFKA__ENABLED", "true".into()),
+        ("TIDEMARK__INGEST__MODE", "kafka".into()),
+        ("TIDEMARK__KAFKA__BROKERS", brokers),
+        ("TIDEMARK__KAFKA__GROUP_ID", "dashboards".into()),
+        ("TIDEMARK__ELASTICSEARCH__ENABLED", "true".into()),
+        ("TIDEMARK__ELASTICSEARCH__URLS", format!("[\"{}\"]", elasticsearch.url())),
+        ("TIDEMARK__PIPELINE__WINDOW", "2s".into()),
+        ("TIDEMARK__PIPELINE__MAX_OUT_OF_ORDERNESS", "1s".into()),
+        ("TIDEMARK__TELEMETRY__OTLP_ENDPOINT", otlp),
+        ("TIDEMARK__TELEMETRY__OTLP_PROTOCOL", "http/protobuf".into()),
+        ("TIDEMARK__TELEMETRY__SAMPLING_RATIO", "1".into()),
+        // A few partition panics: restarts to show (each replays from its checkpoint).
+        ("TIDEMARK__CHAOS__PARTITION_PANIC_PROBABILITY", "0.0002".into()),
+    ]);
+    let prometheus = Prometheus::start(&process.addr);
+    let client = process.client();
+
+    // A minute of 40 sensors (3 event types) with injected anomalies, then invalid events.
+    let now = chrono::Utc::now().timestamp_millis();
+    let lines = common::workload(SimConfig {
+        sensors: 40,
+        rate: 400.0,
+        duration: Some(Duration::from_secs(60)),
+        seed: 15,
+        start_ms: now - 90_000,
+        anomalies: 6,
+        anomalies_after: Duration::from_secs(25),
+        anomaly_duration: Duration::from_secs(8),
+        ..SimConfig::default()
+    });
+    let accepted = common::post_batches(&client, &lines, 2_000, Duration::from_millis(200)).await;
+    assert_eq!(accepted as usize, lines.len());
+    let (status, answer) = client
+        .post(
+            "/api/events",
+            "application/x-ndjson",
+            "{\"sensorId\":\"bad\",\"eventType\":\"t\",\"value\":\"x\"}\n{broken",
+        )
+        .await;
+    assert_eq!((status, answer["rejected"].as_u64()), (202, Some(2)), "{answer}");
+
+    // PostgreSQL: every SQL panel of every dashboard returns rows.
+    let pool = sqlx::PgPool::connect(&store_url).await.expect("store");
+    let from = chrono::DateTime::from_timestamp_millis(now - 3_600_000).expect("time").to_rfc3339();
+    let to = chrono::DateTime::from_timestamp_millis(now + 300_000).expect("time").to_rfc3339();
+    let anomalies = eventually(Duration::from_secs(60), "anomalies in the store", || async {
+        let count: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM predictions WHERE anomaly").fetch_one(&pool).await.ok()?;
+        (count > 0).then_some(count)
+    })
+    .await;
+    assert!(anomalies > 0);
+    let rows_of = |sql: String| {
+        let pool = pool.clone();
+        async move {
+            use sqlx::Row;
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}\n{e}"));
+            rows.iter().map(|row| row.try_get::<String, _>(0).unwrap_or_default()).collect::<Vec<String>>()
+        }
+    };
+    let mut sql_panels = 0;
+    for (file, dashboard) in dashboards() {
+        let variables: Vec<Value> = dashboard["templating"]["list"].as_array().cloned().unwrap_or_default();
+        let mut values: Vec<(&str, String)> = Vec::new();
+        for variable in variables.iter().filter(|v| v["datasource"]["uid"] == "tidemark-postgres") {
+            let name = variable["name"].as_str().expect("name");
+            let query = expand_sql(variable["query"].as_str().expect("query"), &from, &to, &values);
+            let found = rows_of(query).await;
+            assert!(!found.is_empty(), "{file}: variable {name} has no values");
+            // "All" for a variable that offers it, else the first (the default selection).
+            let chosen = if variable["includeAll"] == true { found } else { found[..1].to_vec() };
+            let quoted: Vec<String> = chosen.iter().map(|v| format!("'{}'", v.replace('\'', "''"))).collect();
+            values.push((name, quoted.join(",")));
+        }
+        for (title, uid, text) in queries(&dashboard) {
+            if uid != "tidemark-postgres" {
+                continue;
+            }
+            let sql = expand_sql(&text, &from, &to, &values);
+            let count = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{file}: {title}\n{sql}\n{e}"))
+                .len();
+            assert!(count > 0, "{file}: {title} returns no rows:\n{sql}");
+            sql_panels += 1;
+        }
+    }
+    assert!(sql_panels >= 8, "only {sql_panels} SQL queries checked");
+
+    // Prometheus: every PromQL panel returns series once a few scrapes are in.
+    eventually(Duration::from_secs(60), "20 s of scrapes", || async {
+        let result = prometheus.query("count_over_time(up{job=\"tidemark\"}[30s]) >= 20").await?;
+        (!result.is_empty()).then_some(())
+    })
+    .await;
+    let restarts = eventually(Duration::from_secs(60), "a partition restart", || async {
+        let result = prometheus.query("sum(tidemark_actor_restarts_total) > 0").await?;
+        (!result.is_empty()).then_some(result)
+    })
+    .await;
+    assert!(!restarts.is_empty());
+    let mut promql_panels = 0;
+    for (file, dashboard) in dashboards() {
+        for (title, uid, text) in queries(&dashboard) {
+            if uid != "tidemark-prometheus" {
+                continue;
+            }
+            let expr = expand_promql(&text);
+            let series = prometheus.query(&expr).await.unwrap_or_default();
+            assert!(!series.is_empty(), "{file}: {title} returns no series: {expr}");
+            promql_panels += 1;
+        }
+    }
+    assert!(promql_panels >= 12, "only {promql_panels} PromQL queries checked");
+
+    // A sink write's exemplar names a trace the collector received.
+    let exemplar_trace = eventually(Duration::from_secs(60), "a sink write exemplar with a trace id", || async {
+        let end = chrono::Utc::now().timestamp();
+        let answer: Value = reqwest::Client::new()
+            .get(format!("{}/api/v1/query_exemplars", prometheus.url))
+            .query(&[
+                ("query", "tidemark_sink_write_seconds_bucket".to_string()),
+                ("start", (end - 600).to_string()),
+                ("end", end.to_string()),
+            ])
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let ids: Vec<String> = answer["data"]
+            .as_array()?
+            .iter()
+            .flat_map(|series| series["exemplars"].as_array().cloned().unwrap_or_default())
+            .filter_map(|exemplar| exemplar["labels"]["trace_id"].as_str().map(str::to_string))
+            .collect();
+        let spans = collector.spans();
+        ids.into_iter().find(|id| spans.iter().any(|s| s.name == "sink.write" && &s.trace_id == id))
+    })
+    .await;
+    assert_eq!(exemplar_trace.len(), 32);
+}
