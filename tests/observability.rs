@@ -533,6 +533,7 @@ fn grafana_dashboards_on_real_data_need_the_chaos_feature() {
     panic!("the dashboard data test restarts partitions with `--features chaos`; scripts/test.sh runs it");
 }
 
+#[cfg(feature = "chaos")]
 /// Grafana's SQL macros, as its PostgreSQL data source expands them.
 fn expand_sql(text: &str, from: &str, to: &str, variables: &[(&str, String)]) -> String {
     let mut out = text.to_string();
@@ -557,12 +558,14 @@ fn expand_sql(text: &str, from: &str, to: &str, variables: &[(&str, String)]) ->
     out
 }
 
+#[cfg(feature = "chaos")]
 fn expand_promql(text: &str) -> String {
     let out = text.replace("$__rate_interval", "15s").replace("$instance", ".*");
     assert!(!out.contains('$'), "a macro or variable the test does not expand: {out}");
     out
 }
 
+#[cfg(feature = "chaos")]
 /// Prometheus (the Debian package's binary), scraping `target` every second.
 struct Prometheus {
     child: std::process::Child,
@@ -570,6 +573,7 @@ struct Prometheus {
     _dir: tempfile::TempDir,
 }
 
+#[cfg(feature = "chaos")]
 impl Prometheus {
     fn start(target: &str) -> Self {
         let binary = std::env::var("TIDEMARK_TEST_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
@@ -616,6 +620,7 @@ impl Prometheus {
     }
 }
 
+#[cfg(feature = "chaos")]
 impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
