@@ -375,6 +375,12 @@ async fn metrics_text_format_passes_promtool_and_names_no_sensor() {
     );
     assert!(openmetrics.text().await.expect("body").ends_with("# EOF\n"));
 
+    // Every family served is in the README's metrics table.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    for family in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()) {
+        assert!(readme.contains(&format!("`{family}`")), "README.md does not list {family}");
+    }
+
     // No label carries a sensor id (bounded cardinality).
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         assert!(!line.contains("traced-1") && !line.contains("sensor_id") && !line.contains("sensorId"), "{line}");
@@ -790,4 +796,79 @@ async fn grafana_panels_return_data_from_a_real_run() {
     })
     .await;
     assert_eq!(exemplar_trace.len(), 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_5_traceparent_user_property_is_continued() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let url = std::env::var("TIDEMARK_TEST_MQTT_URL").unwrap_or_else(|_| {
+        panic!(
+            "TIDEMARK_TEST_MQTT_URL is not set: run scripts/test.sh (it starts Mosquitto on 127.0.0.1:51883), or \
+             start one (mosquitto -p 51883) and set TIDEMARK_TEST_MQTT_URL=mqtt://127.0.0.1:51883"
+        )
+    });
+    let collector = Collector::default();
+    let endpoint = grpc_receiver(collector.clone()).await;
+    let prefix = format!("traced-{}-{}", std::process::id(), rand::random::<u32>());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let process = Process::start(&[
+        ("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.path().join("t.db").display())),
+        ("TIDEMARK__MQTT__ENABLED", "true".into()),
+        ("TIDEMARK__MQTT__URL", url.clone()),
+        ("TIDEMARK__MQTT__CLIENT_ID", format!("{prefix}-tidemark")),
+        ("TIDEMARK__MQTT__TOPICS", format!("[\"{prefix}/{{sensorId}}/data\"]")),
+        ("TIDEMARK__PIPELINE__WINDOW", "1s".into()),
+        ("TIDEMARK__PIPELINE__MAX_OUT_OF_ORDERNESS", "1s".into()),
+        ("TIDEMARK__TELEMETRY__OTLP_ENDPOINT", endpoint),
+        ("TIDEMARK__TELEMETRY__SAMPLING_RATIO", "0".into()),
+    ]);
+    let client = process.client();
+    eventually(Duration::from_secs(15), "tidemark subscribed", || async {
+        client.get_ok("/api/status").await["mqtt"]["subscribed"].as_bool().filter(|s| *s)
+    })
+    .await;
+
+    let address = url.trim_start_matches("mqtt://");
+    let (host, port) = address.rsplit_once(':').expect("host:port");
+    let mut options = rumqttc::v5::MqttOptions::new(format!("{prefix}-pub"), host, port.parse().expect("port"));
+    options.set_keep_alive(Duration::from_secs(5));
+    let (publisher, mut connection) = rumqttc::v5::AsyncClient::new(options, 100);
+    let acknowledged = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = Arc::clone(&acknowledged);
+    tokio::spawn(async move {
+        while let Ok(event) = connection.poll().await {
+            if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_)) = event {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let events = one_request();
+    for event in events.as_array().into_iter().flatten() {
+        let properties = PublishProperties {
+            user_properties: vec![("traceparent".into(), format!("00-{TRACE_ID}-{CALLER_SPAN}-01"))],
+            ..PublishProperties::default()
+        };
+        publisher
+            .publish_with_properties(
+                format!("{prefix}/traced-1/data"),
+                QoS::AtLeastOnce,
+                false,
+                event.to_string(),
+                properties,
+            )
+            .await
+            .expect("queued");
+    }
+    eventually(Duration::from_secs(15), "the broker acknowledged every message", || async {
+        (acknowledged.load(std::sync::atomic::Ordering::SeqCst) == 120).then_some(())
+    })
+    .await;
+
+    let spans = trace_with(&collector, TRACE_ID, "sink.write").await;
+    let receive = spans.iter().find(|s| s.name == "mqtt.receive").expect("an mqtt.receive span in the caller's trace");
+    assert_eq!(receive.parent, CALLER_SPAN, "mqtt.receive continues the publisher's span");
+    let write = spans.iter().find(|s| s.name == "sink.write").expect("sink.write");
+    let path = path_to_root(&spans, write);
+    assert_eq!(path[..5], ["sink.write", "window.fire", "partition.batch", "router.route", "mqtt.receive"], "{path:?}");
 }
