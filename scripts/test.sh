@@ -27,9 +27,21 @@ mkdir -p "$state_dir"
 # A clean build gains nothing from incremental state, and it costs gigabytes of disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
+# The port of a URL (`scheme://[user@]host:port[/path]`), or $2 when it names none: the
+# services are started where the URLs given to this script say.
+url_port() {
+  local rest="${1#*://}"
+  rest="${rest#*@}"
+  rest="${rest%%/*}"
+  case "$rest" in
+    *:*) echo "${rest##*:}" ;;
+    *) echo "$2" ;;
+  esac
+}
+
 start_postgres() {
   export TIDEMARK_TEST_DATABASE_URL="${TIDEMARK_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:55432/postgres}"
-  local port=55432
+  local port; port="$(url_port "$TIDEMARK_TEST_DATABASE_URL" 5432)"
   if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p "$port"; then return; fi
   apt_install postgresql postgresql-contrib
   local bin; bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)"
@@ -52,7 +64,7 @@ start_postgres() {
 
 start_mosquitto() {
   export TIDEMARK_TEST_MQTT_URL="${TIDEMARK_TEST_MQTT_URL:-mqtt://127.0.0.1:51883}"
-  local port=51883
+  local port; port="$(url_port "$TIDEMARK_TEST_MQTT_URL" 1883)"
   # The MQTT tests also start brokers of their own (restarts, TLS) and use mosquitto_passwd.
   apt_install mosquitto mosquitto-clients
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return; fi
@@ -82,8 +94,7 @@ install_schemathesis() {
 # The dashboard test (tests/dashboard.rs) drives headless Chromium over WebDriver.
 start_chromedriver() {
   export TIDEMARK_TEST_CHROMEDRIVER="${TIDEMARK_TEST_CHROMEDRIVER:-http://127.0.0.1:59515}"
-  local port="${TIDEMARK_TEST_CHROMEDRIVER##*:}"
-  port="${port%%/*}"
+  local port; port="$(url_port "$TIDEMARK_TEST_CHROMEDRIVER" 9515)"
   apt_install chromium chromium-driver
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return; fi
   nohup chromedriver --port="$port" --allowed-ips=127.0.0.1 >"$state_dir/chromedriver.log" 2>&1 &

@@ -657,101 +657,48 @@ impl Config {
         Self::from_figment(&figment)
     }
 
+    /// Every problem at once: unknown keys, values of the wrong type (each replaced by
+    /// its default so the rest can still be checked), then the checks of [`Self::validate`].
+    /// Each names the key as written in a file (`pipeline.window`) and in the environment
+    /// (`TIDEMARK__PIPELINE__WINDOW`), the value, where it came from, and what is valid.
     fn from_figment(figment: &Figment) -> Result<Self, ConfigErrors> {
+        use figment::value::Value;
         let mut errors = Vec::new();
-        let supplied: figment::value::Value = match figment.extract() {
+        let supplied: Value = match figment.extract() {
             Ok(value) => value,
+            // The sources cannot be read at all (a TOML syntax error): nothing to check.
             Err(error) => return Err(ConfigErrors(error.into_iter().map(|e| e.to_string()).collect())),
         };
         let known = known_keys();
-        find_unknown_keys(figment, &supplied, &known, "", &mut errors);
-
-        macro_rules! section {
-            ($name:literal) => {
-                match figment.extract_inner($name) {
-                    Ok(section) => Some(section),
-                    Err(error) => {
-                        errors.extend(error.into_iter().map(|e| e.to_string()));
-                        None
+        let mut unknown = Vec::new();
+        find_unknown_keys(figment, &supplied, &known, "", &mut errors, &mut unknown);
+        let mut cleaned = supplied;
+        for path in &unknown {
+            remove_path(&mut cleaned, path);
+        }
+        let mut replaced = std::collections::BTreeSet::new();
+        let config = loop {
+            match Figment::from(figment::providers::Serialized::defaults(&cleaned)).extract::<Config>() {
+                Ok(config) => break Some(config),
+                Err(error) => {
+                    let mut progressed = false;
+                    for error in error {
+                        let path = error.path.join(".");
+                        errors.push(describe_type_error(figment, &path, &error.kind));
+                        if replaced.insert(path.clone()) && replace_with_default(&mut cleaned, &known, &path) {
+                            progressed = true;
+                        }
+                    }
+                    if !progressed {
+                        break None;
                     }
                 }
-            };
-        }
-        let http = section!("http");
-        let ingest = section!("ingest");
-        let pipeline = section!("pipeline");
-        let kafka = section!("kafka");
-        let scoring = section!("scoring");
-        let store = section!("store");
-        let checkpoint = section!("checkpoint");
-        let supervision = section!("supervision");
-        let shutdown = section!("shutdown");
-        let log = section!("log");
-        let telemetry = section!("telemetry");
-        let dead_letters = section!("dead_letters");
-        let auth = section!("auth");
-        let elasticsearch = section!("elasticsearch");
-        let mqtt = section!("mqtt");
-        let ws = section!("ws");
-        let chaos = section!("chaos");
-
-        if let (
-            Some(http),
-            Some(ingest),
-            Some(pipeline),
-            Some(kafka),
-            Some(scoring),
-            Some(store),
-            Some(checkpoint),
-            Some(supervision),
-            Some(shutdown),
-            Some(log),
-            Some(telemetry),
-            Some(dead_letters),
-            Some(auth),
-            Some(elasticsearch),
-            Some(mqtt),
-            Some(ws),
-            Some(chaos),
-        ) = (
-            http,
-            ingest,
-            pipeline,
-            kafka,
-            scoring,
-            store,
-            checkpoint,
-            supervision,
-            shutdown,
-            log,
-            telemetry,
-            dead_letters,
-            auth,
-            elasticsearch,
-            mqtt,
-            ws,
-            chaos,
-        ) {
-            let config = Config {
-                http,
-                ingest,
-                pipeline,
-                kafka,
-                scoring,
-                store,
-                checkpoint,
-                supervision,
-                shutdown,
-                log,
-                telemetry,
-                dead_letters,
-                auth,
-                elasticsearch,
-                mqtt,
-                ws,
-                chaos,
-            };
-            config.validate(&mut errors);
+            }
+        };
+        if let Some(config) = config {
+            let mut invalid = Vec::new();
+            config.validate(&mut invalid);
+            errors.extend(invalid.into_iter().map(|message| with_key_and_value(figment, &message)));
             if errors.is_empty() {
                 return Ok(config);
             }
@@ -932,6 +879,9 @@ impl Config {
     /// The effective configuration as TOML, with secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
+        // Effective values where the default is derived from other settings.
+        shown.kafka.dlq_topic = self.kafka.dlq_topic();
+        shown.ingest.log_dir = self.ingest_log_dir().display().to_string();
         shown.store.url = redact_url(&shown.store.url);
         shown.elasticsearch.urls = shown.elasticsearch.urls.iter().map(|url| redact_url(url)).collect();
         shown.mqtt.url = redact_url(&shown.mqtt.url);
@@ -967,6 +917,7 @@ fn find_unknown_keys(
     known: &figment::value::Value,
     prefix: &str,
     errors: &mut Vec<String>,
+    unknown: &mut Vec<String>,
 ) {
     use figment::value::Value;
     let (Value::Dict(_, supplied), Value::Dict(_, known)) = (supplied, known) else {
@@ -978,19 +929,121 @@ fn find_unknown_keys(
     for (key, value) in supplied {
         let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
         match known.get(key) {
-            Some(known_value) => find_unknown_keys(figment, value, known_value, &path, errors),
+            Some(known_value) => find_unknown_keys(figment, value, known_value, &path, errors, unknown),
             None => {
-                let origin = figment
-                    .find_metadata(&path)
-                    .map(|metadata| match &metadata.source {
-                        Some(source) => format!(" (from {} {source})", metadata.name),
-                        None => format!(" (from {})", metadata.name),
-                    })
-                    .unwrap_or_default();
-                let env_name = format!("{ENV_PREFIX}{}", path.replace('.', "__").to_uppercase());
-                errors.push(format!("unknown key `{path}`{origin}; as an environment variable it would be {env_name}"));
+                let section = prefix.split('.').next().unwrap_or_default();
+                let valid: Vec<&str> = known.keys().map(String::as_str).collect();
+                let what = if prefix.is_empty() { "sections".to_string() } else { format!("keys of [{section}]") };
+                errors.push(format!(
+                    "{}: unknown key{}; the {what} are: {}",
+                    key_names(&path),
+                    origin(figment, &path),
+                    valid.join(", ")
+                ));
+                unknown.push(path);
             }
         }
+    }
+}
+
+/// A key as a file writes it and as an environment variable: `pipeline.window
+/// (TIDEMARK__PIPELINE__WINDOW)`.
+fn key_names(path: &str) -> String {
+    format!("{path} ({ENV_PREFIX}{})", path.replace('.', "__").to_uppercase())
+}
+
+/// Where a key's value came from: ` (from /etc/tidemark.toml)`, ` (from the environment)`.
+fn origin(figment: &Figment, path: &str) -> String {
+    use figment::Source;
+    match figment.find_metadata(path) {
+        Some(metadata) if metadata.name.contains("environment") => " (from the environment)".to_string(),
+        Some(metadata) => match &metadata.source {
+            Some(Source::File(file)) => format!(" (from {})", file.display()),
+            Some(Source::Custom(name)) => format!(" (from {name})"),
+            // Set by the program itself (`tidemark demo`'s presets, tests).
+            _ => String::new(),
+        },
+        None => String::new(),
+    }
+}
+
+/// The value at `path` as it was written, in TOML-like notation.
+fn supplied_value(figment: &Figment, path: &str) -> Option<String> {
+    let value = figment.find_value(path).ok()?;
+    Some(serde_json::to_string(&value).unwrap_or_else(|_| "?".into()))
+}
+
+/// A value that does not have the key's type.
+fn describe_type_error(figment: &Figment, path: &str, kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    let value = supplied_value(figment, path).map(|value| format!(" = {value}")).unwrap_or_default();
+    let expected = match kind {
+        Kind::InvalidType(_, expected) | Kind::InvalidValue(_, expected) => {
+            let hint =
+                if expected.contains("duration") { " such as \"250ms\", \"5s\", \"2m\", \"1h\", \"7d\"" } else { "" };
+            format!("expected {expected}{hint}")
+        }
+        Kind::MissingField(field) => format!("missing key `{field}`"),
+        other => other.to_string(),
+    };
+    format!("{}{value}{}: {expected}", key_names(path), origin(figment, path))
+}
+
+/// A check's message `key: what is valid`, with the key's names, value and origin.
+fn with_key_and_value(figment: &Figment, message: &str) -> String {
+    let Some((keys, rest)) = message.split_once(": ") else {
+        return message.to_string();
+    };
+    let path = keys.split([' ', ',']).next().unwrap_or_default();
+    if path.is_empty() || !path.contains('.') || figment.find_value(path).is_err() || keys.contains(' ') {
+        return message.to_string();
+    }
+    let value = supplied_value(figment, path).map(|value| format!(" = {value}")).unwrap_or_default();
+    format!("{}{value}{}: {rest}", key_names(path), origin(figment, path))
+}
+
+fn remove_path(value: &mut figment::value::Value, path: &str) {
+    use figment::value::Value;
+    let (parent, last) = match path.rsplit_once('.') {
+        Some((parent, last)) => (Some(parent), last),
+        None => (None, path),
+    };
+    let target = match parent {
+        Some(parent) => value_at_mut(value, parent),
+        None => Some(value),
+    };
+    if let Some(Value::Dict(_, dict)) = target {
+        dict.remove(last);
+    }
+}
+
+fn value_at_mut<'a>(value: &'a mut figment::value::Value, path: &str) -> Option<&'a mut figment::value::Value> {
+    use figment::value::Value;
+    let mut current = value;
+    for part in path.split('.') {
+        current = match current {
+            Value::Dict(_, dict) => dict.get_mut(part)?,
+            _ => return None,
+        };
+    }
+    Some(current)
+}
+
+/// Put the embedded default back at `path` (or drop the key when there is none);
+/// whether anything changed.
+fn replace_with_default(value: &mut figment::value::Value, known: &figment::value::Value, path: &str) -> bool {
+    let mut known = known.clone();
+    let default = value_at_mut(&mut known, path).cloned();
+    match (default, value_at_mut(value, path)) {
+        (Some(default), Some(slot)) => {
+            *slot = default;
+            true
+        }
+        (None, Some(_)) => {
+            remove_path(value, path);
+            true
+        }
+        (_, None) => false,
     }
 }
 
@@ -1177,9 +1230,9 @@ mod tests {
         )
         .expect_err("invalid")
         .to_string();
-        for expected in ["mqtt.url", "mqtt.topics: \"sensors/#/data\"", "mqtt.client_key_file", "mqtt.dedup_window"] {
+        for expected in ["mqtt.url", "\"sensors/#/data\": # must be", "mqtt.client_key_file", "mqtt.dedup_window"] {
             assert!(errors.contains(expected), "{expected} not in {errors}");
         }
-        assert!(!errors.contains("ok/{sensorId}"), "a valid pattern is not reported: {errors}");
+        assert!(!errors.contains("\"ok/{sensorId}\": "), "a valid pattern is not reported: {errors}");
     }
 }

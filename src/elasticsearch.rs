@@ -407,6 +407,16 @@ impl EsClient {
         classify(status, &reply).map(|_| ())
     }
 
+    /// Whether the index template exists (`GET _index_template/{name}`).
+    pub async fn template_exists(&self) -> Result<bool, String> {
+        let (status, reply) = self.request(Method::Get, &format!("_index_template/{}", self.template), None).await?;
+        match status.as_u16() {
+            200 => Ok(true),
+            404 => Ok(false),
+            _ => Err(format!("_index_template answered {status}: {}", String::from_utf8_lossy(&reply))),
+        }
+    }
+
     /// Cluster health (`green`, `yellow`, `red`).
     pub async fn health(&self) -> Result<String, String> {
         let (status, reply) = self.request(Method::Get, "_cluster/health", None).await?;

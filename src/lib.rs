@@ -33,6 +33,7 @@
 pub mod actors;
 pub mod auth;
 pub mod config;
+pub mod doctor;
 pub mod elasticsearch;
 pub mod ingest;
 pub mod kafka;

@@ -77,6 +77,10 @@ enum Command {
     CheckConfig,
     /// Create or upgrade the store's schema, then exit.
     Migrate,
+    /// Check the configuration, the store (reachable, schema), the clock, Kafka (brokers,
+    /// topic, partitions, group lag), MQTT and Elasticsearch; exits 1 when a check fails.
+    /// Reads only: safe beside running instances (e.g. as an init container).
+    Doctor,
     /// Make an API key (or take KEY) and print it with its `[[auth.api_keys]]` entry.
     HashKey {
         /// The key's name, shown in logs and errors.
@@ -127,6 +131,14 @@ fn main() -> ExitCode {
                 }
                 Err(code) => code,
             },
+            Command::Doctor => {
+                let report = match Config::load(&sources) {
+                    Ok(config) => tidemark::doctor::run(&config).await,
+                    Err(errors) => tidemark::doctor::invalid_configuration(&errors),
+                };
+                print!("{report}");
+                if report.failed() { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+            }
             Command::Migrate => {
                 let config = match load(sources) {
                     Ok(config) => config,

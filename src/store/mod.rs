@@ -370,6 +370,33 @@ pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     }
 }
 
+/// What `tidemark doctor` reads of a store, changing nothing.
+#[derive(Clone, Debug, Default)]
+pub struct StoreInspection {
+    /// Migration versions applied, ascending.
+    pub applied: Vec<i64>,
+    /// Migration versions this build knows, ascending.
+    pub known: Vec<i64>,
+    /// The store server's clock (none for a local file).
+    pub clock_ms: Option<i64>,
+    /// A SQLite file that does not exist yet (created at the first start).
+    pub missing_database: bool,
+}
+
+/// Connect without migrating and read the schema version and the clock.
+pub async fn inspect(config: &StoreConfig) -> Result<StoreInspection, StoreError> {
+    if config.url.starts_with("sqlite:") {
+        sqlite::inspect(config).await
+    } else if config.url.starts_with("postgres://") || config.url.starts_with("postgresql://") {
+        postgres::inspect(config).await
+    } else {
+        Err(StoreError::Incompatible(format!(
+            "store.url: unsupported scheme in {}; use sqlite:// or postgres://",
+            crate::config::redact_url(&config.url)
+        )))
+    }
+}
+
 /// Trim the extra row a page query fetched, and make the cursor of the next page.
 pub(crate) fn paginate(mut items: Vec<Prediction>, limit: u32) -> Page<Prediction> {
     let next = if items.len() > limit as usize {

@@ -119,6 +119,32 @@ fn search_words(result: &WindowResult) -> String {
     out
 }
 
+/// See [`super::inspect`].
+pub(crate) async fn inspect(config: &StoreConfig) -> Result<super::StoreInspection, StoreError> {
+    use sqlx::Connection;
+    let options = PgConnectOptions::from_str(&config.url)
+        .map_err(|error| StoreError::Incompatible(format!("store.url: {error}")))?
+        .application_name("tidemark-doctor");
+    let mut connection = sqlx::PgConnection::connect_with(&options).await?;
+    let table: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text").fetch_one(&mut connection).await?;
+    let applied: Vec<i64> = if table.is_some() {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&mut connection)
+            .await?
+    } else {
+        Vec::new()
+    };
+    let clock: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&mut connection).await?;
+    let _ = connection.close().await;
+    Ok(super::StoreInspection {
+        applied,
+        known: migrator().iter().map(|migration| migration.version).collect(),
+        clock_ms: Some(clock.timestamp_millis()),
+        missing_database: false,
+    })
+}
+
 impl PostgresStore {
     pub async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
         Self::open_with(config, WriteMethod::Unnest).await

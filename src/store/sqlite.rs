@@ -95,6 +95,32 @@ fn migrator() -> Migrator {
     ])
 }
 
+/// See [`super::inspect`].
+pub(crate) async fn inspect(config: &StoreConfig) -> Result<super::StoreInspection, StoreError> {
+    use sqlx::Connection;
+    let known = migrator().iter().map(|migration| migration.version).collect();
+    if sqlite_path(&config.url).is_some_and(|path| !path.exists()) {
+        return Ok(super::StoreInspection { known, missing_database: true, ..Default::default() });
+    }
+    let options = SqliteConnectOptions::from_str(&config.url)
+        .map_err(|error| StoreError::Incompatible(format!("store.url: {error}")))?
+        .read_only(true);
+    let mut connection = sqlx::SqliteConnection::connect_with(&options).await?;
+    let table: Option<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'")
+            .fetch_optional(&mut connection)
+            .await?;
+    let applied: Vec<i64> = if table.is_some() {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&mut connection)
+            .await?
+    } else {
+        Vec::new()
+    };
+    let _ = connection.close().await;
+    Ok(super::StoreInspection { applied, known, clock_ms: None, missing_database: false })
+}
+
 impl SqliteStore {
     pub async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
         if let Some(path) = sqlite_path(&config.url)

@@ -1,0 +1,195 @@
+//! The CLI as a person or an init container runs it: `check-config` reports every
+//! configuration problem once, with the key as the user writes it; `doctor` checks a real
+//! PostgreSQL and the Kafka mock cluster, right and wrong; logs written to a pipe carry
+//! no colour codes.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn tidemark(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tidemark"));
+    command.args(args);
+    // Only what the test sets: the developer's own TIDEMARK__ settings stay out.
+    for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("TIDEMARK__")) {
+        command.env_remove(key);
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("tidemark runs")
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+/// The `  - ` lines of a configuration error report.
+fn problems(report: &str) -> Vec<&str> {
+    report.lines().filter_map(|line| line.strip_prefix("  - ")).collect()
+}
+
+#[test]
+fn check_config_reports_each_problem_once_with_the_key_as_written() {
+    let output =
+        tidemark(&["check-config"], &[("TIDEMARK__PIPELINE__WINDOW", "2x"), ("TIDEMARK__PIPELINE__BOGUS", "1")]);
+    let report = text(&output);
+    assert_eq!(output.status.code(), Some(2), "{report}");
+    let found = problems(&report);
+    assert_eq!(found.len(), 2, "{report}");
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("pipeline.bogus (TIDEMARK__PIPELINE__BOGUS): unknown key") && p.contains("window")),
+        "{report}"
+    );
+    assert!(
+        found.iter().any(|p| p.starts_with(
+            "pipeline.window (TIDEMARK__PIPELINE__WINDOW) = \"2x\" (from the environment): expected a duration"
+        ) && p.contains("\"5s\"")),
+        "{report}"
+    );
+
+    // A file with six problems of three kinds: all six, each once.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[pipeline]\npartitions = 0\nwindow = \"2x\"\nbogus = 1\n[scoring]\nmodel = \"nope\"\nthreshold = 1.5\n[http]\nlisten = \"nope\"\n",
+    )
+    .expect("write");
+    let output = tidemark(&["--config", &file.display().to_string(), "check-config"], &[]);
+    let report = text(&output);
+    assert_eq!(output.status.code(), Some(2), "{report}");
+    let found = problems(&report);
+    assert_eq!(found.len(), 6, "{report}");
+    for key in [
+        "pipeline.partitions",
+        "pipeline.window",
+        "pipeline.bogus",
+        "scoring.model",
+        "scoring.threshold",
+        "http.listen",
+    ] {
+        let lines: Vec<&&str> = found.iter().filter(|p| p.starts_with(&format!("{key} "))).collect();
+        assert_eq!(lines.len(), 1, "{key} in {report}");
+        assert!(lines[0].contains(&file.display().to_string()), "{key}: no origin in {report}");
+    }
+    assert!(found.iter().any(|p| p.contains("pipeline.partitions (TIDEMARK__PIPELINE__PARTITIONS) = 0")), "{report}");
+    assert!(found.iter().any(|p| p.contains("= \"nope\"") && p.contains("\"context\"")), "{report}");
+}
+
+#[test]
+fn check_config_prints_effective_values() {
+    let output = tidemark(&["check-config"], &[]);
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    assert!(printed.contains("dlq_topic = \"sensor-events.dlq\""), "{printed}");
+    assert!(printed.contains("log_dir = \"data/tidemark.db.ingest-log\""), "{printed}");
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidemark"))
+        .arg("run")
+        .env("TIDEMARK__HTTP__LISTEN", "127.0.0.1:0")
+        .env("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.path().join("t.db").display()))
+        .env("TIDEMARK__LOG__FORMAT", "text")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = Vec::new();
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        let running = line.contains("tidemark is running");
+        lines.push(line);
+        if running {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = lines.join("\n");
+    assert!(log.contains("tidemark is running"), "{log}");
+    assert!(!log.contains('\u{1b}'), "ANSI escape codes in a piped log:\n{log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_postgres_and_kafka_and_says_what_is_wrong() {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use tidemark::sim::kafka::MockBroker;
+
+    let topics = [("sensor-events".to_string(), 3), ("sensor-events.dlq".to_string(), 1)];
+    let mock = MockBroker::start(1, &topics, Duration::ZERO).expect("mock cluster");
+    let brokers = mock.bootstrap_servers().expect("bootstrap servers");
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("producer");
+    for i in 0..30 {
+        let payload = format!("{{\"sensorId\":\"s{i}\",\"eventType\":\"t\",\"value\":1}}");
+        producer
+            .send(FutureRecord::to("sensor-events").key(&format!("s{i}")).payload(&payload), Duration::from_secs(5))
+            .await
+            .expect("produced");
+    }
+    let url = common::fresh_postgres_database().await;
+    let base = [
+        ("TIDEMARK__STORE__URL", url.as_str()),
+        ("TIDEMARK__KAFKA__ENABLED", "true"),
+        ("TIDEMARK__INGEST__MODE", "kafka"),
+        ("TIDEMARK__KAFKA__BROKERS", brokers.as_str()),
+        ("TIDEMARK__KAFKA__GROUP_ID", "doctor"),
+        ("TIDEMARK__LOG__LEVEL", "error"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| -> Vec<(&str, &str)> {
+        base.iter().copied().chain(extra.iter().copied()).collect()
+    };
+
+    // A new database, partitions right: the schema is pending (a warning, not a failure).
+    let output = tidemark(&["doctor"], &with(&[("TIDEMARK__PIPELINE__PARTITIONS", "3")]));
+    let report = text(&output);
+    assert!(output.status.success(), "{report}");
+    assert!(report.contains("warn  store") && report.contains("migration 0 of"), "{report}");
+    assert!(report.contains("ok    clock"), "{report}");
+    assert!(report.contains("topic sensor-events has 3 partitions = pipeline.partitions"), "{report}");
+    assert!(report.contains("consumer group doctor: lag 30 message(s)"), "{report}");
+
+    // Migrated: all ok.
+    let migrated = tidemark(&["migrate"], &with(&[]));
+    assert!(migrated.status.success(), "{}", text(&migrated));
+    let output = tidemark(&["doctor"], &with(&[("TIDEMARK__PIPELINE__PARTITIONS", "3")]));
+    let report = text(&output);
+    assert!(output.status.success(), "{report}");
+    assert!(report.contains("ok    store") && !report.contains("FAIL"), "{report}");
+
+    // Wrong partition count: a failure that says what to set.
+    let output = tidemark(&["doctor"], &with(&[("TIDEMARK__PIPELINE__PARTITIONS", "4")]));
+    let report = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    assert!(report.contains("FAIL  kafka") && report.contains("TIDEMARK__PIPELINE__PARTITIONS=3"), "{report}");
+
+    // A topic that does not exist, a store nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let dead_store = format!("postgres://postgres@127.0.0.1:{closed}/postgres");
+    let output = tidemark(
+        &["doctor"],
+        &with(&[("TIDEMARK__KAFKA__TOPIC", "no-such-topic")])
+            .into_iter()
+            .map(|(k, v)| if k == "TIDEMARK__STORE__URL" { (k, dead_store.as_str()) } else { (k, v) })
+            .collect::<Vec<_>>(),
+    );
+    let report = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    assert!(report.contains("FAIL  store") && report.contains(&format!("127.0.0.1:{closed}")), "{report}");
+    assert!(report.contains("FAIL  kafka") && report.contains("no-such-topic"), "{report}");
+
+    // An invalid configuration is a failed check too, with the same messages as check-config.
+    let output = tidemark(&["doctor"], &with(&[("TIDEMARK__PIPELINE__WINDOW", "2x")]));
+    let report = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    assert!(report.contains("FAIL  configuration  pipeline.window (TIDEMARK__PIPELINE__WINDOW) = \"2x\""), "{report}");
+}
