@@ -10,6 +10,8 @@
 #   PostgreSQL 15  TIDEMARK_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:55432/postgres)
 #   Mosquitto      TIDEMARK_TEST_MQTT_URL     (default mqtt://127.0.0.1:51883)
 #   schemathesis   TIDEMARK_SCHEMATHESIS      (PyPI, in a virtualenv under the state directory)
+#   Python tools   TIDEMARK_TEST_PYTHON       (the same virtualenv: jsonschema, PyYAML and
+#                                             kubernetes-validate, for tests/deploy.rs)
 #   openssl        the CLI, for the JWT test's RSA key
 #   Chromium       chromium + chromium-driver; chromedriver on TIDEMARK_TEST_CHROMEDRIVER
 #                  (default http://127.0.0.1:59515), for the dashboard test
@@ -77,18 +79,21 @@ start_mosquitto() {
   echo "mosquitto on 127.0.0.1:$port" >&2
 }
 
-# The OpenAPI conformance test (tests/openapi.rs) runs schemathesis from PyPI.
-install_schemathesis() {
+# Python tools from PyPI, in one virtualenv: schemathesis for the OpenAPI conformance
+# test (tests/openapi.rs); jsonschema, PyYAML and kubernetes-validate for the deployment
+# checks (tests/deploy.rs).
+install_python_tools() {
   local venv="$state_dir/venv"
-  if [ ! -x "$venv/bin/schemathesis" ]; then
+  if [ ! -x "$venv/bin/schemathesis" ] || [ ! -x "$venv/bin/kubernetes-validate" ]; then
     apt_install python3 python3-venv
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q 'schemathesis>=4.32,<5'
-    # Byte-compiled up front, so the test's time budget is not spent on it.
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install -q 'schemathesis>=4.32,<5' 'jsonschema>=4.20,<5' 'PyYAML>=6,<7' 'kubernetes-validate>=1.30,<2'
+    # Byte-compiled up front, so the tests' time budget is not spent on it.
     "$venv/bin/python" -m compileall -q "$venv/lib" >/dev/null 2>&1 || true
   fi
   export TIDEMARK_SCHEMATHESIS="$venv/bin/schemathesis"
-  echo "schemathesis $("$TIDEMARK_SCHEMATHESIS" --version | awk '{print $NF}')" >&2
+  export TIDEMARK_TEST_PYTHON="$venv/bin/python"
+  echo "schemathesis $("$TIDEMARK_SCHEMATHESIS" --version | awk '{print $NF}'), kubernetes-validate $("$venv/bin/kubernetes-validate" --version)" >&2
 }
 
 # The dashboard test (tests/dashboard.rs) drives headless Chromium over WebDriver.
@@ -106,7 +111,7 @@ build_prerequisites
 apt_install openssl prometheus
 start_postgres
 start_mosquitto
-install_schemathesis
+install_python_tools
 start_chromedriver
 
 cargo fmt --all -- --check
