@@ -15,6 +15,7 @@
 #   openssl        the CLI, for the JWT test's RSA key
 #   Chromium       chromium + chromium-driver; chromedriver on TIDEMARK_TEST_CHROMEDRIVER
 #                  (default http://127.0.0.1:59515), for the dashboard test
+#   buildah        builds the Dockerfile's runtime stage from the local binary (tests/deploy.rs)
 #   Prometheus     the Debian package's prometheus and promtool (TIDEMARK_TEST_PROMETHEUS,
 #                  TIDEMARK_TEST_PROMTOOL); each observability test starts its own on loopback
 # Kafka tests use librdkafka's in-process mock cluster and need no service.
@@ -108,7 +109,7 @@ start_chromedriver() {
 }
 
 build_prerequisites
-apt_install openssl prometheus
+apt_install openssl prometheus buildah
 start_postgres
 start_mosquitto
 install_python_tools

@@ -255,3 +255,86 @@ fn the_dockerfile_builds_dependencies_apart_and_runs_as_a_non_root_user_without_
     let ignored = std::fs::read_to_string(root().join(".dockerignore")).expect(".dockerignore");
     assert!(ignored.lines().any(|l| l.trim_end_matches('/') == "target"), "target/ stays out of the build context");
 }
+
+/// The Dockerfile's runtime stage, built for real with buildah: base images cannot be
+/// pulled here, so the stage is built `FROM scratch` with the locally built binary and the
+/// shared libraries `ldd` names (what the distroless base provides) in place of the build
+/// stage's output; every other instruction is the Dockerfile's own. The image must carry
+/// the user, signal, labels, volume and entry point, and the binary must run in it.
+#[test]
+fn the_runtime_stage_builds_with_buildah_and_the_binary_runs_in_it() {
+    let buildah = std::env::var("TIDEMARK_TEST_BUILDAH").unwrap_or_else(|_| "buildah".into());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let context = dir.path().join("context");
+    let out = context.join("out");
+    let bin = out.join("usr/local/bin");
+    std::fs::create_dir_all(&bin).expect("dirs");
+    std::fs::create_dir_all(out.join("var/lib/tidemark/data")).expect("dirs");
+    let binary = env!("CARGO_BIN_EXE_tidemark");
+    std::fs::copy(binary, bin.join("tidemark")).expect("copy binary");
+    let ldd = Command::new("ldd").arg(binary).output().expect("ldd runs");
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line.split("=>").last().unwrap_or_default().split_whitespace().next().unwrap_or_default();
+        if path.starts_with('/') {
+            let target = context.join("libs").join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(target.parent().expect("parent")).expect("dirs");
+            std::fs::copy(path, &target).unwrap_or_else(|e| panic!("copy {path}: {e}"));
+        }
+    }
+
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).expect("Dockerfile");
+    let runtime_from = dockerfile.rfind("\nFROM ").expect("a runtime stage") + 1;
+    let mut containerfile = String::new();
+    for line in dockerfile[runtime_from..].lines() {
+        if line.starts_with("FROM ") {
+            containerfile.push_str("FROM scratch\nCOPY libs/ /\n");
+        } else if let Some(rest) = line.strip_prefix("COPY --from=build ") {
+            containerfile.push_str(&format!("COPY {}\n", rest.replacen("/out/", "out/", 1)));
+        } else {
+            containerfile.push_str(line);
+            containerfile.push('\n');
+        }
+    }
+    std::fs::write(context.join("Containerfile"), &containerfile).expect("write");
+
+    let tag = format!("localhost/tidemark-test:{}", std::process::id());
+    let run = |args: &[&str]| {
+        let output = Command::new(&buildah)
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .output()
+            .unwrap_or_else(|error| {
+                panic!("cannot run {buildah} ({error}): install buildah (Debian package; scripts/test.sh does) or set TIDEMARK_TEST_BUILDAH")
+            });
+        (
+            output.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)),
+        )
+    };
+    let context_path = context.to_str().expect("path");
+    let (built, log) = run(&["bud", "--isolation", "chroot", "--layers=false", "-t", &tag, context_path]);
+    assert!(built, "buildah bud:\n{containerfile}\n{log}");
+
+    let (inspected, json) = run(&["inspect", "--type", "image", &tag]);
+    assert!(inspected, "{json}");
+    let image: Value = serde_json::from_str(&json).expect("inspect JSON");
+    let config = &image["OCIv1"]["config"];
+    assert_eq!(config["User"], "65532:65532");
+    assert_eq!(config["StopSignal"], "SIGTERM");
+    assert_eq!(config["Entrypoint"], serde_json::json!(["/usr/local/bin/tidemark"]));
+    assert_eq!(config["Cmd"], serde_json::json!(["run"]));
+    assert!(config["Volumes"].get("/var/lib/tidemark/data").is_some(), "{config}");
+    assert_eq!(config["Labels"]["org.opencontainers.image.title"], "tidemark");
+    assert_eq!(config["WorkingDir"], "/var/lib/tidemark");
+
+    // The binary starts in the image (its libraries resolve) and reads the image's ENV.
+    let (created, container) = run(&["from", "--isolation", "chroot", &tag]);
+    assert!(created, "{container}");
+    let container = container.lines().last().unwrap_or_default().trim().to_string();
+    let (ran, printed) =
+        run(&["run", "--isolation", "chroot", &container, "--", "/usr/local/bin/tidemark", "check-config"]);
+    let _ = run(&["rm", &container]);
+    let _ = run(&["rmi", "-f", &tag]);
+    assert!(ran, "tidemark check-config in the image:\n{printed}");
+    assert!(printed.contains("listen = \"0.0.0.0:8080\"") && printed.contains("format = \"json\""), "{printed}");
+}
