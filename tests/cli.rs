@@ -193,3 +193,48 @@ async fn doctor_checks_postgres_and_kafka_and_says_what_is_wrong() {
     assert_eq!(output.status.code(), Some(1), "{report}");
     assert!(report.contains("FAIL  configuration  pipeline.window (TIDEMARK__PIPELINE__WINDOW) = \"2x\""), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_mqtt_and_elasticsearch() {
+    use tidemark::sim::es_double::EsDouble;
+    let mqtt = std::env::var("TIDEMARK_TEST_MQTT_URL").unwrap_or_else(|_| {
+        panic!(
+            "TIDEMARK_TEST_MQTT_URL is not set: run scripts/test.sh (it starts Mosquitto on 127.0.0.1:51883), or start \
+             one (mosquitto -p 51883) and set TIDEMARK_TEST_MQTT_URL=mqtt://127.0.0.1:51883"
+        )
+    });
+    let double = EsDouble::start("127.0.0.1:0".parse().expect("addr")).await.expect("stand-in starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = format!("sqlite://{}", dir.path().join("t.db").display());
+    let urls = format!("[\"{}\"]", double.url());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let dead_mqtt = format!("mqtt://127.0.0.1:{closed}");
+    let dead_es = format!("[\"http://127.0.0.1:{closed}\"]");
+    let run = |mqtt: &str, es: &str| {
+        tidemark(
+            &["doctor"],
+            &[
+                ("TIDEMARK__STORE__URL", store.as_str()),
+                ("TIDEMARK__MQTT__ENABLED", "true"),
+                ("TIDEMARK__MQTT__URL", mqtt),
+                ("TIDEMARK__MQTT__CLIENT_ID", "doctor-test"),
+                ("TIDEMARK__ELASTICSEARCH__ENABLED", "true"),
+                ("TIDEMARK__ELASTICSEARCH__URLS", es),
+            ],
+        )
+    };
+
+    let output = run(&mqtt, &urls);
+    let report = text(&output);
+    assert!(output.status.success(), "{report}");
+    assert!(report.contains("ok    mqtt") && report.contains("connected (MQTT 5)"), "{report}");
+    assert!(report.contains("ok    elasticsearch") && report.contains("cluster health is"), "{report}");
+    // The template is the sink's to create: missing is a warning, not a failure.
+    assert!(report.contains("warn  elasticsearch  index template"), "{report}");
+
+    let output = run(&dead_mqtt, &dead_es);
+    let report = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    assert!(report.contains("FAIL  mqtt") && report.contains(&dead_mqtt), "{report}");
+    assert!(report.contains("FAIL  elasticsearch"), "{report}");
+}
