@@ -244,6 +244,39 @@ pub fn follow(span: &tracing::Span, parents: &[TraceContext]) {
     }
 }
 
+/// The span of the windows a traced batch fired (scoring ran as they fired, inside the
+/// batch's span), with the first anomalies as span events; its context goes on to the
+/// sinks with the results.
+pub fn window_fire(
+    batch: &tracing::Span,
+    partition: u32,
+    results: &[crate::messages::WindowResult],
+    anomalies: u64,
+) -> Option<TraceContext> {
+    use opentelemetry::KeyValue;
+    let span = tracing::info_span!(
+        target: TARGET,
+        parent: batch,
+        "window.fire",
+        partition,
+        windows = results.len(),
+        anomalies,
+    );
+    for result in results.iter().filter(|result| result.anomaly).take(16) {
+        span.add_event(
+            "anomaly",
+            vec![
+                KeyValue::new("sensor.id", result.sensor_id.to_string()),
+                KeyValue::new("event.type", result.event_type.to_string()),
+                KeyValue::new("window.start_ms", result.window_start_ms),
+                KeyValue::new("score", result.prediction_score),
+                KeyValue::new("severity", result.severity.as_str()),
+            ],
+        );
+    }
+    TraceContext::of(&span)
+}
+
 /// The distinct trace contexts a batch gathered from its inputs (bounded).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Parents(SmallVec<[TraceContext; 1]>);

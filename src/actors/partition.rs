@@ -754,33 +754,10 @@ impl PartitionState {
                     metrics.anomalies.get_or_create(&SeverityLabels { severity: result.severity.as_str() }).inc();
                 }
             }
-            // Scoring ran as the windows fired, inside the batch's span; this span marks
-            // what the batch fired and carries the trace on to the sinks.
-            let trace = self.batch_span.as_ref().and_then(|batch| {
-                let span = tracing::info_span!(
-                    target: crate::telemetry::TARGET,
-                    parent: batch,
-                    "window.fire",
-                    partition = self.partition,
-                    windows = results.len(),
-                    anomalies,
-                );
-                for result in results.iter().filter(|result| result.anomaly).take(16) {
-                    use opentelemetry::KeyValue;
-                    use tracing_opentelemetry::OpenTelemetrySpanExt;
-                    span.add_event(
-                        "anomaly",
-                        vec![
-                            KeyValue::new("sensor.id", result.sensor_id.to_string()),
-                            KeyValue::new("event.type", result.event_type.to_string()),
-                            KeyValue::new("window.start_ms", result.window_start_ms),
-                            KeyValue::new("score", result.prediction_score),
-                            KeyValue::new("severity", result.severity.as_str()),
-                        ],
-                    );
-                }
-                crate::telemetry::TraceContext::of(&span)
-            });
+            let trace = self
+                .batch_span
+                .as_ref()
+                .and_then(|batch| crate::telemetry::window_fire(batch, self.partition, &results, anomalies));
             self.context.sinks.send_results(results, trace)?;
         }
         if !self.dead_letters.is_empty() {
