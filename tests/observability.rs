@@ -662,7 +662,7 @@ async fn grafana_panels_return_data_from_a_real_run() {
         ("TIDEMARK__TELEMETRY__OTLP_PROTOCOL", "http/protobuf".into()),
         ("TIDEMARK__TELEMETRY__SAMPLING_RATIO", "1".into()),
         // A few partition panics: restarts to show (each replays from its checkpoint).
-        ("TIDEMARK__CHAOS__PARTITION_PANIC_PROBABILITY", "0.0002".into()),
+        ("TIDEMARK__CHAOS__PARTITION_PANIC_PROBABILITY", "0.0005".into()),
     ]);
     let prometheus = Prometheus::start(&process.addr);
     let client = process.client();
