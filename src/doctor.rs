@@ -218,6 +218,28 @@ fn kafka_checks(kafka: &crate::config::KafkaConfig, partitions: u32) -> Vec<(Sta
             ),
         ));
     }
+    // The output topics must exist (the brokers are not asked to create topics); the
+    // dead-letter topic only matters once a message is malformed.
+    if let Ok(all) = consumer.fetch_metadata(None, TIMEOUT) {
+        let exists = |name: &str| all.topics().iter().any(|t| t.name() == name && t.error().is_none());
+        for (key, topic, missing) in [
+            ("kafka.results_topic", kafka.results_topic.clone(), Status::Fail),
+            ("kafka.alerts_topic", kafka.alerts_topic.clone(), Status::Fail),
+            ("kafka.dlq_topic", kafka.dlq_topic(), Status::Warn),
+        ] {
+            if topic.is_empty() {
+                continue;
+            }
+            if exists(&topic) {
+                checks.push((Status::Ok, format!("{key} {topic} exists")));
+            } else {
+                checks.push((
+                    missing,
+                    format!("{key} {topic} does not exist: create it (the brokers do not create topics for tidemark)"),
+                ));
+            }
+        }
+    }
     let mut list = TopicPartitionList::new();
     for partition in topic.partitions() {
         list.add_partition(&kafka.topic, partition.id());

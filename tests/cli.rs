@@ -157,6 +157,16 @@ async fn doctor_checks_postgres_and_kafka_and_says_what_is_wrong() {
     assert!(report.contains("ok    clock"), "{report}");
     assert!(report.contains("topic sensor-events has 3 partitions = pipeline.partitions"), "{report}");
     assert!(report.contains("consumer group doctor: lag 30 message(s)"), "{report}");
+    assert!(report.contains("kafka.dlq_topic sensor-events.dlq exists"), "{report}");
+
+    // A results topic that does not exist fails: the Kafka sink could never write.
+    let output = tidemark(
+        &["doctor"],
+        &with(&[("TIDEMARK__PIPELINE__PARTITIONS", "3"), ("TIDEMARK__KAFKA__RESULTS_TOPIC", "nowhere")]),
+    );
+    let report = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    assert!(report.contains("FAIL  kafka          kafka.results_topic nowhere does not exist"), "{report}");
 
     // Migrated: all ok.
     let migrated = tidemark(&["migrate"], &with(&[]));
