@@ -71,7 +71,12 @@ fn event_types_can_use_their_own_model() {
 
     let errors = Config::load(&ConfigSources::default().with("scoring.event_types.vibration", "lstm"))
         .expect_err("unknown model");
-    assert!(errors.to_string().contains("scoring.event_types.vibration: unknown model \"lstm\""), "{errors}");
+    assert!(
+        errors.to_string().contains(
+            "scoring.event_types.vibration (TIDEMARK__SCORING__EVENT_TYPES__VIBRATION) = \"lstm\": unknown model \"lstm\""
+        ),
+        "{errors}"
+    );
 }
 
 #[test]
