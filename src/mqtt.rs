@@ -763,6 +763,7 @@ fn receive_span(batch: &[Received]) -> tracing::Span {
     let span = tracing::info_span!(
         target: crate::telemetry::TARGET,
         "mqtt.receive",
+        trace_id = tracing::field::Empty,
         otel.kind = "consumer",
         messaging.system = "mqtt",
         messaging.batch.message_count = batch.len(),

@@ -233,14 +233,17 @@ impl TraceContext {
 }
 
 /// Make `span` continue the first of `parents` and link the others (at most
-/// [`MAX_LINKS`]). Call before the span is entered.
+/// [`MAX_LINKS`]), then record its trace id in its `trace_id` field (when it declares
+/// one), so log lines written inside it name their trace. Call before the span is entered.
 pub fn follow(span: &tracing::Span, parents: &[TraceContext]) {
-    let Some((first, others)) = parents.split_first() else {
-        return;
-    };
-    let _ = span.set_parent(Context::new().with_remote_span_context(first.span_context()));
-    for link in others.iter().take(MAX_LINKS) {
-        span.add_link(link.span_context());
+    if let Some((first, others)) = parents.split_first() {
+        let _ = span.set_parent(Context::new().with_remote_span_context(first.span_context()));
+        for link in others.iter().take(MAX_LINKS) {
+            span.add_link(link.span_context());
+        }
+    }
+    if let Some(context) = TraceContext::of(span) {
+        span.record("trace_id", tracing::field::display(context.trace_id));
     }
 }
 

@@ -872,3 +872,36 @@ async fn an_mqtt_5_traceparent_user_property_is_continued() {
     let path = path_to_root(&spans, write);
     assert_eq!(path[..5], ["sink.write", "window.fire", "partition.batch", "router.route", "mqtt.receive"], "{path:?}");
 }
+
+/// A log line written inside a traced span names the trace (JSON logs: the span's
+/// `trace_id` field), so a log search leads to the trace: here the store sink's retry
+/// warning of a failing write.
+#[cfg(feature = "chaos")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_inside_a_traced_span_carry_its_trace_id() {
+    let collector = Collector::default();
+    let endpoint = grpc_receiver(collector.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let process = Process::start(&[
+        ("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.path().join("t.db").display())),
+        ("TIDEMARK__PIPELINE__WINDOW", "1s".into()),
+        ("TIDEMARK__PIPELINE__MAX_OUT_OF_ORDERNESS", "1s".into()),
+        ("TIDEMARK__TELEMETRY__OTLP_ENDPOINT", endpoint),
+        ("TIDEMARK__TELEMETRY__SAMPLING_RATIO", "0".into()),
+        // Every store write fails (and is retried): the sink logs a warning per attempt.
+        ("TIDEMARK__CHAOS__STORE_BATCH_FAILURE_RATE", "1.0".into()),
+    ]);
+    assert_eq!(post_traced(&process.client().base, &one_request()).await, 202);
+    let line = eventually(Duration::from_secs(20), "a retry warning inside the traced write", || async {
+        process.log().lines().find_map(|line| {
+            let entry: Value = serde_json::from_str(line).ok()?;
+            let in_trace = entry["spans"]
+                .as_array()?
+                .iter()
+                .any(|span| span["name"] == "sink.write" && span["trace_id"] == TRACE_ID);
+            (in_trace && entry["fields"]["message"] == "store write failed, retrying").then(|| line.to_string())
+        })
+    })
+    .await;
+    assert!(line.contains("\"level\":\"WARN\""), "{line}");
+}

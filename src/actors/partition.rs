@@ -729,7 +729,13 @@ impl PartitionState {
 
     /// The span of a traced batch: continues the first of `parents`, links the others.
     fn batch_span(&self, events: usize, parents: &[crate::telemetry::TraceContext]) -> tracing::Span {
-        let span = tracing::info_span!(target: crate::telemetry::TARGET, "partition.batch", partition = self.partition, events);
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "partition.batch",
+            trace_id = tracing::field::Empty,
+            partition = self.partition,
+            events
+        );
         crate::telemetry::follow(&span, parents);
         span
     }

@@ -65,6 +65,7 @@ pub async fn post_events(
     let span = tracing::info_span!(
         target: crate::telemetry::TARGET,
         "POST /api/events",
+        trace_id = tracing::field::Empty,
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
         http.request.method = "POST",
@@ -72,13 +73,11 @@ pub async fn post_events(
         http.request.body.size = body.as_ref().map_or(0, Bytes::len),
         http.response.status_code = tracing::field::Empty,
     );
-    if let Some(parent) = headers
+    let parent = headers
         .get(crate::kafka::TRACEPARENT)
         .and_then(|value| value.to_str().ok())
-        .and_then(crate::telemetry::TraceContext::parse)
-    {
-        crate::telemetry::follow(&span, &[parent]);
-    }
+        .and_then(crate::telemetry::TraceContext::parse);
+    crate::telemetry::follow(&span, parent.as_slice());
     let outcome = tracing::Instrument::instrument(accept_events(app, client, headers, body), span.clone()).await;
     let status = match &outcome {
         Ok(response) => response.status(),

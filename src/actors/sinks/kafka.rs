@@ -173,6 +173,7 @@ impl Actor for KafkaSink {
                     let span = tracing::info_span!(
                         target: crate::telemetry::TARGET,
                         "kafka.produce",
+                        trace_id = tracing::field::Empty,
                         otel.kind = "producer",
                         messaging.system = "kafka",
                         messaging.batch.message_count = results.len(),

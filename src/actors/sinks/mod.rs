@@ -49,6 +49,7 @@ impl PendingResults {
         let span = tracing::info_span!(
             target: crate::telemetry::TARGET,
             "sink.write",
+            trace_id = tracing::field::Empty,
             otel.kind = "client",
             sink,
             rows = self.results.len(),

@@ -804,6 +804,7 @@ fn consume_span(topic: &str, partition: PartitionId, batch: &mut RawBatch) -> tr
     let span = tracing::info_span!(
         target: crate::telemetry::TARGET,
         "kafka.consume",
+        trace_id = tracing::field::Empty,
         otel.kind = "consumer",
         messaging.system = "kafka",
         messaging.source.name = topic,
