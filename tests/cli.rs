@@ -207,12 +207,7 @@ async fn doctor_checks_postgres_and_kafka_and_says_what_is_wrong() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_checks_mqtt_and_elasticsearch() {
     use tidemark::sim::es_double::EsDouble;
-    let mqtt = std::env::var("TIDEMARK_TEST_MQTT_URL").unwrap_or_else(|_| {
-        panic!(
-            "TIDEMARK_TEST_MQTT_URL is not set: run scripts/test.sh (it starts Mosquitto on 127.0.0.1:51883), or start \
-             one (mosquitto -p 51883) and set TIDEMARK_TEST_MQTT_URL=mqtt://127.0.0.1:51883"
-        )
-    });
+    let mqtt = common::mqtt_url();
     let double = EsDouble::start("127.0.0.1:0".parse().expect("addr")).await.expect("stand-in starts");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = format!("sqlite://{}", dir.path().join("t.db").display());

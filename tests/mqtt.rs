@@ -19,12 +19,7 @@ use tidemark::sim::{Generator, SimConfig, SimEvent};
 
 /// The broker `scripts/test.sh` starts.
 fn shared_broker() -> String {
-    std::env::var("TIDEMARK_TEST_MQTT_URL").unwrap_or_else(|_| {
-        panic!(
-            "TIDEMARK_TEST_MQTT_URL is not set: run the tests with scripts/test.sh, which starts Mosquitto on \
-             127.0.0.1:51883, or start one yourself (mosquitto -p 51883) and set TIDEMARK_TEST_MQTT_URL=mqtt://127.0.0.1:51883"
-        )
-    })
+    common::mqtt_url()
 }
 
 fn mosquitto_binary() -> PathBuf {

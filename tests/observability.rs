@@ -182,22 +182,35 @@ async fn post_traced(base: &str, body: &Value) -> u16 {
         .as_u16()
 }
 
+/// A `tidemark run` on SQLite in `dir` with 1 s windows, exporting traces to `endpoint`,
+/// plus `more` settings.
+fn traced_process(dir: &std::path::Path, endpoint: String, more: &[(&'static str, &str)]) -> Process {
+    let mut settings = vec![
+        ("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.join("t.db").display())),
+        ("TIDEMARK__PIPELINE__WINDOW", "1s".to_string()),
+        ("TIDEMARK__PIPELINE__MAX_OUT_OF_ORDERNESS", "1s".to_string()),
+        ("TIDEMARK__TELEMETRY__OTLP_ENDPOINT", endpoint),
+    ];
+    settings.extend(more.iter().map(|(key, value)| (*key, value.to_string())));
+    Process::start(&settings)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_is_one_trace_from_the_http_span_to_the_sink_write() {
     let collector = Collector::default();
     let endpoint = grpc_receiver(collector.clone()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let process = Process::start(&[
-        ("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.path().join("t.db").display())),
-        ("TIDEMARK__PIPELINE__WINDOW", "1s".into()),
-        ("TIDEMARK__PIPELINE__MAX_OUT_OF_ORDERNESS", "1s".into()),
-        ("TIDEMARK__TELEMETRY__OTLP_ENDPOINT", endpoint),
-        ("TIDEMARK__TELEMETRY__OTLP_PROTOCOL", "grpc".into()),
-        // Long enough that concurrent requests' results share a write.
-        ("TIDEMARK__STORE__LINGER", "300ms".into()),
-        // A caller's sampled traceparent is continued whatever the ratio.
-        ("TIDEMARK__TELEMETRY__SAMPLING_RATIO", "0".into()),
-    ]);
+    let process = traced_process(
+        dir.path(),
+        endpoint,
+        &[
+            ("TIDEMARK__TELEMETRY__OTLP_PROTOCOL", "grpc"),
+            // Long enough that concurrent requests' results share a write.
+            ("TIDEMARK__STORE__LINGER", "300ms"),
+            // A caller's sampled traceparent is continued whatever the ratio.
+            ("TIDEMARK__TELEMETRY__SAMPLING_RATIO", "0"),
+        ],
+    );
     let base = process.client().base;
     assert_eq!(post_traced(&base, &one_request()).await, 202);
 
@@ -275,19 +288,19 @@ async fn in_kafka_mode_the_trace_continues_across_the_topic() {
     let mock = MockBroker::start(1, &topics, Duration::ZERO).expect("mock cluster");
     let brokers = mock.bootstrap_servers().expect("bootstrap servers");
     let dir = tempfile::tempdir().expect("tempdir");
-    let process = Process::start(&[
-        ("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.path().join("t.db").display())),
-        ("TIDEMARK__KAFKA__ENABLED", "true".into()),
-        ("TIDEMARK__INGEST__MODE", "kafka".into()),
-        ("TIDEMARK__KAFKA__BROKERS", brokers),
-        ("TIDEMARK__KAFKA__GROUP_ID", "traced".into()),
-        ("TIDEMARK__PIPELINE__PARTITIONS", "2".into()),
-        ("TIDEMARK__PIPELINE__WINDOW", "1s".into()),
-        ("TIDEMARK__PIPELINE__MAX_OUT_OF_ORDERNESS", "1s".into()),
-        ("TIDEMARK__TELEMETRY__OTLP_ENDPOINT", endpoint),
-        ("TIDEMARK__TELEMETRY__OTLP_PROTOCOL", "http/protobuf".into()),
-        ("TIDEMARK__TELEMETRY__SAMPLING_RATIO", "1".into()),
-    ]);
+    let process = traced_process(
+        dir.path(),
+        endpoint,
+        &[
+            ("TIDEMARK__KAFKA__ENABLED", "true"),
+            ("TIDEMARK__INGEST__MODE", "kafka"),
+            ("TIDEMARK__KAFKA__BROKERS", &brokers),
+            ("TIDEMARK__KAFKA__GROUP_ID", "traced"),
+            ("TIDEMARK__PIPELINE__PARTITIONS", "2"),
+            ("TIDEMARK__TELEMETRY__OTLP_PROTOCOL", "http/protobuf"),
+            ("TIDEMARK__TELEMETRY__SAMPLING_RATIO", "1"),
+        ],
+    );
     let base = process.client().base;
     // The consumer group forms first; until then a 202 means "on the topic" all the same.
     assert_eq!(post_traced(&base, &one_request()).await, 202);
@@ -802,27 +815,24 @@ async fn grafana_panels_return_data_from_a_real_run() {
 async fn an_mqtt_5_traceparent_user_property_is_continued() {
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::PublishProperties;
-    let url = std::env::var("TIDEMARK_TEST_MQTT_URL").unwrap_or_else(|_| {
-        panic!(
-            "TIDEMARK_TEST_MQTT_URL is not set: run scripts/test.sh (it starts Mosquitto on 127.0.0.1:51883), or \
-             start one (mosquitto -p 51883) and set TIDEMARK_TEST_MQTT_URL=mqtt://127.0.0.1:51883"
-        )
-    });
+    let url = common::mqtt_url();
     let collector = Collector::default();
     let endpoint = grpc_receiver(collector.clone()).await;
     let prefix = format!("traced-{}-{}", std::process::id(), rand::random::<u32>());
     let dir = tempfile::tempdir().expect("tempdir");
-    let process = Process::start(&[
-        ("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.path().join("t.db").display())),
-        ("TIDEMARK__MQTT__ENABLED", "true".into()),
-        ("TIDEMARK__MQTT__URL", url.clone()),
-        ("TIDEMARK__MQTT__CLIENT_ID", format!("{prefix}-tidemark")),
-        ("TIDEMARK__MQTT__TOPICS", format!("[\"{prefix}/{{sensorId}}/data\"]")),
-        ("TIDEMARK__PIPELINE__WINDOW", "1s".into()),
-        ("TIDEMARK__PIPELINE__MAX_OUT_OF_ORDERNESS", "1s".into()),
-        ("TIDEMARK__TELEMETRY__OTLP_ENDPOINT", endpoint),
-        ("TIDEMARK__TELEMETRY__SAMPLING_RATIO", "0".into()),
-    ]);
+    let client_id = format!("{prefix}-tidemark");
+    let topics = format!("[\"{prefix}/{{sensorId}}/data\"]");
+    let process = traced_process(
+        dir.path(),
+        endpoint,
+        &[
+            ("TIDEMARK__MQTT__ENABLED", "true"),
+            ("TIDEMARK__MQTT__URL", &url),
+            ("TIDEMARK__MQTT__CLIENT_ID", &client_id),
+            ("TIDEMARK__MQTT__TOPICS", &topics),
+            ("TIDEMARK__TELEMETRY__SAMPLING_RATIO", "0"),
+        ],
+    );
     let client = process.client();
     eventually(Duration::from_secs(15), "tidemark subscribed", || async {
         client.get_ok("/api/status").await["mqtt"]["subscribed"].as_bool().filter(|s| *s)
@@ -882,15 +892,15 @@ async fn log_lines_inside_a_traced_span_carry_its_trace_id() {
     let collector = Collector::default();
     let endpoint = grpc_receiver(collector.clone()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let process = Process::start(&[
-        ("TIDEMARK__STORE__URL", format!("sqlite://{}", dir.path().join("t.db").display())),
-        ("TIDEMARK__PIPELINE__WINDOW", "1s".into()),
-        ("TIDEMARK__PIPELINE__MAX_OUT_OF_ORDERNESS", "1s".into()),
-        ("TIDEMARK__TELEMETRY__OTLP_ENDPOINT", endpoint),
-        ("TIDEMARK__TELEMETRY__SAMPLING_RATIO", "0".into()),
-        // Every store write fails (and is retried): the sink logs a warning per attempt.
-        ("TIDEMARK__CHAOS__STORE_BATCH_FAILURE_RATE", "1.0".into()),
-    ]);
+    let process = traced_process(
+        dir.path(),
+        endpoint,
+        &[
+            ("TIDEMARK__TELEMETRY__SAMPLING_RATIO", "0"),
+            // Every store write fails (and is retried): the sink logs a warning per attempt.
+            ("TIDEMARK__CHAOS__STORE_BATCH_FAILURE_RATE", "1.0"),
+        ],
+    );
     assert_eq!(post_traced(&process.client().base, &one_request()).await, 202);
     let line = eventually(Duration::from_secs(20), "a retry warning inside the traced write", || async {
         process.log().lines().find_map(|line| {

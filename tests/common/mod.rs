@@ -328,6 +328,16 @@ pub async fn sources_on(backend: Backend, dir: &Path) -> ConfigSources {
     }
 }
 
+/// The Mosquitto broker the test script starts (`TIDEMARK_TEST_MQTT_URL`).
+pub fn mqtt_url() -> String {
+    std::env::var("TIDEMARK_TEST_MQTT_URL").unwrap_or_else(|_| {
+        panic!(
+            "TIDEMARK_TEST_MQTT_URL is not set: run the tests with scripts/test.sh, which starts Mosquitto on \
+             127.0.0.1:51883, or start one yourself (mosquitto -p 51883) and set TIDEMARK_TEST_MQTT_URL=mqtt://127.0.0.1:51883"
+        )
+    })
+}
+
 /// Create an empty database on the test server and return its URL.
 pub async fn fresh_postgres_database() -> String {
     use sqlx::Connection;
