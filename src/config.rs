@@ -319,6 +319,92 @@ pub struct PipelineConfig {
     /// How long an evicted key's tombstone (where its windows stood) is kept.
     #[serde(with = "humantime_serde")]
     pub key_tombstone_ttl: Duration,
+    /// Per event type windows other than the default tumbling `window`.
+    #[serde(default)]
+    pub event_types: BTreeMap<String, EventTypeWindows>,
+}
+
+/// `[pipeline.event_types.<type>]`: the windows of one event type.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventTypeWindows {
+    /// `tumbling`, `hopping` or `session`.
+    pub window: crate::window::WindowKind,
+    /// Tumbling and hopping: the window size (default `pipeline.window`).
+    #[serde(default, with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
+    pub size: Option<Duration>,
+    /// Hopping: the distance between window starts.
+    #[serde(default, with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
+    pub slide: Option<Duration>,
+    /// Session: a key's session closes after this long without an event.
+    #[serde(default, with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
+    pub gap: Option<Duration>,
+}
+
+impl EventTypeWindows {
+    /// What is wrong with these settings, `(key, problem)`.
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        use crate::window::WindowKind;
+        let mut problems = Vec::new();
+        let whole_ms = |d: &Duration| d.subsec_nanos().is_multiple_of(1_000_000) && d.as_millis() >= 1;
+        for (key, value) in [("size", &self.size), ("slide", &self.slide), ("gap", &self.gap)] {
+            if let Some(value) = value
+                && (!whole_ms(value) || *value > Duration::from_secs(365 * 86_400))
+            {
+                problems.push((key, "must be a whole number of milliseconds, between 1ms and 365 days".to_string()));
+            }
+        }
+        match self.window {
+            WindowKind::Tumbling => {
+                for (key, value) in [("slide", &self.slide), ("gap", &self.gap)] {
+                    if value.is_some() {
+                        problems.push((key, "applies to hopping and session windows, not tumbling".into()));
+                    }
+                }
+            }
+            WindowKind::Hopping => {
+                if self.gap.is_some() {
+                    problems.push(("gap", "applies to session windows, not hopping".into()));
+                }
+                match (self.size, self.slide) {
+                    (_, None) => problems.push(("slide", "hopping windows need a slide, e.g. slide = \"10s\"".into())),
+                    (None, _) => problems.push(("size", "hopping windows need a size, e.g. size = \"10m\"".into())),
+                    (Some(size), Some(slide)) if slide > size => {
+                        problems.push(("slide", "must not exceed size (windows would leave gaps)".into()))
+                    }
+                    (Some(size), Some(slide)) => {
+                        // Panes of gcd(size, slide): a firing merges size / pane of them.
+                        let (size_ms, slide_ms) = (size.as_millis().max(1), slide.as_millis().max(1));
+                        let (mut a, mut b) = (size_ms, slide_ms);
+                        while b != 0 {
+                            (a, b) = (b, a % b);
+                        }
+                        if size_ms / a > 10_000 {
+                            problems.push((
+                                "slide",
+                                format!(
+                                    "size / gcd(size, slide) is {}, above 10000 panes per window; choose a slide that \
+                                     divides the size",
+                                    size_ms / a
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+            WindowKind::Session => {
+                for (key, value) in [("size", &self.size), ("slide", &self.slide)] {
+                    if value.is_some() {
+                        problems.push((key, "session windows have no fixed size; they close after `gap`".into()));
+                    }
+                }
+                if self.gap.is_none() {
+                    problems.push(("gap", "session windows need a gap, e.g. gap = \"30s\"".into()));
+                }
+            }
+        }
+        problems
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -797,6 +883,11 @@ impl Config {
             "pipeline.allowed_lateness: must be a whole number of milliseconds",
         );
         check(self.pipeline.idle_timeout.as_millis() >= 1, "pipeline.idle_timeout: must be at least 1ms");
+        for (event_type, windows) in &self.pipeline.event_types {
+            for (key, problem) in windows.problems() {
+                check(false, &format!("pipeline.event_types.{event_type}.{key}: {problem}"));
+            }
+        }
         check(
             self.pipeline.max_buffered_events >= self.pipeline.partitions as usize * 16,
             "pipeline.max_buffered_events: must allow at least 16 events per partition",

@@ -135,6 +135,8 @@ struct Source {
     revision: i64,
     #[serde(default)]
     explanation: String,
+    #[serde(default)]
+    window_kind: Option<String>,
     created_at: String,
     updated_at: String,
 }
@@ -165,6 +167,7 @@ impl TryFrom<Source> for Prediction {
             severity: source.severity,
             revision: source.revision,
             explanation: source.explanation,
+            window_kind: source.window_kind.unwrap_or_else(|| "tumbling".to_string()),
             created_at: parse_time(&source.created_at)?,
             updated_at: parse_time(&source.updated_at)?,
         })
@@ -293,7 +296,7 @@ pub fn index_template(config: &ElasticsearchConfig, pattern: &str) -> Value {
     json!({
         "index_patterns": [pattern],
         "priority": 200,
-        "_meta": {"managed_by": "tidemark", "version": 1},
+        "_meta": {"managed_by": "tidemark", "version": 2},
         "template": {
             "settings": {
                 "number_of_shards": config.number_of_shards,
@@ -310,6 +313,8 @@ pub fn index_template(config: &ElasticsearchConfig, pattern: &str) -> Value {
                     "sensorId": keyword,
                     "eventType": keyword,
                     "severity": keyword,
+                    "windowKind": {"type": "keyword"},
+                    "supersedes": {"type": "date", "format": "epoch_millis"},
                     "windowStart": date,
                     "windowEnd": date,
                     "createdAt": date,

@@ -644,6 +644,7 @@ mod tests {
         crate::messages::WindowResult {
             sensor_id: sensor.into(),
             event_type: "temperature".into(),
+            window_kind: crate::window::WindowKind::Tumbling,
             window_start_ms: 60_000,
             window_end_ms: 70_000,
             event_count: 3,
@@ -657,6 +658,7 @@ mod tests {
             revision: 0,
             explanation: String::new(),
             fired_at_ms: 0,
+            supersedes: Vec::new(),
         }
     }
 

@@ -33,7 +33,6 @@ use crate::scoring::Scoring;
 use crate::store::{self, Store};
 use crate::supervision::partition::{PartitionSupervisor, PartitionSupervisorArgs};
 use crate::supervision::policy::RestartBudget;
-use crate::window::WindowSpec;
 
 /// Size of a read block; a block ends at its last newline.
 const BLOCK_BYTES: usize = 1 << 20;
@@ -137,7 +136,7 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
         limits: ParseLimits::from_config(&config),
         raw_source: None,
         partitions,
-        spec: WindowSpec::from_config(&config.pipeline),
+        windowing: crate::window::Windowing::from_config(&config.pipeline),
         scoring: Scoring::from_config(&config.scoring),
         // No replay log to release: checkpoints would only cost time.
         checkpoint_interval: Duration::from_secs(24 * 3600),

@@ -25,7 +25,6 @@ use crate::supervision::partition::{Assignment, PartitionFeed};
 use crate::supervision::sinks::KafkaOutputs;
 use crate::supervision::sources::SourceSupervisorMsg;
 use crate::supervision::{RootMsg, RootSupervisor, RuntimeParts, Topology};
-use crate::window::WindowSpec;
 use rdkafka::producer::FutureProducer;
 
 /// How often the ingest clock ticks partitions that receive no events.
@@ -218,7 +217,7 @@ impl Runtime {
                 _ => None,
             },
             partitions: config.pipeline.partitions,
-            spec: WindowSpec::from_config(&config.pipeline),
+            windowing: crate::window::Windowing::from_config(&config.pipeline),
             scoring: Scoring::from_config(&config.scoring),
             checkpoint_interval: config.checkpoint.interval,
             checkpoint_max_events: config.checkpoint.max_events,

@@ -1,8 +1,10 @@
-//! Event-time tumbling windows with per-key watermarks, allowed lateness and idle flushing.
+//! Event-time windows with per-key watermarks, allowed lateness and idle flushing:
+//! tumbling (this file), [`hopping`] and [`session`], chosen per event type.
 //!
 //! Pure logic, no I/O: the partition actor calls it and the benches measure it alone.
 //!
-//! Semantics (documented in `docs/architecture.md`):
+//! Tumbling semantics (documented in `docs/architecture.md`; the other kinds follow the
+//! same watermark, lateness and idle rules):
 //! - windows are `[start, start + size)`, aligned to the epoch;
 //! - a key's watermark is the largest event time it has seen minus the out-of-orderness;
 //! - a window fires (revision 0) once the watermark reaches its end;
@@ -12,28 +14,95 @@
 //! - a key idle for `idle_timeout` (ingestion time) fires its open windows and closes
 //!   them, so sensors that stop reporting still produce their last results.
 
+mod agg;
+pub mod hopping;
+pub mod session;
+
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
+pub use agg::Agg;
+pub use hopping::HoppingWindows;
+pub use session::SessionWindows;
+
 use crate::config::{PipelineConfig, millis};
+
+/// What kind of window an event type uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowKind {
+    Tumbling,
+    Hopping,
+    Session,
+}
+
+impl WindowKind {
+    pub const ALL: [WindowKind; 3] = [Self::Tumbling, Self::Hopping, Self::Session];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tumbling => "tumbling",
+            Self::Hopping => "hopping",
+            Self::Session => "session",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == text)
+    }
+}
 
 /// Window and watermark settings in milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WindowSpec {
+    pub kind: WindowKind,
+    /// Tumbling and hopping: the window size. Session: the gap.
     pub size_ms: i64,
+    /// Hopping: the distance between window starts. Others: the size.
+    pub slide_ms: i64,
     pub out_of_orderness_ms: i64,
     pub allowed_lateness_ms: i64,
     pub idle_timeout_ms: i64,
 }
 
 impl WindowSpec {
+    /// The default tumbling windows of `pipeline.window`.
     pub fn from_config(pipeline: &PipelineConfig) -> Self {
+        let size_ms = millis(pipeline.window).max(1);
         Self {
-            size_ms: millis(pipeline.window).max(1),
+            kind: WindowKind::Tumbling,
+            size_ms,
+            slide_ms: size_ms,
             out_of_orderness_ms: millis(pipeline.max_out_of_orderness),
             allowed_lateness_ms: millis(pipeline.allowed_lateness),
             idle_timeout_ms: millis(pipeline.idle_timeout).max(1),
         }
+    }
+
+    /// Tumbling windows of `size_ms` with the other settings of `self`.
+    pub const fn tumbling(self, size_ms: i64) -> Self {
+        Self { kind: WindowKind::Tumbling, size_ms, slide_ms: size_ms, ..self }
+    }
+
+    /// Hopping windows of `size_ms` every `slide_ms` with the other settings of `self`.
+    pub const fn hopping(self, size_ms: i64, slide_ms: i64) -> Self {
+        Self { kind: WindowKind::Hopping, size_ms, slide_ms, ..self }
+    }
+
+    /// Session windows closed by a gap of `gap_ms` with the other settings of `self`.
+    pub const fn session(self, gap_ms: i64) -> Self {
+        Self { kind: WindowKind::Session, size_ms: gap_ms, slide_ms: gap_ms, ..self }
+    }
+
+    /// Hopping: the pane the windows share, `gcd(size, slide)`.
+    pub fn pane_ms(&self) -> i64 {
+        let (mut a, mut b) = (self.size_ms, self.slide_ms);
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a.max(1)
     }
 
     /// Start of the window holding `timestamp_ms`.
@@ -117,6 +186,9 @@ pub struct WindowFeatures {
 pub struct Fired {
     pub features: WindowFeatures,
     pub revision: u32,
+    /// Session windows: starts of earlier results this one replaces (sessions merged
+    /// into it). Empty otherwise.
+    pub supersedes: Vec<i64>,
 }
 
 impl Fired {
@@ -210,7 +282,11 @@ impl KeyWindows {
         if acc.fired {
             // Late but within the allowed lateness: fire the updated window again.
             acc.revision = acc.revision.saturating_add(1);
-            fired.push(Fired { features: acc.features(spec), revision: u32::from(acc.revision) });
+            fired.push(Fired {
+                features: acc.features(spec),
+                revision: u32::from(acc.revision),
+                supersedes: Vec::new(),
+            });
         }
 
         if timestamp_ms > self.max_event_ms {
@@ -232,7 +308,11 @@ impl KeyWindows {
             }
             if !acc.fired {
                 acc.fired = true;
-                fired.push(Fired { features: acc.features(spec), revision: u32::from(acc.revision) });
+                fired.push(Fired {
+                    features: acc.features(spec),
+                    revision: u32::from(acc.revision),
+                    supersedes: Vec::new(),
+                });
             }
         }
         self.windows.retain(|acc| acc.start_ms + spec.size_ms + spec.allowed_lateness_ms > watermark_ms);
@@ -251,7 +331,11 @@ impl KeyWindows {
         for acc in self.windows.iter_mut() {
             if !acc.fired {
                 acc.fired = true;
-                fired.push(Fired { features: acc.features(spec), revision: u32::from(acc.revision) });
+                fired.push(Fired {
+                    features: acc.features(spec),
+                    revision: u32::from(acc.revision),
+                    supersedes: Vec::new(),
+                });
             }
         }
         if let Some(last) = self.windows.last() {
@@ -262,12 +346,146 @@ impl KeyWindows {
     }
 }
 
+/// The windows of every event type: `[pipeline.event_types.<type>]` or the default.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Windowing {
+    pub default: WindowSpec,
+    pub by_event_type: BTreeMap<String, WindowSpec>,
+}
+
+impl Windowing {
+    /// From a validated configuration.
+    pub fn from_config(pipeline: &PipelineConfig) -> Self {
+        let default = WindowSpec::from_config(pipeline);
+        let by_event_type = pipeline
+            .event_types
+            .iter()
+            .map(|(event_type, windows)| {
+                let size = windows.size.map_or(default.size_ms, |size| millis(size).max(1));
+                let spec = match windows.window {
+                    WindowKind::Tumbling => default.tumbling(size),
+                    WindowKind::Hopping => {
+                        default.hopping(size, windows.slide.map_or(size, |slide| millis(slide).max(1)))
+                    }
+                    WindowKind::Session => default.session(windows.gap.map_or(size, |gap| millis(gap).max(1))),
+                };
+                (event_type.clone(), spec)
+            })
+            .collect();
+        Self { default, by_event_type }
+    }
+
+    /// Every event type on the default windows.
+    pub fn uniform(default: WindowSpec) -> Self {
+        Self { default, by_event_type: BTreeMap::new() }
+    }
+
+    #[inline]
+    pub fn spec(&self, event_type: &str) -> &WindowSpec {
+        if self.by_event_type.is_empty() {
+            return &self.default;
+        }
+        self.by_event_type.get(event_type).unwrap_or(&self.default)
+    }
+}
+
+/// The window state of one key, of its event type's kind.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Windows {
+    Tumbling(KeyWindows),
+    Hopping(Box<HoppingWindows>),
+    Session(Box<SessionWindows>),
+}
+
+impl Windows {
+    /// Empty state for `spec`, resuming at a tombstone's horizon when there is one.
+    pub fn new(spec: &WindowSpec, horizon: Option<(i64, i64)>) -> Self {
+        let (max_event_ms, closed_before_ms) = horizon.unwrap_or((NO_EVENT, NO_EVENT));
+        match spec.kind {
+            WindowKind::Tumbling => Self::Tumbling(KeyWindows::resumed(max_event_ms, closed_before_ms)),
+            WindowKind::Hopping => Self::Hopping(Box::new(HoppingWindows::resumed(max_event_ms, closed_before_ms))),
+            WindowKind::Session => Self::Session(Box::new(SessionWindows::resumed(max_event_ms, closed_before_ms))),
+        }
+    }
+
+    pub fn kind(&self) -> WindowKind {
+        match self {
+            Self::Tumbling(_) => WindowKind::Tumbling,
+            Self::Hopping(_) => WindowKind::Hopping,
+            Self::Session(_) => WindowKind::Session,
+        }
+    }
+
+    #[inline]
+    pub fn add(
+        &mut self,
+        spec: &WindowSpec,
+        timestamp_ms: i64,
+        value: f64,
+        ingest_ms: i64,
+        fired: &mut Vec<Fired>,
+    ) -> Result<(), Late> {
+        match self {
+            Self::Tumbling(windows) => windows.add(spec, timestamp_ms, value, ingest_ms, fired),
+            Self::Hopping(windows) => windows.add(spec, timestamp_ms, value, ingest_ms, fired),
+            Self::Session(windows) => windows.add(spec, timestamp_ms, value, ingest_ms, fired),
+        }
+    }
+
+    pub fn is_idle(&self, spec: &WindowSpec, clock_ms: i64) -> bool {
+        match self {
+            Self::Tumbling(windows) => windows.is_idle(spec, clock_ms),
+            Self::Hopping(windows) => windows.is_idle(spec, clock_ms),
+            Self::Session(windows) => windows.is_idle(spec, clock_ms),
+        }
+    }
+
+    pub fn flush(&mut self, spec: &WindowSpec, fired: &mut Vec<Fired>) {
+        match self {
+            Self::Tumbling(windows) => windows.flush(spec, fired),
+            Self::Hopping(windows) => windows.flush(spec, fired),
+            Self::Session(windows) => windows.flush(spec, fired),
+        }
+    }
+
+    /// Open windows (hopping: the panes they share).
+    pub fn open_windows(&self) -> usize {
+        match self {
+            Self::Tumbling(windows) => windows.open_windows(),
+            Self::Hopping(windows) => windows.open_windows(),
+            Self::Session(windows) => windows.open_windows(),
+        }
+    }
+
+    pub fn last_ingest_ms(&self) -> i64 {
+        match self {
+            Self::Tumbling(windows) => windows.last_ingest_ms(),
+            Self::Hopping(windows) => windows.last_ingest_ms(),
+            Self::Session(windows) => windows.last_ingest_ms(),
+        }
+    }
+
+    pub fn horizon(&self) -> (i64, i64) {
+        match self {
+            Self::Tumbling(windows) => windows.horizon(),
+            Self::Hopping(windows) => windows.horizon(),
+            Self::Session(windows) => windows.horizon(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const SPEC: WindowSpec =
-        WindowSpec { size_ms: 30_000, out_of_orderness_ms: 5_000, allowed_lateness_ms: 0, idle_timeout_ms: 60_000 };
+    const SPEC: WindowSpec = WindowSpec {
+        kind: WindowKind::Tumbling,
+        size_ms: 30_000,
+        slide_ms: 30_000,
+        out_of_orderness_ms: 5_000,
+        allowed_lateness_ms: 0,
+        idle_timeout_ms: 60_000,
+    };
 
     fn feed(key: &mut KeyWindows, spec: &WindowSpec, events: &[(i64, f64)]) -> (Vec<Fired>, Vec<Late>) {
         let mut fired = Vec::new();

@@ -63,7 +63,8 @@ fn comparable(rows: &[Value]) -> Vec<Value> {
                 row["predictionScore"],
                 row["anomaly"],
                 row["severity"],
-                row["revision"]
+                row["revision"],
+                row["windowKind"]
             ])
         })
         .collect();
@@ -71,18 +72,32 @@ fn comparable(rows: &[Value]) -> Vec<Value> {
     rows
 }
 
-async fn run(workload: &Workload, split: bool) -> (Vec<Value>, u64) {
+/// Which windows the event types use.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Windows {
+    Tumbling,
+    /// humidity: hopping 4 s every 1 s; temperature: sessions closed by a 1.5 s gap.
+    HoppingAndSession,
+}
+
+async fn run(workload: &Workload, split: bool, windows: Windows) -> (Vec<Value>, Vec<Value>) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let runtime = start(
-        sources(dir.path())
-            .with("pipeline.window", "2s")
-            .with("pipeline.max_out_of_orderness", "1s")
-            .with("pipeline.allowed_lateness", "1s")
-            .with("pipeline.partitions", 3)
-            .with("pipeline.idle_timeout", "1h")
-            .with("scoring.warmup_windows", 2),
-    )
-    .await;
+    let mut config = sources(dir.path())
+        .with("pipeline.window", "2s")
+        .with("pipeline.max_out_of_orderness", "1s")
+        .with("pipeline.allowed_lateness", "1s")
+        .with("pipeline.partitions", 3)
+        .with("pipeline.idle_timeout", "1h")
+        .with("scoring.warmup_windows", 2);
+    if windows == Windows::HoppingAndSession {
+        config = config
+            .with("pipeline.event_types.humidity.window", "hopping")
+            .with("pipeline.event_types.humidity.size", "4s")
+            .with("pipeline.event_types.humidity.slide", "1s")
+            .with("pipeline.event_types.temperature.window", "session")
+            .with("pipeline.event_types.temperature.gap", "1500ms");
+    }
+    let runtime = start(config).await;
     let client = Client::new(&runtime);
     let mut bounds = vec![0];
     if split {
@@ -105,9 +120,15 @@ async fn run(workload: &Workload, split: bool) -> (Vec<Value>, u64) {
     }
     runtime.flush_all(Duration::from_secs(10)).await.expect("flush");
     let rows = all_predictions(&client).await;
-    let late = client.get_ok("/api/dead-letters?reason=late&limit=1000").await["count"].as_u64().unwrap_or(0);
+    let late = client.get_ok("/api/dead-letters?reason=late&limit=1000").await;
+    let late = late["items"].as_array().cloned().unwrap_or_default();
     runtime.shutdown().await;
     (rows, late)
+}
+
+/// Late events of `event_type` (all: `None`).
+fn late_of(late: &[Value], event_type: Option<&str>) -> u64 {
+    late.iter().filter(|letter| event_type.is_none_or(|t| letter["eventType"] == t)).count() as u64
 }
 
 /// Sum of eventCount over the latest revision of every window.
@@ -121,11 +142,37 @@ proptest! {
     #[test]
     fn results_do_not_depend_on_request_splitting(workload in workload()) {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio");
-        let (whole, whole_late) = runtime.block_on(run(&workload, false));
-        let (split, split_late) = runtime.block_on(run(&workload, true));
+        let (whole, whole_late) = runtime.block_on(run(&workload, false, Windows::Tumbling));
+        let (split, split_late) = runtime.block_on(run(&workload, true, Windows::Tumbling));
         prop_assert_eq!(comparable(&whole), comparable(&split));
-        prop_assert_eq!(whole_late, split_late);
+        prop_assert_eq!(late_of(&whole_late, None), late_of(&split_late, None));
         // Every accepted event is in exactly one window or late.
-        prop_assert_eq!(counted(&whole) + whole_late, workload.events.len() as u64);
+        prop_assert_eq!(counted(&whole) + late_of(&whole_late, None), workload.events.len() as u64);
+    }
+
+    /// The same with hopping windows (humidity) and session windows (temperature): the
+    /// results do not depend on the requests; every temperature event is in exactly one
+    /// session or late; every humidity event in up to 4 windows (the window module's
+    /// property tests check which), and in at least one unless late.
+    #[test]
+    fn hopping_and_session_results_do_not_depend_on_request_splitting(workload in workload()) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio");
+        let (whole, whole_late) = runtime.block_on(run(&workload, false, Windows::HoppingAndSession));
+        let (split, split_late) = runtime.block_on(run(&workload, true, Windows::HoppingAndSession));
+        prop_assert_eq!(comparable(&whole), comparable(&split));
+        prop_assert_eq!(late_of(&whole_late, None), late_of(&split_late, None));
+        let of = |event_type: &str| -> Vec<Value> {
+            whole.iter().filter(|row| row["eventType"] == event_type).cloned().collect()
+        };
+        let events_of = |event_type: &str| workload.events.iter().filter(|e| e["eventType"] == event_type).count() as u64;
+        let (sessions, hopping) = (of("temperature"), of("humidity"));
+        prop_assert_eq!(sessions.is_empty(), events_of("temperature") == 0);
+        prop_assert_eq!(hopping.is_empty(), events_of("humidity") == 0);
+        prop_assert!(sessions.iter().all(|row| row["windowKind"] == "session"));
+        prop_assert!(hopping.iter().all(|row| row["windowKind"] == "hopping"));
+        prop_assert_eq!(counted(&sessions) + late_of(&whole_late, Some("temperature")), events_of("temperature"));
+        let humidity = events_of("humidity") - late_of(&whole_late, Some("humidity"));
+        prop_assert!(counted(&hopping) >= humidity && counted(&hopping) <= 4 * humidity,
+            "{} hopping counts for {} accepted events", counted(&hopping), humidity);
     }
 }

@@ -27,20 +27,37 @@ const TOMBSTONE_TYPE: &str = "\u{1}evicted-keys";
 /// Version 1 (written before the header existed) is the bare postcard encoding of the
 /// same types and is still read. (A version-1 blob cannot start with `TM`: its first
 /// byte is a varint of the key's maximum event time, which would have to be 42 ms after
-/// the epoch.)
-const STATE_FORMAT: u8 = 2;
+/// the epoch.) Version 2 is a key state of tumbling windows only ([`KeyStateV2`]);
+/// version 3 holds any window kind.
+const STATE_FORMAT: u8 = 3;
 
 fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>, postcard::Error> {
     postcard::to_extend(value, vec![b'T', b'M', STATE_FORMAT])
 }
 
-fn decode_state<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+/// The format version of a checkpointed blob and its postcard bytes.
+fn state_payload(bytes: &[u8]) -> Result<(u8, &[u8]), String> {
     match bytes {
-        [b'T', b'M', STATE_FORMAT, rest @ ..] => postcard::from_bytes(rest).map_err(|error| error.to_string()),
+        [b'T', b'M', version @ 2..=STATE_FORMAT, rest @ ..] => Ok((*version, rest)),
         [b'T', b'M', version, ..] => Err(format!(
-            "state format version {version} is not one this build reads (1 and {STATE_FORMAT}); run the newer tidemark"
+            "state format version {version} is not one this build reads (1 to {STATE_FORMAT}); run the newer tidemark"
         )),
-        legacy => postcard::from_bytes(legacy).map_err(|error| format!("{error} (format version 1)")),
+        legacy => Ok((1, legacy)),
+    }
+}
+
+/// Tombstones have the same encoding in every version.
+fn decode_tombstones(bytes: &[u8]) -> Result<Vec<(u64, Tombstone)>, String> {
+    let (version, rest) = state_payload(bytes)?;
+    postcard::from_bytes(rest).map_err(|error| format!("{error} (format version {version})"))
+}
+
+fn decode_key_state(bytes: &[u8]) -> Result<KeyState, String> {
+    match state_payload(bytes)? {
+        (STATE_FORMAT, rest) => postcard::from_bytes(rest).map_err(|error| error.to_string()),
+        (version, rest) => postcard::from_bytes::<KeyStateV2>(rest)
+            .map(KeyState::from)
+            .map_err(|error| format!("{error} (format version {version})")),
     }
 }
 use crate::messages::{
@@ -51,7 +68,7 @@ use crate::messages::{
 use crate::metrics::{Metrics, PartitionLabels, PositionLabels, RejectLabels, SeverityLabels, SourceLabels};
 use crate::router::{IDLE, SlotProgress};
 use crate::scoring::{ScorerState, Scoring};
-use crate::window::{Fired, KeyWindows, WindowSpec};
+use crate::window::{Fired, KeyWindows, WindowSpec, Windowing, Windows};
 
 /// Where a source's malformed messages are also republished (Kafka's dead-letter topic,
 /// with the reason in headers).
@@ -66,7 +83,7 @@ pub struct PartitionContext {
     /// The source that delivers raw messages: its name and where it republishes rejects.
     pub raw_source: Option<RawSource>,
     pub partitions: u32,
-    pub spec: WindowSpec,
+    pub windowing: Windowing,
     pub scoring: Scoring,
     pub checkpoint_interval: Duration,
     /// Checkpoint after this many events as well (0: interval only).
@@ -126,10 +143,23 @@ pub struct PartitionActor;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct KeyState {
-    windows: KeyWindows,
+    windows: Windows,
     scorer: ScorerState,
     #[serde(skip)]
     dirty: bool,
+}
+
+/// A key state of format versions 1 and 2 (tumbling windows only).
+#[derive(Serialize, Deserialize)]
+struct KeyStateV2 {
+    windows: KeyWindows,
+    scorer: ScorerState,
+}
+
+impl From<KeyStateV2> for KeyState {
+    fn from(old: KeyStateV2) -> Self {
+        Self { windows: Windows::Tumbling(old.windows), scorer: old.scorer, dirty: false }
+    }
 }
 
 struct Counters {
@@ -226,13 +256,13 @@ impl Actor for PartitionActor {
                 keys.reserve(restored.keys.len());
                 for blob in restored.keys {
                     if blob.event_type == TOMBSTONE_TYPE {
-                        let entries: Vec<(u64, Tombstone)> = decode_state(&blob.state).map_err(|error| {
+                        let entries = decode_tombstones(&blob.state).map_err(|error| {
                             format!("partition {partition}: checkpointed tombstones cannot be read: {error}")
                         })?;
                         tombstones.restore(entries);
                         continue;
                     }
-                    let state: KeyState = decode_state(&blob.state).map_err(|error| {
+                    let state = decode_key_state(&blob.state).map_err(|error| {
                         format!(
                             "partition {partition}: checkpointed state of ({}, {}) cannot be read: {error}",
                             blob.sensor_id, blob.event_type
@@ -370,7 +400,8 @@ impl PartitionState {
             let fresh = batch.partition_point(|event| event.position < self.next_position);
             live.publish_events(&batch[fresh..]);
         }
-        let spec = self.context.spec;
+        let context = Arc::clone(&self.context);
+        let windowing = &context.windowing;
         let previous_clock = self.clock_ms;
         let mut processed = 0u64;
         for event in batch {
@@ -400,10 +431,10 @@ impl PartitionState {
                 if open_keys >= max_keys {
                     return None;
                 }
-                let windows = match tombstones.take(stable_key_hash(&event.sensor_id, &event.event_type)) {
-                    Some(tombstone) => KeyWindows::resumed(tombstone.max_event_ms, tombstone.closed_before_ms),
-                    None => KeyWindows::default(),
-                };
+                let horizon = tombstones
+                    .take(stable_key_hash(&event.sensor_id, &event.event_type))
+                    .map(|tombstone| (tombstone.max_event_ms, tombstone.closed_before_ms));
+                let windows = Windows::new(windowing.spec(&event.event_type), horizon);
                 Some(KeyState { windows, scorer: scoring.scorer(&event.event_type).new_state(), dirty: true })
             });
             let Some(key) = key else {
@@ -428,8 +459,22 @@ impl PartitionState {
                 continue;
             };
             key.dirty = true;
+            let spec = windowing.spec(&event.event_type);
+            if key.windows.kind() != spec.kind {
+                // The configuration changed the event type's window kind since the
+                // checkpoint: the open windows of the old kind are dropped, the new kind
+                // starts where they stood.
+                tracing::warn!(
+                    sensor_id = %event.sensor_id,
+                    event_type = %event.event_type,
+                    "window kind changed from {} to {}: the key's open windows are dropped",
+                    key.windows.kind().as_str(),
+                    spec.kind.as_str()
+                );
+                key.windows = Windows::new(spec, Some(key.windows.horizon()));
+            }
             let before = self.fired.len();
-            match key.windows.add(&spec, event.timestamp_ms, event.value, event.ingest_ms, &mut self.fired) {
+            match key.windows.add(spec, event.timestamp_ms, event.value, event.ingest_ms, &mut self.fired) {
                 Ok(()) => {
                     if self.fired.len() > before {
                         let now_ms = chrono::Utc::now().timestamp_millis();
@@ -618,6 +663,7 @@ impl PartitionState {
         results: &mut Vec<WindowResult>,
         now_ms: i64,
     ) {
+        let window_kind = key.windows.kind();
         for window in fired {
             let features = window.features;
             let scorer = context.scoring.scorer(event_type);
@@ -630,6 +676,7 @@ impl PartitionState {
             results.push(WindowResult {
                 sensor_id: sensor_id.clone(),
                 event_type: event_type.clone(),
+                window_kind,
                 window_start_ms: features.start_ms,
                 window_end_ms: features.end_ms,
                 event_count: features.count,
@@ -643,6 +690,7 @@ impl PartitionState {
                 revision: window.revision,
                 explanation: score.explanation,
                 fired_at_ms: now_ms,
+                supersedes: window.supersedes,
             });
         }
     }
@@ -656,16 +704,18 @@ impl PartitionState {
     /// Flush idle keys whenever the ingest clock crosses a sweep boundary. The decision
     /// depends only on the clock, so a replay sweeps at the same points.
     fn sweep_if_due(&mut self, previous_clock: i64) {
-        let interval = sweep_interval(&self.context.spec);
+        let interval = sweep_interval(&self.context.windowing.default);
         if previous_clock != i64::MIN && previous_clock.div_euclid(interval) == self.clock_ms.div_euclid(interval) {
             return;
         }
-        let spec = self.context.spec;
+        let context = Arc::clone(&self.context);
+        let windowing = &context.windowing;
         let clock_ms = self.clock_ms;
         let now_ms = chrono::Utc::now().timestamp_millis();
         for (sensor_id, event_type, key) in self.keys.iter_mut() {
-            if key.windows.is_idle(&spec, clock_ms) {
-                key.windows.flush(&spec, &mut self.fired);
+            let spec = windowing.spec(event_type);
+            if key.windows.is_idle(spec, clock_ms) {
+                key.windows.flush(spec, &mut self.fired);
                 key.dirty = true;
                 Self::score_fired(
                     &self.context,
@@ -708,11 +758,13 @@ impl PartitionState {
 
     /// Fire every open window (end of a bounded input).
     fn flush_all(&mut self) {
-        let spec = self.context.spec;
+        let context = Arc::clone(&self.context);
+        let windowing = &context.windowing;
         let now_ms = chrono::Utc::now().timestamp_millis();
         for (sensor_id, event_type, key) in self.keys.iter_mut() {
+            let spec = windowing.spec(event_type);
             if key.windows.open_windows() > 0 {
-                key.windows.flush(&spec, &mut self.fired);
+                key.windows.flush(spec, &mut self.fired);
                 key.dirty = true;
                 Self::score_fired(
                     &self.context,
@@ -902,7 +954,7 @@ mod tests {
                 rejects: None,
             }),
             partitions: 1,
-            spec: WindowSpec::from_config(&config.pipeline),
+            windowing: Windowing::from_config(&config.pipeline),
             scoring: crate::scoring::Scoring::from_config(&config.scoring),
             checkpoint_interval: Duration::from_secs(5),
             checkpoint_max_events: 0,
@@ -1018,8 +1070,9 @@ mod tests {
         assert_eq!(reasons, vec![(Some(101), RejectReason::Unparsable), (Some(113), RejectReason::Poison)]);
     }
 
-    /// A checkpoint written in format version 1 (bare postcard, before the header) is
-    /// restored like one written today: the same state, the same results afterwards.
+    /// Checkpoints written in format versions 1 (bare postcard, before the header) and 2
+    /// (tumbling windows only) are restored like one written today: the same state, the
+    /// same results afterwards.
     #[tokio::test]
     async fn state_of_the_previous_checkpoint_format_is_restored() {
         let events = |range: std::ops::Range<u64>| {
@@ -1044,8 +1097,15 @@ mod tests {
         first.actor.send_message(PartitionMsg::Raw(as_raw(&events(0..40)))).expect("sent");
         first.actor.send_message(PartitionMsg::Checkpoint).expect("sent");
         let checkpoint = next_checkpoint(&mut first.store).await;
-        assert!(checkpoint.upserts.iter().all(|blob| blob.state.starts_with(b"TM\x02")), "written as version 2");
-        let restore = |version_1: bool| RestoredPartition {
+        assert!(checkpoint.upserts.iter().all(|blob| blob.state.starts_with(b"TM\x03")), "written as version 3");
+        // The same state as versions 1 and 2 wrote it.
+        let legacy = |state: &[u8], version: u8| -> Vec<u8> {
+            let state = decode_key_state(state).expect("version 3");
+            let Windows::Tumbling(windows) = state.windows else { panic!("default windows are tumbling") };
+            let bytes = postcard::to_allocvec(&KeyStateV2 { windows, scorer: state.scorer }).expect("encoded");
+            if version == 1 { bytes } else { [b"TM\x02".as_slice(), &bytes].concat() }
+        };
+        let restore = |version: u8| RestoredPartition {
             next_position: checkpoint.next_position,
             clock_ms: checkpoint.clock_ms,
             checkpoint_id: checkpoint.checkpoint_id,
@@ -1056,14 +1116,13 @@ mod tests {
                 .map(|blob| KeyStateBlob {
                     sensor_id: blob.sensor_id.clone(),
                     event_type: blob.event_type.clone(),
-                    // Version 1 is the same postcard encoding without the header.
-                    state: if version_1 { blob.state[3..].to_vec() } else { blob.state.clone() },
+                    state: if version == STATE_FORMAT { blob.state.clone() } else { legacy(&blob.state, version) },
                 })
                 .collect(),
         };
         let mut outcomes = Vec::new();
-        for version_1 in [false, true] {
-            let mut harness = harness(Some(restore(version_1))).await;
+        for version in [STATE_FORMAT, 2, 1] {
+            let mut harness = harness(Some(restore(version))).await;
             harness.actor.send_message(PartitionMsg::Raw(as_raw(&events(40..120)))).expect("sent");
             harness.actor.send_message(PartitionMsg::Checkpoint).expect("sent");
             let mut results = Vec::new();
@@ -1083,9 +1142,10 @@ mod tests {
             assert!(!fired.is_empty(), "windows fired after the restore");
             outcomes.push((fired, states, checkpoint.counters));
         }
-        assert_eq!(outcomes[0], outcomes[1], "version 1 and version 2 restore to the same state");
+        assert_eq!(outcomes[0], outcomes[1], "version 2 restores to the same state as version 3");
+        assert_eq!(outcomes[0], outcomes[2], "version 1 restores to the same state as version 3");
         let unknown = KeyStateBlob { sensor_id: "s".into(), event_type: "t".into(), state: b"TM\x09xx".to_vec() };
-        let error = decode_state::<KeyState>(&unknown.state).expect_err("a newer format is refused");
+        let error = decode_key_state(&unknown.state).expect_err("a newer format is refused");
         assert!(error.contains("version 9"), "{error}");
     }
 

@@ -77,6 +77,8 @@ impl Severity {
 pub struct WindowResult {
     pub sensor_id: CompactString,
     pub event_type: CompactString,
+    /// Tumbling, hopping or session: with the start, what the result is keyed by.
+    pub window_kind: crate::window::WindowKind,
     pub window_start_ms: i64,
     pub window_end_ms: i64,
     pub event_count: u64,
@@ -93,6 +95,10 @@ pub struct WindowResult {
     pub explanation: String,
     /// Wall-clock time the window fired, epoch milliseconds (for latency measurement).
     pub fired_at_ms: i64,
+    /// Session windows: starts of earlier results of the key this one replaces (sessions
+    /// a late event merged); the sinks delete them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supersedes: Vec<i64>,
 }
 
 /// Why an event or row ended in the dead-letter store.

@@ -144,6 +144,8 @@ pub struct Prediction {
     pub severity: String,
     pub revision: i64,
     pub explanation: String,
+    /// `tumbling`, `hopping` or `session`.
+    pub window_kind: String,
     #[serde(serialize_with = "ser::millis_rfc3339")]
     pub created_at: i64,
     #[serde(serialize_with = "ser::millis_rfc3339")]
@@ -169,6 +171,7 @@ impl Prediction {
             severity: result.severity.as_str().to_string(),
             revision: i64::from(result.revision),
             explanation: result.explanation.clone(),
+            window_kind: result.window_kind.as_str().to_string(),
             created_at: row.created_at_ms,
             updated_at: row.updated_at_ms,
         }

@@ -60,6 +60,13 @@ fn migrator() -> Migrator {
             sqlx::SqlStr::from_static(include_str!("../../migrations/postgres/0003_search.sql")),
             false,
         ),
+        Migration::new(
+            4,
+            Cow::Borrowed("window kinds"),
+            MigrationType::Simple,
+            sqlx::SqlStr::from_static(include_str!("../../migrations/postgres/0004_window_kinds.sql")),
+            false,
+        ),
     ])
 }
 
@@ -96,7 +103,7 @@ fn upsert_prediction() -> String {
 
 const INSERT_PREDICTIONS: &str = "INSERT INTO predictions (sensor_id, event_type, window_start, window_end, \
      event_count, avg_value, min_value, max_value, stddev, prediction_score, anomaly, severity, revision, \
-     explanation, search_words, created_at, updated_at) ";
+     explanation, search_words, window_kind, created_at, updated_at) ";
 
 /// The `tsvector` input of a result's searchable words: `'w':1 'w':2 …` (words are
 /// letters and digits only, so quoting needs no escapes; PostgreSQL keeps positions up
@@ -196,6 +203,7 @@ impl PostgresStore {
         let mut revisions = Vec::with_capacity(n);
         let mut explanations = Vec::with_capacity(n);
         let mut words = Vec::with_capacity(n);
+        let mut kinds = Vec::with_capacity(n);
         for result in results {
             sensor_ids.push(result.sensor_id.as_str());
             event_types.push(result.event_type.as_str());
@@ -212,12 +220,14 @@ impl PostgresStore {
             revisions.push(i32::try_from(result.revision).unwrap_or(i32::MAX));
             explanations.push(result.explanation.as_str());
             words.push(search_words(result));
+            kinds.push(result.window_kind.as_str());
         }
         let statement = format!(
-            "{INSERT_PREDICTIONS} SELECT s, e, ws, we, c, a, mi, ma, sd, ps, an, sv, r, ex, sw::tsvector, now(), now() \
-             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[], \
+            "{INSERT_PREDICTIONS} SELECT s, e, ws, we, c, a, mi, ma, sd, ps, an, sv, r, ex, sw::tsvector, k, now(), \
+             now() FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[], \
              $6::float8[], $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::bool[], $12::text[], \
-             $13::int[], $14::text[], $15::text[]) AS t(s, e, ws, we, c, a, mi, ma, sd, ps, an, sv, r, ex, sw){}",
+             $13::int[], $14::text[], $15::text[], $16::text[]) AS t(s, e, ws, we, c, a, mi, ma, sd, ps, an, sv, r, \
+             ex, sw, k){}",
             upsert_prediction()
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(statement))
@@ -236,6 +246,7 @@ impl PostgresStore {
             .bind(revisions)
             .bind(explanations)
             .bind(words)
+            .bind(kinds)
             .fetch_all(&mut *tx)
             .await?;
         written_rows(&rows)
@@ -260,7 +271,7 @@ impl PostgresStore {
             .copy_in_raw(
                 "COPY predictions_stage (id, sensor_id, event_type, window_start, window_end, event_count, \
                  avg_value, min_value, max_value, stddev, prediction_score, anomaly, severity, revision, explanation, \
-                 search_words) FROM STDIN",
+                 search_words, window_kind) FROM STDIN",
             )
             .await?;
         copy.send(text.as_bytes()).await?;
@@ -268,7 +279,7 @@ impl PostgresStore {
         let statement = format!(
             "{INSERT_PREDICTIONS} SELECT sensor_id, event_type, window_start, window_end, event_count, avg_value, \
              min_value, max_value, stddev, prediction_score, anomaly, severity, revision, explanation, search_words, \
-             now(), now() FROM predictions_stage{}",
+             window_kind, now(), now() FROM predictions_stage{}",
             upsert_prediction()
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(statement)).fetch_all(&mut *tx).await?;
@@ -283,6 +294,14 @@ impl PostgresStore {
                 WriteMethod::Unnest => self.upsert_unnest(&mut tx, batch.results).await?,
                 WriteMethod::Copy => self.upsert_copy(&mut tx, batch.results).await?,
             };
+            for (sensor_id, event_type, start) in sql::superseded(batch.results) {
+                sqlx::query("DELETE FROM predictions WHERE sensor_id = $1 AND event_type = $2 AND window_start = $3")
+                    .bind(sensor_id)
+                    .bind(event_type)
+                    .bind(time(start))
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         if !batch.dead_letters.is_empty() {
             let letters = batch.dead_letters;
@@ -418,6 +437,8 @@ fn copy_row(out: &mut String, result: &WindowResult) {
     text(out, &result.explanation);
     out.push('\t');
     text(out, &search_words(result));
+    out.push('\t');
+    out.push_str(result.window_kind.as_str());
     out.push('\n');
 }
 
@@ -438,6 +459,7 @@ fn prediction_from_row(row: &PgRow) -> Result<Prediction, sqlx::Error> {
         severity: row.try_get("severity")?,
         revision: i64::from(row.try_get::<i32, _>("revision")?),
         explanation: row.try_get("explanation")?,
+        window_kind: row.try_get("window_kind")?,
         created_at: millis(row, "created_at")?,
         updated_at: millis(row, "updated_at")?,
     })
@@ -680,6 +702,7 @@ mod search_tests {
         let mut result = crate::messages::WindowResult {
             sensor_id: "Sensor-0042".into(),
             event_type: "temperature".into(),
+            window_kind: crate::window::WindowKind::Tumbling,
             window_start_ms: 0,
             window_end_ms: 1,
             event_count: 1,
@@ -693,6 +716,7 @@ mod search_tests {
             revision: 0,
             explanation: "mean 4.2σ above".into(),
             fired_at_ms: 0,
+            supersedes: Vec::new(),
         };
         assert_eq!(
             search_words(&result),

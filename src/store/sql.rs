@@ -9,7 +9,7 @@ use crate::search::{HistogramQuery, TextQuery};
 
 pub const PREDICTION_COLUMNS: &str = "id, sensor_id, event_type, window_start, window_end, event_count, \
      avg_value, min_value, max_value, stddev, prediction_score, anomaly, severity, revision, explanation, \
-     created_at, updated_at";
+     window_kind, created_at, updated_at";
 
 pub const DEAD_LETTER_COLUMNS: &str =
     "id, received_at, source, reason, error, sensor_id, event_type, event_time, partition, position, payload";
@@ -245,15 +245,23 @@ pub const UPSERT_PREDICTION: &str = " ON CONFLICT (sensor_id, event_type, window
      avg_value = excluded.avg_value, min_value = excluded.min_value, max_value = excluded.max_value, \
      stddev = excluded.stddev, prediction_score = excluded.prediction_score, anomaly = excluded.anomaly, \
      severity = excluded.severity, revision = excluded.revision, explanation = excluded.explanation, \
-     updated_at = excluded.updated_at \
+     window_kind = excluded.window_kind, updated_at = excluded.updated_at \
      WHERE excluded.revision > predictions.revision \
      OR (excluded.revision = predictions.revision AND (excluded.window_end, excluded.event_count, \
      excluded.avg_value, excluded.min_value, excluded.max_value, excluded.stddev, excluded.prediction_score, \
-     excluded.anomaly, excluded.severity, excluded.explanation) <> (predictions.window_end, \
+     excluded.anomaly, excluded.severity, excluded.explanation, excluded.window_kind) <> (predictions.window_end, \
      predictions.event_count, predictions.avg_value, predictions.min_value, predictions.max_value, \
      predictions.stddev, predictions.prediction_score, predictions.anomaly, predictions.severity, \
-     predictions.explanation)) \
+     predictions.explanation, predictions.window_kind)) \
      RETURNING id, sensor_id, event_type, window_start, created_at, updated_at";
+
+/// Rows that session results replace (`WindowResult::supersedes`): `(sensor_id,
+/// event_type, window_start)` to delete, in the order the results came.
+pub fn superseded(results: &[crate::messages::WindowResult]) -> impl Iterator<Item = (&str, &str, i64)> {
+    results.iter().flat_map(|result| {
+        result.supersedes.iter().map(|start| (result.sensor_id.as_str(), result.event_type.as_str(), *start))
+    })
+}
 
 /// A count or position as the `BIGINT` the stores keep it in.
 pub fn int(value: u64) -> i64 {

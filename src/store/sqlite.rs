@@ -92,6 +92,13 @@ fn migrator() -> Migrator {
             sqlx::SqlStr::from_static(include_str!("../../migrations/sqlite/0003_search.sql")),
             false,
         ),
+        Migration::new(
+            4,
+            Cow::Borrowed("window kinds"),
+            MigrationType::Simple,
+            sqlx::SqlStr::from_static(include_str!("../../migrations/sqlite/0004_window_kinds.sql")),
+            false,
+        ),
     ])
 }
 
@@ -183,7 +190,7 @@ impl SqliteStore {
             let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO predictions (sensor_id, event_type, window_start, window_end, event_count, avg_value, \
                  min_value, max_value, stddev, prediction_score, anomaly, severity, revision, explanation, \
-                 created_at, updated_at) ",
+                 window_kind, created_at, updated_at) ",
             );
             builder.push_values(chunk, |mut row, result| {
                 row.push_bind(result.sensor_id.as_str())
@@ -200,6 +207,7 @@ impl SqliteStore {
                     .push_bind(result.severity.as_str())
                     .push_bind(i64::from(result.revision))
                     .push_bind(result.explanation.as_str())
+                    .push_bind(result.window_kind.as_str())
                     .push_bind(now_ms)
                     .push_bind(now_ms);
             });
@@ -214,6 +222,14 @@ impl SqliteStore {
                     updated_at_ms: row.try_get("updated_at")?,
                 });
             }
+        }
+        for (sensor_id, event_type, start) in sql::superseded(batch.results) {
+            sqlx::query("DELETE FROM predictions WHERE sensor_id = ? AND event_type = ? AND window_start = ?")
+                .bind(sensor_id)
+                .bind(event_type)
+                .bind(start)
+                .execute(&mut *tx)
+                .await?;
         }
         for chunk in batch.dead_letters.chunks(ROWS_PER_STATEMENT) {
             let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -313,6 +329,7 @@ fn prediction_from_row(row: &SqliteRow) -> Result<Prediction, sqlx::Error> {
         severity: row.try_get("severity")?,
         revision: row.try_get("revision")?,
         explanation: row.try_get("explanation")?,
+        window_kind: row.try_get("window_kind")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })

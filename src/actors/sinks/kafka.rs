@@ -63,6 +63,12 @@ pub struct ResultRecord<'a> {
     pub severity: &'static str,
     pub revision: u32,
     pub explanation: &'a str,
+    /// Absent for tumbling windows (the records written before window kinds existed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_kind: Option<&'static str>,
+    /// Session windows: starts of this key's earlier results this one replaces.
+    #[serde(skip_serializing_if = "<[i64]>::is_empty")]
+    pub supersedes: &'a [i64],
 }
 
 impl<'a> From<&'a WindowResult> for ResultRecord<'a> {
@@ -82,6 +88,8 @@ impl<'a> From<&'a WindowResult> for ResultRecord<'a> {
             severity: r.severity.as_str(),
             revision: r.revision,
             explanation: &r.explanation,
+            window_kind: (r.window_kind != crate::window::WindowKind::Tumbling).then(|| r.window_kind.as_str()),
+            supersedes: &r.supersedes,
         }
     }
 }

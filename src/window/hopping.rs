@@ -1,0 +1,391 @@
+//! Hopping (sliding) windows: `[s, s + size)` for every `s` a multiple of `slide`, so an
+//! event counts in `size / slide` windows.
+//!
+//! State is shared between the overlapping windows: values go into *panes* of
+//! `gcd(size, slide)` (one pane per slide when the size is a multiple of it), and a
+//! window that fires merges its panes. An event costs one pane update whatever
+//! `size / slide` is; a firing costs `size / pane` merges.
+//!
+//! Lateness is per window, as in Flink: an event counts in every window covering it
+//! whose end plus the allowed lateness the watermark has not reached; it is late (and
+//! dead-lettered) only when that holds for none of them.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
+
+use super::agg::Agg;
+use super::{Fired, Late, NO_EVENT, WindowSpec};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Pane {
+    start_ms: i64,
+    agg: Agg,
+}
+
+/// Hopping-window state of one key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HoppingWindows {
+    max_event_ms: i64,
+    last_ingest_ms: i64,
+    /// Windows starting before this were closed by an idle flush (so events before it
+    /// are late: every window covering them is closed).
+    closed_before_ms: i64,
+    /// Windows starting before this have fired (or were empty when the watermark passed
+    /// their end); `NO_EVENT`: none yet.
+    next_start_ms: i64,
+    /// Panes holding values, by start.
+    panes: VecDeque<Pane>,
+    /// Windows that fired and are still within the allowed lateness: `(start, revision)`
+    /// (kept only when the lateness is above 0).
+    emitted: SmallVec<[(i64, u16); 2]>,
+}
+
+impl Default for HoppingWindows {
+    fn default() -> Self {
+        Self {
+            max_event_ms: NO_EVENT,
+            last_ingest_ms: NO_EVENT,
+            closed_before_ms: NO_EVENT,
+            next_start_ms: NO_EVENT,
+            panes: VecDeque::new(),
+            emitted: SmallVec::new(),
+        }
+    }
+}
+
+fn floor_to(value: i64, step: i64) -> i64 {
+    value - value.rem_euclid(step)
+}
+
+impl HoppingWindows {
+    pub fn resumed(max_event_ms: i64, closed_before_ms: i64) -> Self {
+        Self { max_event_ms, closed_before_ms, ..Self::default() }
+    }
+
+    pub fn watermark(&self, spec: &WindowSpec) -> Option<i64> {
+        (self.max_event_ms != NO_EVENT).then(|| self.max_event_ms.saturating_sub(spec.out_of_orderness_ms))
+    }
+
+    pub fn horizon(&self) -> (i64, i64) {
+        (self.max_event_ms, self.closed_before_ms)
+    }
+
+    pub fn last_ingest_ms(&self) -> i64 {
+        self.last_ingest_ms
+    }
+
+    /// Panes holding values (windows share them; a key with none holds no window).
+    pub fn open_windows(&self) -> usize {
+        self.panes.len()
+    }
+
+    /// Start of the first window covering time `t`.
+    fn first_covering(&self, spec: &WindowSpec, t: i64) -> i64 {
+        floor_to(t - spec.size_ms, spec.slide_ms) + spec.slide_ms
+    }
+
+    fn closed(spec: &WindowSpec, window_start_ms: i64, watermark_ms: Option<i64>) -> bool {
+        watermark_ms.is_some_and(|w| window_start_ms + spec.size_ms + spec.allowed_lateness_ms <= w)
+    }
+
+    pub fn add(
+        &mut self,
+        spec: &WindowSpec,
+        timestamp_ms: i64,
+        value: f64,
+        ingest_ms: i64,
+        fired: &mut Vec<Fired>,
+    ) -> Result<(), Late> {
+        let pane_ms = spec.pane_ms();
+        let pane_start = floor_to(timestamp_ms, pane_ms);
+        let last_covering = floor_to(timestamp_ms, spec.slide_ms);
+        let watermark = self.watermark(spec);
+        if Self::closed(spec, last_covering, watermark) {
+            return Err(Late { window_start_ms: last_covering, watermark_ms: watermark.unwrap_or(NO_EVENT) });
+        }
+        if timestamp_ms < self.closed_before_ms {
+            return Err(Late {
+                window_start_ms: last_covering,
+                watermark_ms: watermark.unwrap_or(self.closed_before_ms),
+            });
+        }
+        self.last_ingest_ms = self.last_ingest_ms.max(ingest_ms);
+        let index = self.panes.partition_point(|pane| pane.start_ms < pane_start);
+        if self.panes.get(index).is_none_or(|pane| pane.start_ms != pane_start) {
+            self.panes.insert(index, Pane { start_ms: pane_start, agg: Agg::default() });
+        }
+        self.panes[index].agg.add(value);
+
+        // Windows covering the event that already fired and are still open: revise them.
+        if self.next_start_ms != NO_EVENT {
+            let mut start = self.first_covering(spec, timestamp_ms).max(self.closed_before_ms);
+            while start < self.next_start_ms && start <= last_covering {
+                if !Self::closed(spec, start, watermark) {
+                    let revision = match self.emitted.iter_mut().find(|(s, _)| *s == start) {
+                        Some((_, revision)) => {
+                            *revision = revision.saturating_add(1);
+                            *revision
+                        }
+                        None => {
+                            // Empty when the watermark passed it: this is its first result.
+                            self.emitted.push((start, 0));
+                            0
+                        }
+                    };
+                    fired.push(Fired {
+                        features: self.window(spec, start),
+                        revision: u32::from(revision),
+                        supersedes: Vec::new(),
+                    });
+                }
+                start += spec.slide_ms;
+            }
+        }
+
+        if timestamp_ms > self.max_event_ms {
+            self.max_event_ms = timestamp_ms;
+            self.advance(spec, fired);
+        }
+        Ok(())
+    }
+
+    /// The features of window `[start, start + size)` from its panes.
+    fn window(&self, spec: &WindowSpec, start_ms: i64) -> super::WindowFeatures {
+        let end_ms = start_ms + spec.size_ms;
+        let first = self.panes.partition_point(|pane| pane.start_ms < start_ms);
+        let mut agg = Agg::default();
+        for pane in self.panes.range(first..) {
+            if pane.start_ms >= end_ms {
+                break;
+            }
+            agg.merge(&pane.agg);
+        }
+        agg.features(start_ms, end_ms)
+    }
+
+    /// Fire the windows the watermark has passed, in start order, skipping empty ones;
+    /// drop panes no open window covers.
+    fn advance(&mut self, spec: &WindowSpec, fired: &mut Vec<Fired>) {
+        let Some(watermark_ms) = self.watermark(spec) else {
+            return;
+        };
+        // The last window whose end the watermark reached.
+        self.fire_through(spec, floor_to(watermark_ms - spec.size_ms, spec.slide_ms), fired);
+        self.purge(spec, watermark_ms);
+    }
+
+    /// Fire the windows holding values that start at or before `last_start` and have not
+    /// fired; afterwards every window up to `last_start` counts as handled.
+    fn fire_through(&mut self, spec: &WindowSpec, last_start: i64, fired: &mut Vec<Fired>) {
+        let Some(first_pane) = self.panes.front().map(|pane| pane.start_ms) else {
+            return;
+        };
+        let mut start = self.first_covering(spec, first_pane);
+        if self.next_start_ms != NO_EVENT {
+            start = start.max(self.next_start_ms);
+        }
+        while start <= last_start {
+            // The first pane at or after `start`: if the window holds none, jump to the
+            // first window that covers that pane (never past `last_start`).
+            let index = self.panes.partition_point(|pane| pane.start_ms < start);
+            let Some(pane) = self.panes.get(index) else {
+                start = last_start + spec.slide_ms; // every window left is empty
+                break;
+            };
+            if pane.start_ms >= start + spec.size_ms {
+                start =
+                    self.first_covering(spec, pane.start_ms).max(start + spec.slide_ms).min(last_start + spec.slide_ms);
+                continue;
+            }
+            fired.push(Fired { features: self.window(spec, start), revision: 0, supersedes: Vec::new() });
+            if spec.allowed_lateness_ms > 0 {
+                self.emitted.push((start, 0));
+            }
+            start += spec.slide_ms;
+        }
+        // Never past the first window not handled (an empty window the watermark has
+        // not passed yet may still receive an out-of-order event).
+        let handled = start.min(last_start + spec.slide_ms);
+        if self.next_start_ms == NO_EVENT || handled > self.next_start_ms {
+            self.next_start_ms = handled;
+        }
+    }
+
+    fn purge(&mut self, spec: &WindowSpec, watermark_ms: i64) {
+        let pane_ms = spec.pane_ms();
+        while let Some(pane) = self.panes.front() {
+            let last_covering = floor_to(pane.start_ms + pane_ms - 1, spec.slide_ms);
+            if Self::closed(spec, last_covering, Some(watermark_ms)) {
+                self.panes.pop_front();
+            } else {
+                break;
+            }
+        }
+        self.emitted.retain(|(start, _)| !Self::closed(spec, *start, Some(watermark_ms)));
+    }
+
+    pub fn is_idle(&self, spec: &WindowSpec, clock_ms: i64) -> bool {
+        !self.panes.is_empty()
+            && self.last_ingest_ms != NO_EVENT
+            && clock_ms.saturating_sub(self.last_ingest_ms) >= spec.idle_timeout_ms
+    }
+
+    /// Fire every window holding values that has not fired, and close them all.
+    pub fn flush(&mut self, spec: &WindowSpec, fired: &mut Vec<Fired>) {
+        if let Some(last) = self.panes.back().map(|pane| pane.start_ms) {
+            let last_covering = floor_to(last + spec.pane_ms() - 1, spec.slide_ms);
+            self.fire_through(spec, last_covering, fired);
+            self.closed_before_ms = self.closed_before_ms.max(last_covering + spec.slide_ms);
+        }
+        self.panes.clear();
+        self.panes.shrink_to_fit();
+        self.emitted.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::window::WindowKind;
+
+    const SPEC: WindowSpec = WindowSpec {
+        kind: WindowKind::Hopping,
+        size_ms: 30_000,
+        slide_ms: 10_000,
+        out_of_orderness_ms: 5_000,
+        allowed_lateness_ms: 0,
+        idle_timeout_ms: 60_000,
+    };
+
+    #[test]
+    fn an_event_counts_in_every_window_covering_it() {
+        let mut key = HoppingWindows::default();
+        let mut fired = Vec::new();
+        key.add(&SPEC, 25_000, 2.0, 0, &mut fired).unwrap();
+        key.add(&SPEC, 100_000, 1.0, 0, &mut fired).unwrap();
+        // 25 s is in [0, 30), [10, 40) and [20, 50): all fired by watermark 95 s.
+        let starts: Vec<(i64, i64, u64)> =
+            fired.iter().map(|f| (f.features.start_ms, f.features.end_ms, f.features.count)).collect();
+        assert_eq!(starts, vec![(0, 30_000, 1), (10_000, 40_000, 1), (20_000, 50_000, 1)]);
+        assert!(fired.iter().all(|f| f.revision == 0 && f.features.mean == 2.0));
+        assert_eq!(key.open_windows(), 1, "the 25 s pane is purged, the 100 s one remains");
+    }
+
+    #[test]
+    fn windows_fire_once_their_end_is_passed_and_merge_panes() {
+        let mut key = HoppingWindows::default();
+        let mut fired = Vec::new();
+        for (t, v) in [(1_000, 1.0), (12_000, 3.0), (24_000, 5.0), (34_000, 7.0)] {
+            key.add(&SPEC, t, v, 0, &mut fired).unwrap();
+        }
+        // Watermark 29 s: [0, 30) is not due yet.
+        assert!(fired.iter().all(|f| f.features.end_ms <= 29_000), "{fired:?}");
+        let before = fired.len();
+        key.add(&SPEC, 35_000, 9.0, 0, &mut fired).unwrap();
+        let new: Vec<_> =
+            fired[before..].iter().map(|f| (f.features.start_ms, f.features.count, f.features.mean)).collect();
+        assert_eq!(new, vec![(0, 3, 3.0)], "watermark 30 s fires [0, 30) with the three panes merged");
+        let f = fired[before].features;
+        assert_eq!((f.min, f.max), (1.0, 5.0));
+        assert!((f.stddev - (8.0f64 / 3.0).sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn allowed_lateness_revises_only_the_windows_still_open() {
+        let spec = WindowSpec { allowed_lateness_ms: 10_000, ..SPEC };
+        let mut key = HoppingWindows::default();
+        let mut fired = Vec::new();
+        key.add(&spec, 25_000, 1.0, 0, &mut fired).unwrap();
+        key.add(&spec, 50_000, 1.0, 0, &mut fired).unwrap(); // watermark 45 s
+        fired.clear();
+        // 26 s: [0, 30) closed at 30 + 10 = 40 ≤ 45; [10, 40) fired and open; [20, 50) not due.
+        key.add(&spec, 26_000, 3.0, 0, &mut fired).unwrap();
+        let revised: Vec<_> = fired.iter().map(|f| (f.features.start_ms, f.revision, f.features.count)).collect();
+        assert_eq!(revised, vec![(10_000, 1, 2)]);
+        // An event only in closed windows is late.
+        assert!(key.add(&spec, 9_000, 1.0, 0, &mut fired).is_err());
+    }
+
+    #[test]
+    fn idle_flush_fires_every_window_holding_values_and_closes_them() {
+        let mut key = HoppingWindows::default();
+        let mut fired = Vec::new();
+        key.add(&SPEC, 25_000, 1.0, 0, &mut fired).unwrap();
+        assert!(key.is_idle(&SPEC, 60_000));
+        key.flush(&SPEC, &mut fired);
+        let starts: Vec<i64> = fired.iter().map(|f| f.features.start_ms).collect();
+        assert_eq!(starts, vec![0, 10_000, 20_000]);
+        assert!(key.add(&SPEC, 29_000, 1.0, 0, &mut fired).is_err(), "its windows are closed");
+        fired.clear();
+        key.add(&SPEC, 31_000, 1.0, 0, &mut fired).unwrap();
+        key.add(&SPEC, 90_000, 1.0, 0, &mut fired).unwrap();
+        let starts: Vec<(i64, u64)> = fired.iter().map(|f| (f.features.start_ms, f.features.count)).collect();
+        // 31 s is covered by [10, 40), [20, 50) (closed by the flush) and [30, 60).
+        assert_eq!(starts, vec![(30_000, 1)], "only windows after the flush");
+    }
+
+    #[test]
+    fn a_silent_key_skips_empty_windows_without_walking_them() {
+        let spec = WindowSpec { size_ms: 600_000, slide_ms: 10_000, ..SPEC };
+        let mut key = HoppingWindows::default();
+        let mut fired = Vec::new();
+        key.add(&spec, 0, 1.0, 0, &mut fired).unwrap();
+        key.add(&spec, 86_400_000 * 365, 1.0, 0, &mut fired).unwrap();
+        assert_eq!(fired.len(), 60, "the 60 windows covering the first event, none of the empty ones");
+    }
+
+    proptest::proptest! {
+        /// Every event counts in exactly the windows covering it that were open when it
+        /// arrived (end + lateness above the watermark); an event is late only when no
+        /// such window exists; no window fires before the watermark passes its end.
+        #[test]
+        fn counts_match_a_direct_computation(
+            events in proptest::collection::vec((0i64..200_000, -1000i64..1000), 0..300),
+            size_slide in proptest::sample::select(vec![(30_000i64, 10_000i64), (30_000, 30_000), (20_000, 15_000), (60_000, 5_000)]),
+            lateness in proptest::sample::select(vec![0i64, 7_000, 20_000]),
+        ) {
+            let spec = WindowSpec { size_ms: size_slide.0, slide_ms: size_slide.1, allowed_lateness_ms: lateness, ..SPEC };
+            let mut key = HoppingWindows::default();
+            let mut expected: HashMap<i64, u64> = HashMap::new();
+            let mut latest: HashMap<i64, (u32, u64)> = HashMap::new();
+            let mut max_t = i64::MIN;
+            let mut fired = Vec::new();
+            for &(t, value) in &events {
+                let watermark = (max_t != i64::MIN).then(|| max_t - spec.out_of_orderness_ms);
+                let mut open = Vec::new();
+                let mut start = floor_to(t - spec.size_ms, spec.slide_ms) + spec.slide_ms;
+                while start <= t {
+                    if watermark.is_none_or(|w| start + spec.size_ms + spec.allowed_lateness_ms > w) {
+                        open.push(start);
+                    }
+                    start += spec.slide_ms;
+                }
+                let accepted = key.add(&spec, t, value as f64, 0, &mut fired).is_ok();
+                proptest::prop_assert_eq!(accepted, !open.is_empty(), "late iff no covering window is open");
+                if accepted {
+                    for start in open {
+                        *expected.entry(start).or_default() += 1;
+                    }
+                }
+                max_t = max_t.max(t);
+                let watermark = max_t - spec.out_of_orderness_ms;
+                for f in fired.drain(..) {
+                    proptest::prop_assert!(f.features.end_ms <= watermark, "fired early: {:?}", f);
+                    let entry = latest.entry(f.features.start_ms).or_insert((0, 0));
+                    proptest::prop_assert!(f.revision >= entry.0, "revisions only grow");
+                    *entry = (f.revision, f.features.count);
+                }
+            }
+            key.flush(&spec, &mut fired);
+            for f in fired.drain(..) {
+                latest.insert(f.features.start_ms, (f.revision, f.features.count));
+            }
+            let counted: HashMap<i64, u64> = latest.into_iter().map(|(start, (_, count))| (start, count)).collect();
+            proptest::prop_assert_eq!(counted, expected);
+        }
+    }
+}
