@@ -52,6 +52,27 @@ impl Agg {
         self.max = self.max.max(other.max);
     }
 
+    /// Take `part` (a subset of the values folded in) out again: count, sum and the sum
+    /// of squared deviations as if it had never been added, up to rounding. Minimum and
+    /// maximum cannot be taken out: the caller keeps them another way.
+    #[inline]
+    pub fn subtract(&mut self, part: &Agg) {
+        if part.count == 0 {
+            return;
+        }
+        if part.count >= self.count {
+            *self = Agg::default();
+            return;
+        }
+        let (n, nb) = (f64::from(self.count), f64::from(part.count));
+        let na = n - nb;
+        let sum_a = self.sum - part.sum;
+        let delta = part.sum / nb - sum_a / na;
+        self.m2 = (self.m2 - part.m2 - delta * delta * na * nb / n).max(0.0);
+        self.sum = sum_a;
+        self.count -= part.count;
+    }
+
     pub fn features(&self, start_ms: i64, end_ms: i64) -> WindowFeatures {
         let count = f64::from(self.count.max(1));
         WindowFeatures {
@@ -83,6 +104,13 @@ mod tests {
             proptest::prop_assert!((left.sum - all.sum).abs() < 1e-6);
             proptest::prop_assert!((left.m2 - all.m2).abs() < 1e-6 * all.m2.abs().max(1.0));
             proptest::prop_assert_eq!((left.min, left.max), (all.min, all.max));
+            // And taking `b` out again gives `a`'s count, sum and spread.
+            let mut only_a = Agg::default();
+            a.iter().for_each(|v| only_a.add(*v));
+            left.subtract(&right);
+            proptest::prop_assert_eq!(left.count, only_a.count);
+            proptest::prop_assert!((left.sum - only_a.sum).abs() < 1e-6);
+            proptest::prop_assert!((left.m2 - only_a.m2).abs() < 1e-6 * all.m2.abs().max(1.0), "{} vs {}", left.m2, only_a.m2);
         }
     }
 }

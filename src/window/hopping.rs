@@ -2,9 +2,13 @@
 //! event counts in `size / slide` windows.
 //!
 //! State is shared between the overlapping windows: values go into *panes* of
-//! `gcd(size, slide)` (one pane per slide when the size is a multiple of it), and a
-//! window that fires merges its panes. An event costs one pane update whatever
-//! `size / slide` is; a firing costs `size / pane` merges.
+//! `gcd(size, slide)` (one pane per slide when the size is a multiple of it). A running
+//! aggregate of the window that fired last slides with the windows: the next one is it
+//! minus the panes that left plus those that came in (minimum and maximum are recomputed
+//! only when a leaving pane held one; the whole aggregate once per `size / pane` slides,
+//! so rounding cannot build up). An event costs one pane update whatever `size / slide`
+//! is, and a firing a few panes, not `size / pane` of them: a 10 m / 10 s window costs
+//! per event about what a tumbling one does (`docs/benchmarks.md`).
 //!
 //! Lateness is per window, as in Flink: an event counts in every window covering it
 //! whose end plus the allowed lateness the watermark has not reached; it is late (and
@@ -40,6 +44,17 @@ pub struct HoppingWindows {
     /// Windows that fired and are still within the allowed lateness: `(start, revision)`
     /// (kept only when the lateness is above 0).
     emitted: SmallVec<[(i64, u16); 2]>,
+    /// The panes of `[run_start_ms, run_start_ms + size)` merged (`NO_EVENT`: none).
+    run: Agg,
+    run_start_ms: i64,
+    /// Slides since `run` was last merged from its panes.
+    run_age: u32,
+    /// The running window's candidates for its maximum and minimum: `(pane start,
+    /// extreme)` in pane order, each larger (smaller) than every later one. The front is
+    /// the window's extreme; a pane leaving takes its entry with it (monotonic queues:
+    /// amortised O(1) per slide, whatever the trend of the values).
+    maxima: VecDeque<(i64, f64)>,
+    minima: VecDeque<(i64, f64)>,
 }
 
 impl Default for HoppingWindows {
@@ -51,6 +66,11 @@ impl Default for HoppingWindows {
             next_start_ms: NO_EVENT,
             panes: VecDeque::new(),
             emitted: SmallVec::new(),
+            run: Agg::default(),
+            run_start_ms: NO_EVENT,
+            run_age: 0,
+            maxima: VecDeque::new(),
+            minima: VecDeque::new(),
         }
     }
 }
@@ -112,11 +132,23 @@ impl HoppingWindows {
             });
         }
         self.last_ingest_ms = self.last_ingest_ms.max(ingest_ms);
-        let index = self.panes.partition_point(|pane| pane.start_ms < pane_start);
+        // In order, the event's pane is the newest or a new one: look there first (a
+        // binary search would touch a cache line per step, for every event).
+        let index = match self.panes.back() {
+            Some(last) if last.start_ms == pane_start => self.panes.len() - 1,
+            Some(last) if last.start_ms < pane_start => self.panes.len(),
+            None => 0,
+            Some(_) => self.panes.partition_point(|pane| pane.start_ms < pane_start),
+        };
         if self.panes.get(index).is_none_or(|pane| pane.start_ms != pane_start) {
             self.panes.insert(index, Pane { start_ms: pane_start, agg: Agg::default() });
         }
         self.panes[index].agg.add(value);
+        if self.run_start_ms != NO_EVENT && (self.run_start_ms..self.run_start_ms + spec.size_ms).contains(&pane_start) {
+            // A late event in the window that fired last (its panes' extremes are
+            // queued already): merge that window afresh when the next one fires.
+            self.run_start_ms = NO_EVENT;
+        }
 
         // Windows covering the event that already fired and are still open: revise them.
         if self.next_start_ms != NO_EVENT {
@@ -153,16 +185,99 @@ impl HoppingWindows {
 
     /// The features of window `[start, start + size)` from its panes.
     fn window(&self, spec: &WindowSpec, start_ms: i64) -> super::WindowFeatures {
-        let end_ms = start_ms + spec.size_ms;
-        let first = self.panes.partition_point(|pane| pane.start_ms < start_ms);
+        self.merged(start_ms, start_ms + spec.size_ms).features(start_ms, start_ms + spec.size_ms)
+    }
+
+    /// Index of the first pane starting at or after `from`. The windows fire from the
+    /// oldest panes, so it is usually among the first few: look there before searching.
+    fn first_at_or_after(&self, from_ms: i64) -> usize {
+        for (index, pane) in self.panes.iter().take(4).enumerate() {
+            if pane.start_ms >= from_ms {
+                return index;
+            }
+        }
+        self.panes.partition_point(|pane| pane.start_ms < from_ms)
+    }
+
+    /// The panes of `[from, to)` merged.
+    fn merged(&self, from_ms: i64, to_ms: i64) -> Agg {
+        let first = self.first_at_or_after(from_ms);
         let mut agg = Agg::default();
         for pane in self.panes.range(first..) {
-            if pane.start_ms >= end_ms {
+            if pane.start_ms >= to_ms {
                 break;
             }
             agg.merge(&pane.agg);
         }
-        agg.features(start_ms, end_ms)
+        agg
+    }
+
+    /// The features of window `start`, from the running aggregate moved there: by
+    /// sliding it when the window is the next one, by merging its panes otherwise.
+    fn fire_window(&mut self, spec: &WindowSpec, start_ms: i64) -> super::WindowFeatures {
+        let end_ms = start_ms + spec.size_ms;
+        let panes_per_window = u32::try_from(spec.size_ms / spec.pane_ms()).unwrap_or(u32::MAX);
+        let next = self.run_start_ms != NO_EVENT && start_ms == self.run_start_ms + spec.slide_ms;
+        if self.run_start_ms == start_ms {
+            // Already there.
+        } else if next && self.run_age < panes_per_window {
+            let (old_start, old_end) = (self.run_start_ms, self.run_start_ms + spec.size_ms);
+            let leaving = self.merged(old_start, start_ms);
+            self.run.subtract(&leaving);
+            for queue in [&mut self.maxima, &mut self.minima] {
+                while queue.front().is_some_and(|(pane, _)| *pane < start_ms) {
+                    queue.pop_front();
+                }
+            }
+            // The entering panes, oldest first.
+            let first = self.panes.len() - self.panes.iter().rev().take_while(|pane| pane.start_ms >= old_end).count();
+            for index in first..self.panes.len() {
+                let (pane_start, agg) = (self.panes[index].start_ms, self.panes[index].agg);
+                if pane_start >= end_ms {
+                    break;
+                }
+                self.run.merge(&agg);
+                Self::enqueue(&mut self.maxima, &mut self.minima, pane_start, &agg);
+            }
+            self.run_age += 1;
+        } else {
+            self.run = Agg::default();
+            self.maxima.clear();
+            self.minima.clear();
+            let first = self.first_at_or_after(start_ms);
+            for index in first..self.panes.len() {
+                let (pane_start, agg) = (self.panes[index].start_ms, self.panes[index].agg);
+                if pane_start >= end_ms {
+                    break;
+                }
+                self.run.merge(&agg);
+                Self::enqueue(&mut self.maxima, &mut self.minima, pane_start, &agg);
+            }
+            self.run_age = 0;
+        }
+        if let (Some((_, max)), Some((_, min))) = (self.maxima.front(), self.minima.front()) {
+            (self.run.max, self.run.min) = (*max, *min);
+        }
+        if self.run.min == self.run.max {
+            self.run.m2 = 0.0; // equal values: no rounding residue
+        }
+        self.run_start_ms = start_ms;
+        self.run.features(start_ms, end_ms)
+    }
+
+    /// Queue a pane entering the running window as a candidate extreme.
+    fn enqueue(maxima: &mut VecDeque<(i64, f64)>, minima: &mut VecDeque<(i64, f64)>, pane_start: i64, agg: &Agg) {
+        if agg.count == 0 {
+            return;
+        }
+        while maxima.back().is_some_and(|(_, max)| *max <= agg.max) {
+            maxima.pop_back();
+        }
+        maxima.push_back((pane_start, agg.max));
+        while minima.back().is_some_and(|(_, min)| *min >= agg.min) {
+            minima.pop_back();
+        }
+        minima.push_back((pane_start, agg.min));
     }
 
     /// Fire the windows the watermark has passed, in start order, skipping empty ones;
@@ -189,7 +304,7 @@ impl HoppingWindows {
         while start <= last_start {
             // The first pane at or after `start`: if the window holds none, jump to the
             // first window that covers that pane (never past `last_start`).
-            let index = self.panes.partition_point(|pane| pane.start_ms < start);
+            let index = self.first_at_or_after(start);
             let Some(pane) = self.panes.get(index) else {
                 start = last_start + spec.slide_ms; // every window left is empty
                 break;
@@ -199,7 +314,8 @@ impl HoppingWindows {
                     self.first_covering(spec, pane.start_ms).max(start + spec.slide_ms).min(last_start + spec.slide_ms);
                 continue;
             }
-            fired.push(Fired { features: self.window(spec, start), revision: 0, supersedes: Vec::new() });
+            let features = self.fire_window(spec, start);
+            fired.push(Fired { features, revision: 0, supersedes: Vec::new() });
             if spec.allowed_lateness_ms > 0 {
                 self.emitted.push((start, 0));
             }
@@ -218,6 +334,9 @@ impl HoppingWindows {
         while let Some(pane) = self.panes.front() {
             let last_covering = floor_to(pane.start_ms + pane_ms - 1, spec.slide_ms);
             if Self::closed(spec, last_covering, Some(watermark_ms)) {
+                if pane.start_ms >= self.run_start_ms && self.run_start_ms != NO_EVENT {
+                    self.run_start_ms = NO_EVENT; // its panes are going: merge afresh next time
+                }
                 self.panes.pop_front();
             } else {
                 break;
@@ -242,6 +361,9 @@ impl HoppingWindows {
         self.panes.clear();
         self.panes.shrink_to_fit();
         self.emitted.clear();
+        self.run_start_ms = NO_EVENT;
+        self.maxima.clear();
+        self.minima.clear();
     }
 }
 
@@ -250,7 +372,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::window::WindowKind;
+    use crate::window::{WindowFeatures, WindowKind};
 
     const SPEC: WindowSpec = WindowSpec {
         kind: WindowKind::Hopping,
@@ -350,8 +472,8 @@ mod tests {
         ) {
             let spec = WindowSpec { size_ms: size_slide.0, slide_ms: size_slide.1, allowed_lateness_ms: lateness, ..SPEC };
             let mut key = HoppingWindows::default();
-            let mut expected: HashMap<i64, u64> = HashMap::new();
-            let mut latest: HashMap<i64, (u32, u64)> = HashMap::new();
+            let mut expected: HashMap<i64, Vec<f64>> = HashMap::new();
+            let mut latest: HashMap<i64, (u32, WindowFeatures)> = HashMap::new();
             let mut max_t = i64::MIN;
             let mut fired = Vec::new();
             for &(t, value) in &events {
@@ -368,24 +490,39 @@ mod tests {
                 proptest::prop_assert_eq!(accepted, !open.is_empty(), "late iff no covering window is open");
                 if accepted {
                     for start in open {
-                        *expected.entry(start).or_default() += 1;
+                        expected.entry(start).or_default().push(value as f64);
                     }
                 }
                 max_t = max_t.max(t);
                 let watermark = max_t - spec.out_of_orderness_ms;
                 for f in fired.drain(..) {
                     proptest::prop_assert!(f.features.end_ms <= watermark, "fired early: {:?}", f);
-                    let entry = latest.entry(f.features.start_ms).or_insert((0, 0));
+                    let entry = latest.entry(f.features.start_ms).or_insert((0, f.features));
                     proptest::prop_assert!(f.revision >= entry.0, "revisions only grow");
-                    *entry = (f.revision, f.features.count);
+                    *entry = (f.revision, f.features);
                 }
             }
             key.flush(&spec, &mut fired);
             for f in fired.drain(..) {
-                latest.insert(f.features.start_ms, (f.revision, f.features.count));
+                latest.insert(f.features.start_ms, (f.revision, f.features));
             }
-            let counted: HashMap<i64, u64> = latest.into_iter().map(|(start, (_, count))| (start, count)).collect();
-            proptest::prop_assert_eq!(counted, expected);
+            let counted: HashMap<i64, u64> = latest.iter().map(|(start, (_, f))| (*start, f.count)).collect();
+            let expected_counts: HashMap<i64, u64> = expected.iter().map(|(start, v)| (*start, v.len() as u64)).collect();
+            proptest::prop_assert_eq!(counted, expected_counts);
+            // The running aggregate gives what merging the window's values directly gives.
+            for (start, (_, f)) in &latest {
+                let values = &expected[start];
+                let mean = values.iter().sum::<f64>() / values.len() as f64;
+                let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / values.len() as f64;
+                let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+                let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                proptest::prop_assert_eq!((f.min, f.max), (min, max), "window {}", start);
+                proptest::prop_assert!((f.mean - mean).abs() < 1e-9 * mean.abs().max(1.0), "window {}: mean {} vs {}", start, f.mean, mean);
+                // Taking panes out of a sum of squares cancels: the error is relative to
+                // the values' magnitude, not to the variance.
+                let magnitude = values.iter().map(|v| v * v).fold(1.0, f64::max);
+                proptest::prop_assert!((f.stddev.powi(2) - variance).abs() <= 1e-9 * magnitude, "window {}: stddev {} vs {}", start, f.stddev, variance.sqrt());
+            }
         }
     }
 }

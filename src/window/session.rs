@@ -33,7 +33,9 @@ struct Session {
 pub struct SessionWindows {
     max_event_ms: i64,
     last_ingest_ms: i64,
-    /// Events before this are late: the sessions there were closed by an idle flush.
+    /// Events before this are late: the sessions there were closed (past the allowed
+    /// lateness, or by an idle flush). A new session never starts before it, so it cannot
+    /// take the start (the key of the stored result) of one already closed.
     closed_before_ms: i64,
     /// Sessions by start, not overlapping.
     sessions: SmallVec<[Session; 1]>,
@@ -170,7 +172,14 @@ impl SessionWindows {
                 Self::emit(session, gap, fired);
             }
         }
-        self.sessions.retain(|s| s.last_ms + gap + spec.allowed_lateness_ms > watermark_ms);
+        let closed_before = &mut self.closed_before_ms;
+        self.sessions.retain(|s| {
+            let open = s.last_ms + gap + spec.allowed_lateness_ms > watermark_ms;
+            if !open {
+                *closed_before = (*closed_before).max(s.last_ms + gap);
+            }
+            open
+        });
     }
 
     pub fn is_idle(&self, spec: &WindowSpec, clock_ms: i64) -> bool {
