@@ -144,51 +144,60 @@ fn window_kinds(c: &mut Criterion) {
     ];
     let config = Config::embedded().expect("defaults");
     let scorer = Scorer::from_name(&config.scoring.model, &config.scoring).expect("default model");
-    let mut group = c.benchmark_group("window_kind_per_event_10k_keys");
-    group.throughput(Throughput::Elements(1));
-    for scored in [false, true] {
-        for (name, spec) in kinds {
-            let name = if scored { format!("{name}_scored") } else { name.to_string() };
-            group.bench_function(name, |b| {
-                let mut keys: Vec<(Windows, tidemark::scoring::ScorerState)> =
-                    (0..KEYS).map(|_| (Windows::new(&spec, None), scorer.new_state())).collect();
-                let mut fired = Vec::new();
-                let mut i = 0usize;
-                // Start past the first hour, so every kind runs in its steady state.
-                let mut t = 3_600_000i64;
-                // Fill the windows before measuring (an hour of events would be 36 M).
-                for _ in 0..KEYS * 700 {
-                    let (windows, _) = &mut keys[i];
-                    let _ = windows.add(&spec, t, 21.5 + (i % 7) as f64, t, &mut fired);
-                    fired.clear();
-                    i += 1;
-                    if i == KEYS {
-                        i = 0;
-                        t += 1_000;
-                    }
-                }
-                b.iter(|| {
-                    let (windows, state) = &mut keys[i];
-                    let value = 21.5 + ((t / 1_000) % 13) as f64 * 0.1;
-                    let _ = windows.add(&spec, black_box(t), value, t, &mut fired);
-                    if scored {
-                        for window in fired.drain(..) {
-                            black_box(scorer.score(state, &window.features));
-                        }
-                    } else {
-                        black_box(fired.len());
+    // Keys visited in memory order (the prefetcher streams a small state in) and in a
+    // scattered order, as a partition's hash map visits them.
+    for (group_name, stride) in
+        [("window_kind_per_event_10k_keys", 1usize), ("window_kind_per_event_10k_keys_scattered", 7_919)]
+    {
+        let mut group = c.benchmark_group(group_name);
+        group.throughput(Throughput::Elements(1));
+        for scored in [false, true] {
+            if scored && stride != 1 {
+                continue;
+            }
+            for (name, spec) in kinds {
+                let name = if scored { format!("{name}_scored") } else { name.to_string() };
+                group.bench_function(name, |b| {
+                    let mut keys: Vec<(Windows, tidemark::scoring::ScorerState)> =
+                        (0..KEYS).map(|_| (Windows::new(&spec, None), scorer.new_state())).collect();
+                    let mut fired = Vec::new();
+                    let mut i = 0usize;
+                    // Start past the first hour, so every kind runs in its steady state.
+                    let mut t = 3_600_000i64;
+                    // Fill the windows before measuring (an hour of events would be 36 M).
+                    for _ in 0..KEYS * 700 {
+                        let (windows, _) = &mut keys[i * stride % KEYS];
+                        let _ = windows.add(&spec, t, 21.5 + (i % 7) as f64, t, &mut fired);
                         fired.clear();
+                        i += 1;
+                        if i == KEYS {
+                            i = 0;
+                            t += 1_000;
+                        }
                     }
-                    i += 1;
-                    if i == KEYS {
-                        i = 0;
-                        t += 1_000;
-                    }
-                })
-            });
+                    b.iter(|| {
+                        let (windows, state) = &mut keys[i * stride % KEYS];
+                        let value = 21.5 + ((t / 1_000) % 13) as f64 * 0.1;
+                        let _ = windows.add(&spec, black_box(t), value, t, &mut fired);
+                        if scored {
+                            for window in fired.drain(..) {
+                                black_box(scorer.score(state, &window.features));
+                            }
+                        } else {
+                            black_box(fired.len());
+                            fired.clear();
+                        }
+                        i += 1;
+                        if i == KEYS {
+                            i = 0;
+                            t += 1_000;
+                        }
+                    })
+                });
+            }
         }
+        group.finish();
     }
-    group.finish();
 }
 
 /// Time per window of each scorer (detector + post-processing) on a realistic stream
