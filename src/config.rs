@@ -41,6 +41,9 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub ws: WsConfig,
     pub chaos: ChaosConfig,
+    /// Alert rules by name (`[rules.<name>]`).
+    #[serde(default)]
+    pub rules: BTreeMap<String, crate::rules::RuleConfig>,
 }
 
 /// The live feed at `GET /ws` and the dashboard at `/` (`[ws]`).
@@ -962,6 +965,11 @@ impl Config {
             "ws.max_lag, ws.send_timeout and ws.ping_interval: must be above 0",
         );
         check(!ws.status_interval.is_zero(), "ws.status_interval: must be above 0");
+        for (name, rule) in &self.rules {
+            for (key, problem) in rule.problems() {
+                check(false, &format!("rules.{name}.{key}: {problem}"));
+            }
+        }
         if self.mqtt.enabled {
             errors.extend(crate::mqtt::config_problems(self));
         }
@@ -995,6 +1003,9 @@ impl Config {
     }
 }
 
+/// Tables whose keys are names the user chooses although the defaults fill them.
+const OPEN_MAPS: &[&str] = &["rules"];
+
 /// Every key the embedded defaults define, as a tree. Empty tables are open maps.
 fn known_keys() -> figment::value::Value {
     Figment::from(Toml::string(DEFAULT_TOML))
@@ -1014,7 +1025,7 @@ fn find_unknown_keys(
     let (Value::Dict(_, supplied), Value::Dict(_, known)) = (supplied, known) else {
         return;
     };
-    if known.is_empty() && !prefix.is_empty() {
+    if (known.is_empty() && !prefix.is_empty()) || OPEN_MAPS.contains(&prefix) {
         return; // an open map: any key is allowed
     }
     for (key, value) in supplied {

@@ -12,7 +12,8 @@
 //! | [`router`]      | embedded ingest log: positions, replay buffers, routing table          |
 //! | [`kafka`]       | librdkafka settings of the consumer and producers                     |
 //! | [`keys`]        | a partition's key table, laid out for memory                          |
-//! | [`window`]      | event-time tumbling windows, watermarks, lateness, idle flush (pure)  |
+//! | [`window`]      | event-time windows (tumbling, hopping, session), watermarks (pure)    |
+//! | [`rules`]       | alert rules: firing and resolved alerts per key (pure)               |
 //! | [`scoring`]     | detectors (context, ewma, rcf), likelihood post-processing (pure)     |
 //! | [`search`]      | `/api/search` query syntax and the search backends                    |
 //! | [`elasticsearch`] | the Elasticsearch client: bulk documents, template, search          |
@@ -46,6 +47,7 @@ pub mod ratelimit;
 pub mod replay;
 pub mod router;
 pub mod routing;
+pub mod rules;
 pub mod runtime;
 pub mod score_csv;
 pub mod scoring;

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::WsConfig;
 use crate::messages::{Event, Severity};
 use crate::metrics::{KindLabels, Metrics};
-use crate::store::{Prediction, Since, WrittenRow};
+use crate::store::{AlertRow, Prediction, Since, WrittenRow};
 
 /// What a subscription receives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -34,7 +34,7 @@ use crate::store::{Prediction, Since, WrittenRow};
 pub enum Kind {
     /// Every stored window result (first firing and revisions), as `GET /api/predictions`.
     Predictions,
-    /// Anomalous window results, as `GET /api/alerts`.
+    /// Alerts of the alert rules as they fire and resolve, as `GET /api/alerts`.
     Alerts,
     /// Accepted events, as posted to `POST /api/events`.
     Events,
@@ -239,7 +239,8 @@ pub enum Unsubscribe {
 pub struct Frame {
     pub kind: Kind,
     pub text: Utf8Bytes,
-    /// The prediction it carries, `(id, revision)`: what a replay may already have sent.
+    /// The row it carries, `(id, revision)` of a prediction or `(id, version)` of an
+    /// alert: what a replay may already have sent.
     pub row: Option<(i64, i64)>,
     /// When its window fired (epoch ms), for the fire-to-send latency.
     pub fired_at_ms: Option<i64>,
@@ -262,6 +263,16 @@ pub fn prediction_frame(kind: Kind, prediction: &Prediction, fired_at_ms: Option
         text: frame_text(kind.as_str(), prediction),
         row: Some((prediction.id, prediction.revision)),
         fired_at_ms,
+    }
+}
+
+/// An alert's frame: its row, with `(id, version)` (firing 0, resolved 1).
+pub fn alert_frame(alert: &AlertRow) -> Frame {
+    Frame {
+        kind: Kind::Alerts,
+        text: frame_text("alerts", alert),
+        row: Some((alert.id, alert.version())),
+        fired_at_ms: None,
     }
 }
 
@@ -312,6 +323,7 @@ impl Connection {
 
 enum Input {
     Rows(Vec<(Prediction, i64)>),
+    Alerts(Vec<AlertRow>),
     Events(Vec<Event>),
     Status(serde_json::Value),
 }
@@ -383,23 +395,34 @@ impl LiveHub {
         result_of: impl Fn(&WrittenRow) -> Option<&'a crate::messages::WindowResult>,
     ) {
         let all = self.wants(Kind::Predictions);
-        if !all && !self.wants(Kind::Alerts) {
+        if !all {
             return;
         }
         let rows: Vec<(Prediction, i64)> = written
             .iter()
             .filter_map(|row| {
                 let result = result_of(row)?;
-                (all || result.anomaly).then(|| (Prediction::from_written(result, row), result.fired_at_ms))
+                Some((Prediction::from_written(result, row), result.fired_at_ms))
             })
             .collect();
         if !rows.is_empty() {
-            let anomalies = rows.iter().filter(|(p, _)| p.anomaly).count() as u64;
             let count = rows.len() as u64;
             if self.input.try_send(Input::Rows(rows)).is_err() {
                 self.lost[Kind::Predictions.index()].fetch_add(count, Ordering::Relaxed);
-                self.lost[Kind::Alerts.index()].fetch_add(anomalies, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// The store committed these alert transitions (`alerts`: what was sent to it, for
+    /// the time each one was raised).
+    pub fn publish_alerts(&self, rows: &[AlertRow], alerts: &[crate::rules::Alert]) {
+        if rows.is_empty() || !self.wants(Kind::Alerts) {
+            return;
+        }
+        let _ = alerts;
+        let count = rows.len() as u64;
+        if self.input.try_send(Input::Alerts(rows.to_vec())).is_err() {
+            self.lost[Kind::Alerts.index()].fetch_add(count, Ordering::Relaxed);
         }
     }
 
@@ -452,45 +475,38 @@ impl LiveHub {
                 Input::Rows(rows) => {
                     // Each row serialised once per kind; each connection's subscriptions
                     // read once per batch (a window boundary is a burst of rows).
-                    let (all, alerts) = (self.wants(Kind::Predictions), self.wants(Kind::Alerts));
                     let frames: Vec<_> = rows
                         .iter()
                         .map(|(prediction, fired_at_ms)| {
                             (
-                                all.then(|| prediction_frame(Kind::Predictions, prediction, Some(*fired_at_ms))),
-                                (alerts && prediction.anomaly)
-                                    .then(|| prediction_frame(Kind::Alerts, prediction, Some(*fired_at_ms))),
+                                prediction_frame(Kind::Predictions, prediction, Some(*fired_at_ms)),
                                 Severity::parse(&prediction.severity),
                             )
                         })
                         .collect();
-                    let any_alert = frames.iter().any(|(_, alert, _)| alert.is_some());
                     for connection in &connections {
                         let subscriptions = connection.subscriptions.read();
-                        let wants = |kind: Kind| subscriptions.iter().any(|s| s.kind == kind);
-                        let (wants_predictions, wants_alerts) =
-                            (wants(Kind::Predictions), any_alert && wants(Kind::Alerts));
-                        if !wants_predictions && !wants_alerts {
+                        if !subscriptions.iter().any(|s| s.kind == Kind::Predictions) {
                             continue;
                         }
-                        let matches = |kind: Kind, prediction: &Prediction, severity: Option<Severity>| {
-                            subscriptions.iter().any(|s| {
-                                s.kind == kind
-                                    && s.filter.matches(&prediction.sensor_id, &prediction.event_type, severity)
-                            })
-                        };
-                        for ((prediction, _), (all, alert, severity)) in rows.iter().zip(&frames) {
-                            if let Some(frame) = all
-                                && wants_predictions
-                                && matches(Kind::Predictions, prediction, *severity)
-                            {
+                        for ((prediction, _), (frame, severity)) in rows.iter().zip(&frames) {
+                            let matches = subscriptions.iter().any(|s| {
+                                s.kind == Kind::Predictions
+                                    && s.filter.matches(&prediction.sensor_id, &prediction.event_type, *severity)
+                            });
+                            if matches {
                                 connection.offer(frame, &self.metrics);
                             }
-                            if let Some(frame) = alert
-                                && wants_alerts
-                                && matches(Kind::Alerts, prediction, *severity)
-                            {
-                                connection.offer(frame, &self.metrics);
+                        }
+                    }
+                }
+                Input::Alerts(rows) => {
+                    for alert in &rows {
+                        let frame = alert_frame(alert);
+                        let severity = Severity::parse(&alert.severity);
+                        for connection in &connections {
+                            if connection.wants(Kind::Alerts, &alert.sensor_id, &alert.event_type, severity) {
+                                connection.offer(&frame, &self.metrics);
                             }
                         }
                     }
@@ -640,6 +656,26 @@ mod tests {
         }
     }
 
+    fn alert_row(id: i64, sensor: &str, state: &str) -> AlertRow {
+        AlertRow {
+            id,
+            rule: "anomaly".into(),
+            kind: "anomaly".into(),
+            sensor_id: sensor.into(),
+            event_type: "temperature".into(),
+            severity: "HIGH".into(),
+            state: state.into(),
+            started_at: 60_000,
+            resolved_at: (state == "resolved").then_some(70_000),
+            message: "anomalous".into(),
+            value: Some(1.0),
+            window_start: Some(60_000),
+            window_end: Some(70_000),
+            created_at: 1,
+            updated_at: 1,
+        }
+    }
+
     fn result(sensor: &str, anomaly: bool) -> crate::messages::WindowResult {
         crate::messages::WindowResult {
             sensor_id: sensor.into(),
@@ -713,21 +749,30 @@ mod tests {
         let written = [row(1, "a"), row(2, "a"), row(3, "b")];
         // Two windows of "a" cannot share a start; the lookup goes by id here.
         hub.publish_written(&written, |row| results.get((row.id - 1) as usize));
+        hub.publish_alerts(
+            &[alert_row(1, "a", "firing"), alert_row(2, "b", "firing"), alert_row(1, "a", "resolved")],
+            &[],
+        );
         let first = alerts_for_a.frames.recv().await.expect("an alert");
         assert_eq!(first.kind, Kind::Alerts);
         assert_eq!(first.row, Some((1, 0)));
-        assert!(first.text.as_str().starts_with(r#"{"kind":"alerts","data":{"id":1,"sensorId":"a""#));
+        assert!(
+            first.text.as_str().starts_with(r#"{"kind":"alerts","data":{"id":1,"rule":"anomaly""#),
+            "{}",
+            first.text.as_str()
+        );
+        let resolved = alerts_for_a.frames.recv().await.expect("its resolution");
+        assert_eq!(resolved.row, Some((1, 1)));
         for id in 1..=3 {
             let frame = everything.frames.recv().await.expect("a prediction");
             assert_eq!((frame.kind, frame.row), (Kind::Predictions, Some((id, 0))));
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert!(alerts_for_a.frames.try_recv().is_err(), "b's alert and a's normal window are filtered out");
+        assert!(alerts_for_a.frames.try_recv().is_err(), "b's alert is filtered out");
 
         // Nobody reads: 16 fit, the rest are counted as missed.
-        let alert = result("a", true);
         for id in 0..40 {
-            hub.publish_written(&[row(id, "a")], |_| Some(&alert));
+            hub.publish_alerts(&[alert_row(id, "a", "firing")], &[]);
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert_eq!(alerts_for_a.connection.take_missed(), 24);

@@ -42,6 +42,13 @@ pub struct SeverityLabels {
     pub severity: &'static str,
 }
 
+/// An alert rule's transitions (`state`: firing, resolved).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabels {
+    pub rule: String,
+    pub state: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabels {
     pub sink: &'static str,
@@ -98,6 +105,7 @@ pub struct Metrics {
     pub windows_fired: Family<PartitionLabels, Counter>,
     pub window_updates: Family<PartitionLabels, Counter>,
     pub anomalies: Family<SeverityLabels, Counter>,
+    pub alerts: Family<AlertLabels, Counter>,
     pub open_keys: Family<PartitionLabels, Gauge>,
     pub keys_evicted: Family<PartitionLabels, Counter>,
     pub keys_refused: Family<PartitionLabels, Counter>,
@@ -211,6 +219,7 @@ impl Metrics {
             windows_fired: Family::default(),
             window_updates: Family::default(),
             anomalies: Family::default(),
+            alerts: Family::default(),
             open_keys: Family::default(),
             keys_evicted: Family::default(),
             keys_refused: Family::default(),
@@ -301,6 +310,7 @@ impl Metrics {
         registry.register("windows_fired", "Windows fired for the first time", metrics.windows_fired.clone());
         registry.register("window_updates", "Windows re-fired by late events", metrics.window_updates.clone());
         registry.register("anomalies", "Anomalous windows, by severity", metrics.anomalies.clone());
+        registry.register("alerts", "Alert transitions, by rule and state (firing, resolved)", metrics.alerts.clone());
         registry.register("open_keys", "Keys (sensorId, eventType) held by a partition", metrics.open_keys.clone());
         registry.register(
             "keys_evicted",

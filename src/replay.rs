@@ -132,11 +132,13 @@ pub async fn run(config: Config, options: ReplayOptions) -> anyhow::Result<Repla
         }
     };
     sinks.set_store(Some(sink.clone()));
+    let rules = Arc::new(crate::rules::RulesHandle::new(crate::rules::Rules::from_config(&config.rules)));
     let context = Arc::new(PartitionContext {
         limits: ParseLimits::from_config(&config),
         raw_source: None,
         partitions,
         windowing: crate::window::Windowing::from_config(&config.pipeline),
+        rules: Arc::clone(&rules),
         scoring: Scoring::from_config(&config.scoring),
         // No replay log to release: checkpoints would only cost time.
         checkpoint_interval: Duration::from_secs(24 * 3600),

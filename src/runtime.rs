@@ -202,6 +202,7 @@ impl Runtime {
             }),
             _ => None,
         };
+        let rules = Arc::new(crate::rules::RulesHandle::new(crate::rules::Rules::from_config(&config.rules)));
         let context = Arc::new(PartitionContext {
             limits: ParseLimits::from_config(&config),
             raw_source: match (&producer, kafka_consume) {
@@ -218,6 +219,7 @@ impl Runtime {
             },
             partitions: config.pipeline.partitions,
             windowing: crate::window::Windowing::from_config(&config.pipeline),
+            rules: Arc::clone(&rules),
             scoring: Scoring::from_config(&config.scoring),
             checkpoint_interval: config.checkpoint.interval,
             checkpoint_max_events: config.checkpoint.max_events,
@@ -306,6 +308,7 @@ impl Runtime {
             sources.push(Arc::clone(&mqtt.shared) as Arc<dyn crate::ingest::SourceStatus>);
         }
         let app = Arc::new(AppContext {
+            rules: Arc::clone(&rules),
             config: Arc::clone(&config),
             router: Arc::clone(&router),
             store: Arc::clone(&store),
@@ -416,6 +419,11 @@ impl Runtime {
 
     pub fn config(&self) -> &Config {
         &self.parts.config
+    }
+
+    /// The alert rules in force: [`crate::rules::RulesHandle::replace`] reloads them.
+    pub fn rules(&self) -> Arc<crate::rules::RulesHandle> {
+        Arc::clone(&self.parts.context.rules)
     }
 
     pub fn router(&self) -> &Arc<PartitionRouter> {

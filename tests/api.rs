@@ -229,6 +229,7 @@ async fn whole_body_errors_and_limits(backend: Backend) {
         ("/api/predictions?sensorid=a", "sensorid"),
         ("/api/predictions?cursor=zzz", "cursor"),
         ("/api/alerts?severity=SEVERE", "severity"),
+        ("/api/alerts?state=open", "state"),
         ("/api/sensors/top?by=loudness", "by"),
         ("/api/sensors/top?n=1000", "n"),
         ("/api/summary?minutes=-1", "minutes"),
@@ -308,21 +309,34 @@ async fn queries_filter_paginate_and_aggregate(backend: Backend) {
         client.get_ok(&format!("/api/predictions?sensorId=cold&from={}&to={to}", from.replace('+', "%2B"))).await;
     assert_eq!(ranged["count"], 3, "{ranged}");
 
-    // The jump is an alert, with an explanation.
+    // The jump raises an alert of the default `anomaly` rule: one per incident (a run
+    // of anomalous windows), with the window that started it and what drove the score.
     let alerts = client.get_ok("/api/alerts?sensorId=hot").await;
     let jump_start = chrono::DateTime::from_timestamp_millis(base + 11_000)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_default();
     let jump = alerts["items"]
         .as_array()
-        .and_then(|items| items.iter().find(|a| a["windowStart"] == jump_start.as_str()))
-        .unwrap_or_else(|| panic!("jump window {jump_start} not in alerts: {alerts}"));
-    assert_eq!(jump["anomaly"], true);
-    assert!(jump["explanation"].as_str().unwrap_or("").contains("σ above"), "{jump}");
+        .and_then(|items| items.iter().find(|a| a["startedAt"] == jump_start.as_str()))
+        .unwrap_or_else(|| panic!("no alert started at the jump window {jump_start}: {alerts}"));
+    assert_eq!(
+        (&jump["rule"], &jump["kind"], &jump["sensorId"]),
+        (&json!("anomaly"), &json!("anomaly"), &json!("hot"))
+    );
+    assert_eq!(jump["windowStart"], jump_start.as_str());
+    assert!(jump["state"] == "firing" || jump["state"] == "resolved", "{jump}");
+    assert!(jump["message"].as_str().unwrap_or("").contains("σ above"), "{jump}");
     let anomalies = client.get_ok("/api/predictions?anomaly=true&limit=1000").await;
     let hot_anomalies = client.get_ok("/api/predictions?anomaly=true&sensorId=hot").await;
-    assert_eq!(hot_anomalies["count"], alerts["count"]);
+    let (alert_count, hot_count) =
+        (alerts["count"].as_u64().unwrap_or(0), hot_anomalies["count"].as_u64().unwrap_or(0));
+    assert!((1..=hot_count).contains(&alert_count), "{alert_count} alerts for {hot_count} anomalous windows");
     assert!(anomalies["count"].as_u64().unwrap_or(0) >= 1);
+    let rule_filtered = client.get_ok("/api/alerts?sensorId=hot&rule=anomaly").await;
+    assert_eq!(rule_filtered["count"], alerts["count"]);
+    assert_eq!(client.get_ok("/api/alerts?rule=no_such_rule").await["count"], 0);
+    let rules = client.get_ok("/api/rules").await;
+    assert_eq!(rules["items"][0]["name"], "anomaly", "{rules}");
 
     // Top sensors and summary.
     let top = client.get_ok("/api/sensors/top?minutes=10&by=maxValue&n=2&eventType=temperature").await;

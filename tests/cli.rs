@@ -91,6 +91,136 @@ fn check_config_prints_effective_values() {
 }
 
 #[test]
+fn check_config_names_the_faulty_rule_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("rules.toml");
+    std::fs::write(
+        &file,
+        r#"
+[rules.ok]
+kind = "threshold"
+above = 40.0
+[rules.no_limit]
+kind = "threshold"
+stat = "max"
+[rules.short_run]
+kind = "consecutive"
+count = 1
+[rules.loud]
+kind = "anomaly"
+severity = "urgent"
+message = "{sensorId} is {mood}"
+[rules.wrong_field]
+kind = "absence"
+after = "1m"
+within = "2m"
+[rules.empty_pattern]
+kind = "pattern"
+within = "2m"
+"#,
+    )
+    .expect("write");
+    let output = tidemark(&["--config", &file.display().to_string(), "check-config"], &[]);
+    let report = text(&output);
+    assert_eq!(output.status.code(), Some(2), "{report}");
+    let found = problems(&report);
+    for (key, says) in [
+        ("rules.no_limit.above", "needs above"),
+        ("rules.short_run.count", "at least 2"),
+        ("rules.loud.severity", "\"urgent\""),
+        ("rules.loud.message", "{mood}"),
+        ("rules.wrong_field.within", "does not apply to absence rules"),
+        ("rules.empty_pattern.steps", ""),
+    ] {
+        // `key: why`, or `key (TIDEMARK__…) = value (from FILE): why` when the key is set.
+        let named = |p: &&str| p.strip_prefix(key).is_some_and(|rest| rest.starts_with(": ") || rest.starts_with(" ("));
+        assert!(found.iter().any(|p| named(p) && p.contains(says)), "{key}: {says} not in\n{report}");
+    }
+    assert!(!found.iter().any(|p| p.starts_with("rules.ok")), "{report}");
+    assert_eq!(found.len(), 6, "{report}");
+}
+
+/// `kill -HUP` reloads the rules from the file; a file with a faulty rule keeps the
+/// rules in force and says why in the log.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hangup_reloads_the_rules() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("tidemark.toml");
+    let settings = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}\"\n[ingest]\nlog_dir = \"{}\"\n[log]\nformat = \"text\"\n",
+        dir.path().join("t.db").display(),
+        dir.path().join("log").display()
+    );
+    std::fs::write(&file, format!("{settings}[rules.hot]\nkind = \"threshold\"\nabove = 40.0\n")).expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidemark"))
+        .args(["--config", &file.display().to_string(), "run"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = |what: &str| -> String {
+        loop {
+            match lines_rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) if line.contains(what) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no log line with {what:?}"),
+            }
+        }
+    };
+    let running = next_line("tidemark is running");
+    let addr = running
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("addr="))
+        .unwrap_or_else(|| panic!("no addr in {running}"))
+        .to_string();
+    let http = reqwest::Client::new();
+    let names = |http: reqwest::Client, addr: String| async move {
+        let body: serde_json::Value =
+            http.get(format!("http://{addr}/api/rules")).send().await.expect("reachable").json().await.expect("json");
+        body["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["name"].as_str().map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(http.clone(), addr.clone()).await, ["anomaly", "hot"]);
+    let hangup = || {
+        let status = Command::new("kill").args(["-HUP", &child.id().to_string()]).status().expect("kill runs");
+        assert!(status.success());
+    };
+
+    std::fs::write(
+        &file,
+        format!("{settings}[rules.anomaly]\nenabled = false\n[rules.cold]\nkind = \"threshold\"\nbelow = 0.0\n"),
+    )
+    .expect("write");
+    hangup();
+    next_line("alert rules reloaded");
+    assert_eq!(names(http.clone(), addr.clone()).await, ["cold"], "hot is gone, anomaly disabled, cold added");
+
+    std::fs::write(&file, format!("{settings}[rules.cold]\nkind = \"threshold\"\n")).expect("write");
+    hangup();
+    let refused = next_line("alert rules not reloaded");
+    let detail = next_line("rules.cold.above");
+    assert!(detail.contains("needs above"), "{refused}\n{detail}");
+    assert_eq!(names(http.clone(), addr.clone()).await, ["cold"], "the rules in force stay");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
 fn logs_to_a_pipe_carry_no_colour_codes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tidemark"))

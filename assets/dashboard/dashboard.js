@@ -44,8 +44,11 @@ function connect() {
     state.retry = 1000;
     setConnection("up", "live");
     send({ subscribe: { id: "status", kind: "status" } });
-    // After a reconnect, continue from the last alert seen: nothing missed, nothing twice.
-    const since = state.lastAlertId !== null ? state.lastAlertId : new Date(Date.now() - 3600e3).toISOString();
+    // After a reconnect, continue from the oldest alert still firing (its resolution may
+    // have been missed), else from the last alert seen: the map keeps one row per alert.
+    const firing = [...state.alerts.values()].filter((a) => a.state === "firing").map((a) => ms(a.startedAt));
+    const since = firing.length ? new Date(Math.min(...firing)).toISOString()
+      : state.lastAlertId !== null ? state.lastAlertId : new Date(Date.now() - 3600e3).toISOString();
     send({ subscribe: { id: "alerts", kind: "alerts", since, ...typeFilter() } });
     state.subscribedCharts = "";
     subscribeCharts();
@@ -233,32 +236,34 @@ function draw(key) {
 
 function addAlert(a) {
   if (state.lastAlertId === null || a.id > state.lastAlertId) state.lastAlertId = a.id;
-  state.alerts.set(a.id, a);
+  state.alerts.set(a.id, a);  // a resolution replaces the firing row of the same alert
   if (state.alerts.size > MAX_ALERTS) {
-    const oldest = [...state.alerts.values()].sort((x, y) => ms(x.windowStart) - ms(y.windowStart))[0];
+    const oldest = [...state.alerts.values()].sort((x, y) => ms(x.startedAt) - ms(y.startedAt))[0];
     state.alerts.delete(oldest.id);
   }
-  const key = chartKeyFor(a);
-  if (key) addPrediction(a);
   state.alertsDirty = true;
 }
 
 function renderAlerts() {
   const list = $("alerts");
-  const alerts = [...state.alerts.values()].sort((x, y) => ms(y.windowStart) - ms(x.windowStart) || y.id - x.id);
+  const alerts = [...state.alerts.values()].sort((x, y) => ms(y.startedAt) - ms(x.startedAt) || y.id - x.id);
   list.replaceChildren(...alerts.slice(0, 60).map((a) => {
     const item = document.createElement("li");
     item.dataset.sensor = a.sensorId;
     item.dataset.severity = a.severity;
-    item.title = a.explanation;
+    item.dataset.state = a.state;
+    item.title = a.message;
     item.innerHTML = `<span class="sev"></span><span class="what"></span><span class="when"></span>`;
     item.querySelector(".sev").classList.add(a.severity);
     item.querySelector(".sev").textContent = a.severity;
-    item.querySelector(".what").textContent = `${a.sensorId} · ${a.eventType} · avg ${fmt(a.avgValue, 2)} · score ${fmt(a.predictionScore, 2)}`;
-    item.querySelector(".when").textContent = new Date(ms(a.windowStart)).toLocaleTimeString();
+    item.querySelector(".what").textContent = `${a.rule} · ${a.sensorId} · ${a.eventType} · ${a.message}`;
+    const started = new Date(ms(a.startedAt)).toLocaleTimeString();
+    item.querySelector(".when").textContent = a.state === "resolved"
+      ? `${started}–${new Date(ms(a.resolvedAt)).toLocaleTimeString()}` : `${started} firing`;
     return item;
   }));
-  $("alert-count").textContent = String(state.alerts.size);
+  const firing = alerts.filter((a) => a.state === "firing").length;
+  $("alert-count").textContent = firing ? `${firing} firing / ${state.alerts.size}` : String(state.alerts.size);
 }
 
 function showTop(items) {

@@ -23,6 +23,10 @@ use crate::keys::{KeyTable, Tombstone, Tombstones, stable_key_hash};
 /// characters, so no real key has it.
 const TOMBSTONE_TYPE: &str = "\u{1}evicted-keys";
 
+/// The event type under which a checkpoint keeps a sensor's alert-rule state
+/// ([`SensorRules`], all its event types in one blob).
+const RULES_TYPE: &str = "\u{1}rules";
+
 /// Checkpointed key states and tombstones are `TM`, a format version, then postcard.
 /// Version 1 (written before the header existed) is the bare postcard encoding of the
 /// same types and is still read. (A version-1 blob cannot start with `TM`: its first
@@ -52,6 +56,11 @@ fn decode_tombstones(bytes: &[u8]) -> Result<Vec<(u64, Tombstone)>, String> {
     postcard::from_bytes(rest).map_err(|error| format!("{error} (format version {version})"))
 }
 
+fn decode_rules(bytes: &[u8]) -> Result<SensorRules, String> {
+    let (version, rest) = state_payload(bytes)?;
+    postcard::from_bytes(rest).map_err(|error| format!("{error} (format version {version})"))
+}
+
 fn decode_key_state(bytes: &[u8]) -> Result<KeyState, String> {
     match state_payload(bytes)? {
         (STATE_FORMAT, rest) => postcard::from_bytes(rest).map_err(|error| error.to_string()),
@@ -67,6 +76,7 @@ use crate::messages::{
 };
 use crate::metrics::{Metrics, PartitionLabels, PositionLabels, RejectLabels, SeverityLabels, SourceLabels};
 use crate::router::{IDLE, SlotProgress};
+use crate::rules::{Alert, RulesHandle, SensorRules, Silence};
 use crate::scoring::{ScorerState, Scoring};
 use crate::window::{Fired, KeyWindows, WindowSpec, Windowing, Windows};
 
@@ -92,6 +102,8 @@ pub struct PartitionContext {
     pub sinks: Arc<Sinks>,
     pub chaos: crate::config::ChaosConfig,
     pub key_limits: KeyLimits,
+    /// Alert rules (replaced by a reload).
+    pub rules: Arc<RulesHandle>,
 }
 
 /// How many keys a partition holds and how long an idle one stays.
@@ -201,6 +213,11 @@ pub struct PartitionState {
     checkpoint_boost: Option<(u64, tokio::time::Instant)>,
     fired: Vec<Fired>,
     results: Vec<WindowResult>,
+    /// Alert-rule state per sensor, and whether it changed since the last checkpoint.
+    rule_states: rustc_hash::FxHashMap<CompactString, (SensorRules, bool)>,
+    alerts: Vec<Alert>,
+    /// Largest event time the partition accepted (`absence` rules' event-time clock).
+    max_event_ms: i64,
     /// The span of the batch being processed, when it is traced.
     batch_span: Option<tracing::Span>,
     dead_letters: Vec<DeadLetter>,
@@ -251,6 +268,7 @@ impl Actor for PartitionActor {
         };
         let mut keys: KeyTable<KeyState> = KeyTable::default();
         let mut tombstones = Tombstones::default();
+        let mut rule_states = rustc_hash::FxHashMap::default();
         let (next_position, clock_ms, checkpoint_id, counters, counting) = match restored {
             Some(restored) => {
                 keys.reserve(restored.keys.len());
@@ -260,6 +278,16 @@ impl Actor for PartitionActor {
                             format!("partition {partition}: checkpointed tombstones cannot be read: {error}")
                         })?;
                         tombstones.restore(entries);
+                        continue;
+                    }
+                    if blob.event_type == RULES_TYPE {
+                        let state = decode_rules(&blob.state).map_err(|error| {
+                            format!(
+                                "partition {partition}: checkpointed rule state of {} cannot be read: {error}",
+                                blob.sensor_id
+                            )
+                        })?;
+                        rule_states.insert(blob.sensor_id, (state, false));
                         continue;
                     }
                     let state = decode_key_state(&blob.state).map_err(|error| {
@@ -275,6 +303,7 @@ impl Actor for PartitionActor {
             None => (0, i64::MIN, 0, PartitionCounters::default(), false),
         };
         metric_counters.open_keys.set(keys.len() as i64);
+        let max_event_ms = keys.values().map(|key| key.windows.horizon().0).max().unwrap_or(i64::MIN);
         progress.processed.store(next_position, Ordering::Release);
         myself.send_interval(context.checkpoint_interval, || PartitionMsg::Checkpoint);
         #[cfg(feature = "chaos")]
@@ -305,6 +334,9 @@ impl Actor for PartitionActor {
             checkpoint_boost,
             fired: Vec::new(),
             results: Vec::new(),
+            rule_states,
+            alerts: Vec::new(),
+            max_event_ms,
             batch_span: None,
             dead_letters: Vec::new(),
             metrics: metric_counters,
@@ -402,6 +434,8 @@ impl PartitionState {
         }
         let context = Arc::clone(&self.context);
         let windowing = &context.windowing;
+        let rules = context.rules.current();
+        let absence = rules.has_absence();
         let previous_clock = self.clock_ms;
         let mut processed = 0u64;
         for event in batch {
@@ -476,6 +510,18 @@ impl PartitionState {
             let before = self.fired.len();
             match key.windows.add(spec, event.timestamp_ms, event.value, event.ingest_ms, &mut self.fired) {
                 Ok(()) => {
+                    self.max_event_ms = self.max_event_ms.max(event.timestamp_ms);
+                    if absence && let Some((state, dirty)) = self.rule_states.get_mut(&event.sensor_id) {
+                        let now_ms = chrono::Utc::now().timestamp_millis();
+                        *dirty |= rules.on_event(
+                            state,
+                            &event.sensor_id,
+                            &event.event_type,
+                            event.timestamp_ms,
+                            now_ms,
+                            &mut self.alerts,
+                        );
+                    }
                     if self.fired.len() > before {
                         let now_ms = chrono::Utc::now().timestamp_millis();
                         self.context.metrics.ingest_to_fire.observe((now_ms - event.ingest_ms) as f64 / 1000.0);
@@ -728,7 +774,62 @@ impl PartitionState {
                 );
             }
         }
+        self.check_absence(now_ms);
         self.evict_idle_keys();
+    }
+
+    /// Raise `absence` alerts for keys silent past a rule's `after`, by the partition's
+    /// event time or by its ingest clock.
+    fn check_absence(&mut self, now_ms: i64) {
+        let rules = self.context.rules.current();
+        if !rules.has_absence() {
+            return;
+        }
+        let (clock_ms, max_event_ms) = (self.clock_ms, self.max_event_ms);
+        for (sensor_id, event_type, key) in self.keys.iter_mut() {
+            let (last_event_ms, _) = key.windows.horizon();
+            let last_ingest_ms = key.windows.last_ingest_ms();
+            if last_event_ms == i64::MIN || last_ingest_ms == i64::MIN {
+                continue;
+            }
+            let silence = Silence {
+                last_event_ms,
+                by_event_time_ms: max_event_ms.saturating_sub(last_event_ms),
+                by_ingest_time_ms: clock_ms.saturating_sub(last_ingest_ms),
+            };
+            let (state, dirty) = self.rule_states.entry(sensor_id.clone()).or_default();
+            *dirty |= rules.on_silence(state, sensor_id, event_type, silence, now_ms, &mut self.alerts);
+            if state.is_empty() && !*dirty {
+                self.rule_states.remove(sensor_id);
+            }
+        }
+    }
+
+    /// Evaluate the alert rules on the windows that fired for the first time.
+    fn evaluate_rules(&mut self, results: &[WindowResult]) {
+        let rules = self.context.rules.current();
+        if rules.is_empty() {
+            return;
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for result in results.iter().filter(|result| result.revision == 0) {
+            let changed = match self.rule_states.get_mut(&result.sensor_id) {
+                Some((state, dirty)) => {
+                    let changed = rules.on_window(state, result, now_ms, &mut self.alerts);
+                    *dirty |= changed;
+                    changed
+                }
+                None => {
+                    let mut state = SensorRules::default();
+                    let changed = rules.on_window(&mut state, result, now_ms, &mut self.alerts);
+                    if changed || !state.is_empty() {
+                        self.rule_states.insert(result.sensor_id.clone(), (state, true));
+                    }
+                    changed
+                }
+            };
+            let _ = changed;
+        }
     }
 
     /// Keys without events for `pipeline.key_ttl` and no open window leave memory and
@@ -816,7 +917,22 @@ impl PartitionState {
                 .batch_span
                 .as_ref()
                 .and_then(|batch| crate::telemetry::window_fire(batch, self.partition, &results, anomalies));
+            self.evaluate_rules(&results);
             self.context.sinks.send_results(results, trace)?;
+        }
+        if !self.alerts.is_empty() {
+            let alerts = std::mem::take(&mut self.alerts);
+            for alert in &alerts {
+                self.context
+                    .metrics
+                    .alerts
+                    .get_or_create(&crate::metrics::AlertLabels {
+                        rule: alert.rule.to_string(),
+                        state: alert.state.as_str(),
+                    })
+                    .inc();
+            }
+            self.context.sinks.send_alerts(alerts)?;
         }
         if !self.dead_letters.is_empty() {
             let letters = std::mem::take(&mut self.dead_letters);
@@ -838,6 +954,24 @@ impl PartitionState {
                 self.tombstone_upserts.push(KeyStateBlob { sensor_id, event_type: TOMBSTONE_TYPE.into(), state });
             }
         }
+        for (sensor_id, (state, dirty)) in self.rule_states.iter_mut() {
+            if !*dirty {
+                continue;
+            }
+            *dirty = false;
+            if state.is_empty() {
+                self.deleted.push((sensor_id.clone(), RULES_TYPE.into()));
+            } else {
+                let state = encode_state(&*state)
+                    .map_err(|error| format!("partition {}: cannot serialize rule state: {error}", self.partition))?;
+                self.tombstone_upserts.push(KeyStateBlob {
+                    sensor_id: sensor_id.clone(),
+                    event_type: RULES_TYPE.into(),
+                    state,
+                });
+            }
+        }
+        self.rule_states.retain(|_, (state, _)| !state.is_empty());
         let unchanged = self.last_checkpoint_position == Some(self.next_position)
             && self.deleted.is_empty()
             && self.tombstone_upserts.is_empty()
@@ -962,6 +1096,7 @@ mod tests {
             sinks,
             chaos: config.chaos.clone(),
             key_limits: crate::actors::partition::KeyLimits::from_config(&config.pipeline),
+            rules: Arc::new(RulesHandle::new(crate::rules::Rules::from_config(&config.rules))),
         });
         let progress = Arc::new(SlotProgress::default());
         let args = PartitionArgs {

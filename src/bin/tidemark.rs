@@ -226,8 +226,8 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Run => match load(sources) {
-                Ok(config) => serve(config, None).await,
+            Command::Run => match load(sources.clone()) {
+                Ok(config) => serve(config, sources, None).await,
                 Err(code) => code,
             },
             Command::Demo { sensors, rate, seed, labels } => {
@@ -236,8 +236,12 @@ fn main() -> ExitCode {
                     .preset("pipeline.max_out_of_orderness", "1s")
                     .preset("pipeline.idle_timeout", "10s")
                     .preset("checkpoint.interval", "2s")
-                    .preset("scoring.warmup_windows", 6);
-                match load(sources) {
+                    .preset("scoring.warmup_windows", 6)
+                    // The simulator's dropouts (a sensor silent for 15 s) are alerts.
+                    .preset("rules.sensor_silent.kind", "absence")
+                    .preset("rules.sensor_silent.after", "10s")
+                    .preset("rules.sensor_silent.severity", "high");
+                match load(sources.clone()) {
                     Ok(config) => {
                         let demo = SimConfig {
                             sensors,
@@ -253,7 +257,7 @@ fn main() -> ExitCode {
                             anomaly_duration: Duration::from_secs(15),
                             ..SimConfig::default()
                         };
-                        serve(config, Some((demo, labels))).await
+                        serve(config, sources, Some((demo, labels))).await
                     }
                     Err(code) => code,
                 }
@@ -262,7 +266,7 @@ fn main() -> ExitCode {
     })
 }
 
-async fn serve(config: Config, demo: Option<(SimConfig, PathBuf)>) -> ExitCode {
+async fn serve(config: Config, sources: ConfigSources, demo: Option<(SimConfig, PathBuf)>) -> ExitCode {
     let telemetry = tidemark::telemetry::init(&config.log, &config.telemetry);
     let mut runtime = match Runtime::start(config).await {
         Ok(runtime) => runtime,
@@ -274,6 +278,7 @@ async fn serve(config: Config, demo: Option<(SimConfig, PathBuf)>) -> ExitCode {
         }
     };
     let base = format!("http://{}", runtime.addr());
+    let reloader = tokio::spawn(reload_rules_on_hangup(runtime.rules(), sources));
     let simulator = demo.map(|(sim_config, labels_path)| {
         let generator = Generator::new(sim_config.clone());
         if let Some(parent) = labels_path.parent() {
@@ -318,8 +323,37 @@ async fn serve(config: Config, demo: Option<(SimConfig, PathBuf)>) -> ExitCode {
             ExitCode::FAILURE
         }
     };
+    reloader.abort();
     telemetry.shutdown().await;
     exit
+}
+
+/// `kill -HUP`: read the configuration again and put its alert rules in force. Other
+/// settings need a restart; a configuration with errors changes nothing.
+async fn reload_rules_on_hangup(rules: std::sync::Arc<tidemark::rules::RulesHandle>, sources: ConfigSources) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            match Config::load(&sources) {
+                Ok(config) => {
+                    let reloaded = tidemark::rules::Rules::from_config(&config.rules);
+                    let names: Vec<String> = reloaded.iter().map(|rule| rule.name.to_string()).collect();
+                    rules.replace(reloaded);
+                    tracing::info!(rules = ?names, "alert rules reloaded");
+                }
+                Err(errors) => tracing::error!("alert rules not reloaded, the configuration has errors:\n{errors}"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (rules, sources);
+        std::future::pending::<()>().await;
+    }
 }
 
 async fn shutdown_signal() {

@@ -160,6 +160,8 @@ impl PartitionCounters {
 pub enum StoreMsg {
     /// Results of one fired batch, with its trace (when traced).
     Results(Vec<WindowResult>, Option<crate::telemetry::TraceContext>),
+    /// Alerts the rules raised or resolved.
+    Alerts(Vec<crate::rules::Alert>),
     DeadLetters(Vec<DeadLetter>),
     /// Written after every result sent before it; complete once committed.
     Checkpoint(Box<CheckpointData>),

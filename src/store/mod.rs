@@ -84,18 +84,19 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 #[derive(Default)]
 pub struct WriteBatch<'a> {
     pub results: &'a [WindowResult],
+    pub alerts: &'a [crate::rules::Alert],
     pub dead_letters: &'a [DeadLetter],
     pub checkpoints: &'a [CheckpointData],
 }
 
 impl WriteBatch<'_> {
     pub fn is_empty(&self) -> bool {
-        self.results.is_empty() && self.dead_letters.is_empty() && self.checkpoints.is_empty()
+        self.results.is_empty() && self.alerts.is_empty() && self.dead_letters.is_empty() && self.checkpoints.is_empty()
     }
 }
 
 /// What a write did besides committing.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct WriteOutcome {
     /// Checkpoints refused because another owner took their partition since:
     /// `(partition, checkpoint_id)`.
@@ -103,6 +104,69 @@ pub struct WriteOutcome {
     /// The result rows this write inserted or changed (a revision older than the stored
     /// one changes nothing and is not listed), with the ids and times the store gave them.
     pub written: Vec<WrittenRow>,
+    /// The alerts this write inserted or resolved (a replayed transition the store has
+    /// already is not listed).
+    pub alerts: Vec<AlertRow>,
+}
+
+/// A stored alert: the item of `GET /api/alerts` and of the WebSocket's `alerts`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertRow {
+    pub id: i64,
+    pub rule: String,
+    /// The rule's kind: anomaly, threshold, consecutive, rate_of_change, absence, pattern.
+    pub kind: String,
+    pub sensor_id: String,
+    pub event_type: String,
+    pub severity: String,
+    /// `firing` or `resolved`.
+    pub state: String,
+    /// Event time the condition started to hold.
+    #[serde(serialize_with = "ser::millis_rfc3339")]
+    pub started_at: i64,
+    /// Event time it stopped.
+    #[serde(serialize_with = "ser::opt_millis_rfc3339")]
+    pub resolved_at: Option<i64>,
+    pub message: String,
+    /// The statistic the rule looked at when the alert fired.
+    pub value: Option<f64>,
+    /// The window that raised it (absence alerts have none).
+    #[serde(serialize_with = "ser::opt_millis_rfc3339")]
+    pub window_start: Option<i64>,
+    #[serde(serialize_with = "ser::opt_millis_rfc3339")]
+    pub window_end: Option<i64>,
+    #[serde(serialize_with = "ser::millis_rfc3339")]
+    pub created_at: i64,
+    #[serde(serialize_with = "ser::millis_rfc3339")]
+    pub updated_at: i64,
+}
+
+impl AlertRow {
+    /// Which version of the row this is (firing 0, resolved 1): what a live message and
+    /// a replay may both carry.
+    pub fn version(&self) -> i64 {
+        i64::from(self.state == "resolved")
+    }
+}
+
+/// `GET /api/alerts` (newest first by start) and WebSocket replays (oldest first).
+#[derive(Clone, Debug, Default)]
+pub struct AlertQuery {
+    pub sensor_ids: Vec<String>,
+    pub event_types: Vec<String>,
+    pub rules: Vec<String>,
+    pub state: Option<crate::rules::AlertState>,
+    pub severities: Vec<Severity>,
+    /// Started at or after (epoch ms).
+    pub from_ms: Option<i64>,
+    /// Started before (epoch ms).
+    pub to_ms: Option<i64>,
+    /// Newest first: the last row of the previous page (`window_start_ms` is its start).
+    pub cursor: Option<Cursor>,
+    /// Oldest first: rows with an id above this (a replay's `since` or its last row).
+    pub after_id: Option<i64>,
+    pub limit: u32,
 }
 
 /// A prediction row as a write left it: what the live feed adds to a window result to
@@ -344,6 +408,8 @@ pub trait Store: Send + Sync {
     async fn histogram(&self, query: &HistogramQuery) -> Result<Vec<HistogramBucket>, StoreError>;
     /// Predictions after `query.since`, oldest first (window start, then id), one page.
     async fn replay(&self, query: &ReplayQuery) -> Result<Page<Prediction>, StoreError>;
+    /// Alerts the rules raised, with the query's filters and order.
+    async fn alerts(&self, query: &AlertQuery) -> Result<Page<AlertRow>, StoreError>;
     async fn top_sensors(&self, query: &TopQuery) -> Result<Vec<TopSensor>, StoreError>;
     async fn summary(&self, since_ms: i64) -> Result<Vec<TypeSummary>, StoreError>;
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetterRow>, StoreError>;
@@ -398,6 +464,17 @@ pub async fn inspect(config: &StoreConfig) -> Result<StoreInspection, StoreError
             crate::config::redact_url(&config.url)
         )))
     }
+}
+
+/// Trim the extra row an alert query fetched, and make the cursor of the next page.
+pub(crate) fn paginate_alerts(mut items: Vec<AlertRow>, limit: u32) -> Page<AlertRow> {
+    let next = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|last| Cursor { window_start_ms: last.started_at, id: last.id })
+    } else {
+        None
+    };
+    Page { items, next }
 }
 
 /// Trim the extra row a page query fetched, and make the cursor of the next page.

@@ -14,8 +14,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::{
-    DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, ReplayQuery, Store, StoreError, TopQuery,
-    TopSensor, TypeSummary, WriteBatch, WriteOutcome, WrittenRow, sql,
+    AlertQuery, AlertRow, DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, ReplayQuery, Store,
+    StoreError, TopQuery, TopSensor, TypeSummary, WriteBatch, WriteOutcome, WrittenRow, sql,
 };
 use crate::config::StoreConfig;
 use crate::messages::{KeyStateBlob, PartitionId, RestoredPartition, WindowResult};
@@ -65,6 +65,13 @@ fn migrator() -> Migrator {
             Cow::Borrowed("window kinds"),
             MigrationType::Simple,
             sqlx::SqlStr::from_static(include_str!("../../migrations/postgres/0004_window_kinds.sql")),
+            false,
+        ),
+        Migration::new(
+            5,
+            Cow::Borrowed("alert rules"),
+            MigrationType::Simple,
+            sqlx::SqlStr::from_static(include_str!("../../migrations/postgres/0005_alert_rules.sql")),
             false,
         ),
     ])
@@ -303,6 +310,27 @@ impl PostgresStore {
                     .await?;
             }
         }
+        for alert in batch.alerts {
+            let row = sqlx::query(sql::UPSERT_ALERT)
+                .bind(alert.rule.as_str())
+                .bind(alert.kind.as_str())
+                .bind(alert.sensor_id.as_str())
+                .bind(alert.event_type.as_str())
+                .bind(alert.severity.as_str())
+                .bind(alert.state.as_str())
+                .bind(time(alert.started_at_ms))
+                .bind(alert.resolved_at_ms.map(time))
+                .bind(alert.message.as_str())
+                .bind(alert.value)
+                .bind(alert.window_start_ms.map(time))
+                .bind(alert.window_end_ms.map(time))
+                .bind(Utc::now())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(row) = row {
+                outcome.alerts.push(alert_from_row(&row)?);
+            }
+        }
         if !batch.dead_letters.is_empty() {
             let letters = batch.dead_letters;
             sqlx::query(
@@ -442,6 +470,29 @@ fn copy_row(out: &mut String, result: &WindowResult) {
     out.push('\n');
 }
 
+fn alert_from_row(row: &PgRow) -> Result<AlertRow, sqlx::Error> {
+    let optional = |column: &str| -> Result<Option<i64>, sqlx::Error> {
+        Ok(row.try_get::<Option<DateTime<Utc>>, _>(column)?.map(|time| time.timestamp_millis()))
+    };
+    Ok(AlertRow {
+        id: row.try_get("id")?,
+        rule: row.try_get("rule")?,
+        kind: row.try_get("kind")?,
+        sensor_id: row.try_get("sensor_id")?,
+        event_type: row.try_get("event_type")?,
+        severity: row.try_get("severity")?,
+        state: row.try_get("state")?,
+        started_at: millis(row, "started_at")?,
+        resolved_at: optional("resolved_at")?,
+        message: row.try_get("message")?,
+        value: row.try_get("value")?,
+        window_start: optional("window_start")?,
+        window_end: optional("window_end")?,
+        created_at: millis(row, "created_at")?,
+        updated_at: millis(row, "updated_at")?,
+    })
+}
+
 fn prediction_from_row(row: &PgRow) -> Result<Prediction, sqlx::Error> {
     Ok(Prediction {
         id: row.try_get("id")?,
@@ -546,6 +597,15 @@ impl Store for PostgresStore {
             let rows = sql::predictions::<Postgres, _>(query, time, &text_filter).build().fetch_all(&self.pool).await?;
             let items = rows.iter().map(prediction_from_row).collect::<Result<Vec<_>, _>>()?;
             Ok(super::paginate(items, query.limit))
+        })
+        .await
+    }
+
+    async fn alerts(&self, query: &AlertQuery) -> Result<Page<AlertRow>, StoreError> {
+        self.timed(async {
+            let rows = sql::alerts::<Postgres, _>(query, time).build().fetch_all(&self.pool).await?;
+            let items = rows.iter().map(alert_from_row).collect::<Result<Vec<_>, _>>()?;
+            Ok(super::paginate_alerts(items, query.limit))
         })
         .await
     }

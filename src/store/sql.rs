@@ -4,7 +4,7 @@
 
 use sqlx::{Database, Encode, QueryBuilder, Type};
 
-use super::{DeadLetterQuery, PredictionQuery, ReplayQuery, Since, TopBy, TopQuery};
+use super::{AlertQuery, DeadLetterQuery, PredictionQuery, ReplayQuery, Since, TopBy, TopQuery};
 use crate::search::{HistogramQuery, TextQuery};
 
 pub const PREDICTION_COLUMNS: &str = "id, sensor_id, event_type, window_start, window_end, event_count, \
@@ -65,6 +65,66 @@ where
         keyset(&mut builder, cursor, ">", &time);
     }
     builder.push(" ORDER BY window_start ASC, id ASC LIMIT ").push_bind(i64::from(query.limit) + 1);
+    builder
+}
+
+pub const ALERT_COLUMNS: &str = "id, rule, kind, sensor_id, event_type, severity, state, started_at, resolved_at, \
+     message, value, window_start, window_end, created_at, updated_at";
+
+/// One alert transition: inserted when it fires; a `resolved` one resolves the stored
+/// alert. A transition the store has already (a replay after a restart) changes
+/// nothing and returns no row. `$n` placeholders in the order [`alert_binds`] binds.
+pub const UPSERT_ALERT: &str = "INSERT INTO alerts (rule, kind, sensor_id, event_type, severity, state, \
+     started_at, resolved_at, message, value, window_start, window_end, created_at, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13) \
+     ON CONFLICT (rule, sensor_id, event_type, started_at) DO UPDATE SET \
+     state = excluded.state, resolved_at = excluded.resolved_at, updated_at = excluded.updated_at \
+     WHERE excluded.state = 'resolved' AND alerts.state = 'firing' \
+     RETURNING id, rule, kind, sensor_id, event_type, severity, state, started_at, resolved_at, message, value, \
+     window_start, window_end, created_at, updated_at";
+
+/// `SELECT … FROM alerts` with the query's filters: newest first (by start), or oldest
+/// first by id when `after_id` is set; one row more than the limit.
+pub fn alerts<DB, T>(query: &AlertQuery, time: impl Fn(i64) -> T) -> QueryBuilder<DB>
+where
+    DB: Database,
+    T: for<'t> Encode<'t, DB> + Type<DB>,
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let mut builder = QueryBuilder::new(format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE 1 = 1"));
+    any_of(&mut builder, "sensor_id", query.sensor_ids.iter().map(String::as_str));
+    any_of(&mut builder, "event_type", query.event_types.iter().map(String::as_str));
+    any_of(&mut builder, "rule", query.rules.iter().map(String::as_str));
+    any_of(&mut builder, "severity", query.severities.iter().map(|severity| severity.as_str()));
+    if let Some(state) = query.state {
+        builder.push(" AND state = ").push_bind(state.as_str());
+    }
+    if let Some(from) = query.from_ms {
+        builder.push(" AND started_at >= ").push_bind(time(from));
+    }
+    if let Some(to) = query.to_ms {
+        builder.push(" AND started_at < ").push_bind(time(to));
+    }
+    match query.after_id {
+        Some(id) => {
+            builder.push(" AND id > ").push_bind(id).push(" ORDER BY id ASC");
+        }
+        None => {
+            if let Some(cursor) = query.cursor {
+                builder
+                    .push(" AND (started_at < ")
+                    .push_bind(time(cursor.window_start_ms))
+                    .push(" OR (started_at = ")
+                    .push_bind(time(cursor.window_start_ms))
+                    .push(" AND id < ")
+                    .push_bind(cursor.id)
+                    .push("))");
+            }
+            builder.push(" ORDER BY started_at DESC, id DESC");
+        }
+    }
+    builder.push(" LIMIT ").push_bind(i64::from(query.limit) + 1);
     builder
 }
 

@@ -12,8 +12,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
-    DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, ReplayQuery, Store, StoreError, TopQuery,
-    TopSensor, TypeSummary, WriteBatch, WriteOutcome, WrittenRow, sql,
+    AlertQuery, AlertRow, DeadLetterQuery, DeadLetterRow, Page, Prediction, PredictionQuery, ReplayQuery, Store,
+    StoreError, TopQuery, TopSensor, TypeSummary, WriteBatch, WriteOutcome, WrittenRow, sql,
 };
 use crate::config::{StoreConfig, sqlite_path};
 use crate::messages::{KeyStateBlob, PartitionId, RestoredPartition};
@@ -97,6 +97,13 @@ fn migrator() -> Migrator {
             Cow::Borrowed("window kinds"),
             MigrationType::Simple,
             sqlx::SqlStr::from_static(include_str!("../../migrations/sqlite/0004_window_kinds.sql")),
+            false,
+        ),
+        Migration::new(
+            5,
+            Cow::Borrowed("alert rules"),
+            MigrationType::Simple,
+            sqlx::SqlStr::from_static(include_str!("../../migrations/sqlite/0005_alert_rules.sql")),
             false,
         ),
     ])
@@ -231,6 +238,28 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        let upsert_alert = sql::UPSERT_ALERT.replace('$', "?");
+        for alert in batch.alerts {
+            let row = sqlx::query(sqlx::AssertSqlSafe(upsert_alert.as_str()))
+                .bind(alert.rule.as_str())
+                .bind(alert.kind.as_str())
+                .bind(alert.sensor_id.as_str())
+                .bind(alert.event_type.as_str())
+                .bind(alert.severity.as_str())
+                .bind(alert.state.as_str())
+                .bind(alert.started_at_ms)
+                .bind(alert.resolved_at_ms)
+                .bind(alert.message.as_str())
+                .bind(alert.value)
+                .bind(alert.window_start_ms)
+                .bind(alert.window_end_ms)
+                .bind(now_ms)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(row) = row {
+                outcome.alerts.push(alert_from_row(&row)?);
+            }
+        }
         for chunk in batch.dead_letters.chunks(ROWS_PER_STATEMENT) {
             let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO dead_letters (received_at, source, reason, error, sensor_id, event_type, event_time, \
@@ -310,6 +339,26 @@ impl SqliteStore {
         tx.commit().await?;
         Ok(outcome)
     }
+}
+
+fn alert_from_row(row: &SqliteRow) -> Result<AlertRow, sqlx::Error> {
+    Ok(AlertRow {
+        id: row.try_get("id")?,
+        rule: row.try_get("rule")?,
+        kind: row.try_get("kind")?,
+        sensor_id: row.try_get("sensor_id")?,
+        event_type: row.try_get("event_type")?,
+        severity: row.try_get("severity")?,
+        state: row.try_get("state")?,
+        started_at: row.try_get("started_at")?,
+        resolved_at: row.try_get("resolved_at")?,
+        message: row.try_get("message")?,
+        value: row.try_get("value")?,
+        window_start: row.try_get("window_start")?,
+        window_end: row.try_get("window_end")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
 }
 
 fn prediction_from_row(row: &SqliteRow) -> Result<Prediction, sqlx::Error> {
@@ -429,6 +478,15 @@ impl Store for SqliteStore {
             let rows = sql::replay::<Sqlite, i64>(query, |ms| ms).build().fetch_all(&self.pool).await?;
             let items = rows.iter().map(prediction_from_row).collect::<Result<Vec<_>, _>>()?;
             Ok(super::paginate(items, query.limit))
+        })
+        .await
+    }
+
+    async fn alerts(&self, query: &AlertQuery) -> Result<Page<AlertRow>, StoreError> {
+        self.timed(async {
+            let rows = sql::alerts::<Sqlite, i64>(query, |ms| ms).build().fetch_all(&self.pool).await?;
+            let items = rows.iter().map(alert_from_row).collect::<Result<Vec<_>, _>>()?;
+            Ok(super::paginate_alerts(items, query.limit))
         })
         .await
     }

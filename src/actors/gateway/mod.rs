@@ -58,6 +58,8 @@ pub struct AppContext {
     pub tls: Option<Arc<crate::tls::GatewayTls>>,
     /// Samples repeated rejections per client (`None`: every one is stored).
     pub dead_letter_sampler: Option<Arc<crate::ingest::sampling::DeadLetterSampler>>,
+    /// The alert rules in force (a reload replaces them).
+    pub rules: Arc<crate::rules::RulesHandle>,
 }
 
 impl AppContext {
@@ -77,6 +79,7 @@ pub fn routes(app: Arc<AppContext>) -> Router {
         .route("/api/events", post(ingest::post_events))
         .route("/api/predictions", get(query::predictions))
         .route("/api/alerts", get(query::alerts))
+        .route("/api/rules", get(query::rules))
         .route("/api/sensors/top", get(query::top_sensors))
         .route("/api/sensors/skew", get(query::skewed_sensors))
         .route("/api/summary", get(query::summary))

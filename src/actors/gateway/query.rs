@@ -47,17 +47,53 @@ pub fn predictions_query(raw: Option<&str>) -> Result<PredictionQuery, ApiError>
     Ok(query)
 }
 
-/// `GET /api/alerts` — anomalous windows, newest first, with their severity and what
-/// drove the score.
+/// `GET /api/alerts` — the alert rules' alerts, newest first (by the time they
+/// started), firing or resolved, with the rule that raised them.
 pub async fn alerts(
     State(app): State<Arc<AppContext>>,
     RawQuery(raw): RawQuery,
-) -> Result<Json<PageBody<Prediction>>, ApiError> {
+) -> Result<Json<PageBody<crate::store::AlertRow>>, ApiError> {
     let mut params = Params::parse(raw.as_deref())?;
-    let mut query = prediction_query(&mut params)?;
-    query.anomaly = Some(true);
-    params.finish(&["sensorId", "eventType", "from", "to", "severity", "limit", "cursor"])?;
-    page(&app, &query).await
+    let filters = prediction_filters(&mut params)?;
+    let state =
+        match params.take(&["state"])? {
+            None => None,
+            Some(text) => Some(crate::rules::AlertState::parse(&text).ok_or_else(|| {
+                ApiError::parameter("state", format!("unknown state {text:?}; use firing or resolved"))
+            })?),
+        };
+    let rules = params.string(&["rule"], MAX_ID_LEN)?.into_iter().collect();
+    let query = crate::store::AlertQuery {
+        sensor_ids: filters.sensor_id.into_iter().collect(),
+        event_types: filters.event_type.into_iter().collect(),
+        rules,
+        state,
+        severities: filters.severities,
+        from_ms: filters.from_ms,
+        to_ms: filters.to_ms,
+        cursor: params.cursor()?,
+        after_id: None,
+        limit: params.number(&["limit"], 1, MAX_LIMIT, DEFAULT_LIMIT)?,
+    };
+    params.finish(&["sensorId", "eventType", "rule", "state", "from", "to", "severity", "limit", "cursor"])?;
+    let page = app.store.alerts(&query).await?;
+    Ok(Json(PageBody { count: page.items.len(), items: page.items, next_cursor: page.next.map(encode_cursor) }))
+}
+
+/// `GET /api/rules` — the alert rules in force (a reload changes them), as configured.
+pub async fn rules(State(app): State<Arc<AppContext>>) -> Json<serde_json::Value> {
+    let rules = app.rules.current();
+    let items: Vec<serde_json::Value> = rules
+        .iter()
+        .map(|rule| {
+            let mut value = serde_json::to_value(&rule.config).unwrap_or_default();
+            if let Some(object) = value.as_object_mut() {
+                object.insert("name".into(), rule.name.as_str().into());
+            }
+            value
+        })
+        .collect();
+    Json(serde_json::json!({"count": items.len(), "items": items}))
 }
 
 fn prediction_query(params: &mut Params) -> Result<PredictionQuery, ApiError> {

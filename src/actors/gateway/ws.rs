@@ -323,10 +323,13 @@ impl Writer {
         registered_ms: i64,
     ) -> Result<(), Ended> {
         let max = self.session.config().max_replay_rows;
+        if subscription.kind == Kind::Alerts {
+            return self.replay_alerts(subscription, since, registered_ms).await;
+        }
         let mut query = ReplayQuery {
             sensor_ids: subscription.filter.sensor_id.clone(),
             event_types: subscription.filter.event_type.clone(),
-            anomaly: (subscription.kind == Kind::Alerts).then_some(true),
+            anomaly: None,
             severities: subscription.filter.severity.clone(),
             since,
             after: None,
@@ -336,47 +339,112 @@ impl Writer {
         loop {
             let page = match self.app.store.replay(&query).await {
                 Ok(page) => page,
-                Err(error) => {
-                    self.session.unsubscribe(&live::Unsubscribe::Id(subscription.id.clone()));
-                    return self
-                        .error(
-                            "store_unavailable",
-                            format!(
-                                "subscription {:?} ended: its replay could not read the store ({error}); \
-                                 subscribe again with the last id you received as since",
-                                subscription.id
-                            ),
-                        )
-                        .await;
-                }
+                Err(error) => return self.replay_failed(subscription, &error).await,
             };
             for prediction in &page.items {
-                self.overlap.remember(subscription.kind, prediction, registered_ms);
+                self.overlap.remember(
+                    subscription.kind,
+                    prediction.id,
+                    prediction.revision,
+                    prediction.updated_at,
+                    registered_ms,
+                );
                 let frame = live::prediction_frame(subscription.kind, prediction, None);
                 self.send(Message::Text(frame.text)).await?;
                 sent += 1;
             }
             match page.next {
                 None => break,
-                Some(_) if sent >= max => {
-                    self.session.unsubscribe(&live::Unsubscribe::Id(subscription.id.clone()));
-                    return self
-                        .error(
-                            "replay_too_large",
-                            format!(
-                                "subscription {:?} ended: more than {max} stored rows follow since \
-                                 (ws.max_replay_rows); page through GET /api/predictions and subscribe \
-                                 again with the newest id as since",
-                                subscription.id
-                            ),
-                        )
-                        .await;
-                }
+                Some(_) if sent >= max => return self.replay_too_large(subscription, max, "/api/predictions").await,
                 Some(cursor) => query.after = Some(cursor),
             }
         }
         let text = live::frame_text("replayed", &json!({"id": subscription.id, "rows": sent}));
         self.send(Message::Text(text)).await
+    }
+}
+
+impl Writer {
+    /// `replay` for alerts: stored alerts after `since` (an alert id, or the time they
+    /// started), by id.
+    async fn replay_alerts(
+        &mut self,
+        subscription: &live::Subscription,
+        since: Since,
+        registered_ms: i64,
+    ) -> Result<(), Ended> {
+        let max = self.session.config().max_replay_rows;
+        let (after_id, from_ms) = match since {
+            Since::AfterId(id) => (id, None),
+            Since::WindowStart(ms) => (i64::MIN, Some(ms)),
+        };
+        let mut query = crate::store::AlertQuery {
+            sensor_ids: subscription.filter.sensor_id.clone(),
+            event_types: subscription.filter.event_type.clone(),
+            severities: subscription.filter.severity.clone(),
+            from_ms,
+            after_id: Some(after_id),
+            limit: REPLAY_PAGE,
+            ..Default::default()
+        };
+        let mut sent = 0u64;
+        loop {
+            let page = match self.app.store.alerts(&query).await {
+                Ok(page) => page,
+                Err(error) => return self.replay_failed(subscription, &error).await,
+            };
+            for alert in &page.items {
+                self.overlap.remember(Kind::Alerts, alert.id, alert.version(), alert.updated_at, registered_ms);
+                self.send(Message::Text(live::alert_frame(alert).text)).await?;
+                sent += 1;
+            }
+            match page.items.last() {
+                Some(last) if page.next.is_some() => {
+                    if sent >= max {
+                        return self.replay_too_large(subscription, max, "/api/alerts").await;
+                    }
+                    query.after_id = Some(last.id);
+                }
+                _ => break,
+            }
+        }
+        let text = live::frame_text("replayed", &json!({"id": subscription.id, "rows": sent}));
+        self.send(Message::Text(text)).await
+    }
+
+    async fn replay_failed(
+        &mut self,
+        subscription: &live::Subscription,
+        error: &crate::store::StoreError,
+    ) -> Result<(), Ended> {
+        self.session.unsubscribe(&live::Unsubscribe::Id(subscription.id.clone()));
+        self.error(
+            "store_unavailable",
+            format!(
+                "subscription {:?} ended: its replay could not read the store ({error}); \
+                 subscribe again with the last id you received as since",
+                subscription.id
+            ),
+        )
+        .await
+    }
+
+    async fn replay_too_large(
+        &mut self,
+        subscription: &live::Subscription,
+        max: u64,
+        endpoint: &str,
+    ) -> Result<(), Ended> {
+        self.session.unsubscribe(&live::Unsubscribe::Id(subscription.id.clone()));
+        self.error(
+            "replay_too_large",
+            format!(
+                "subscription {:?} ended: more than {max} stored rows follow since (ws.max_replay_rows); page \
+                 through GET {endpoint} and subscribe again with the newest id as since",
+                subscription.id
+            ),
+        )
+        .await
     }
 }
 
@@ -388,10 +456,12 @@ struct Overlap {
 }
 
 impl Overlap {
-    fn remember(&mut self, kind: Kind, prediction: &crate::store::Prediction, registered_ms: i64) {
-        if prediction.updated_at >= registered_ms - OVERLAP_MS {
-            let revision = self.sent.entry((kind, prediction.id)).or_insert(prediction.revision);
-            *revision = (*revision).max(prediction.revision);
+    /// A replay sent version `version` of row `id` (a prediction's revision, an alert's
+    /// state), last written at `updated_at`.
+    fn remember(&mut self, kind: Kind, id: i64, version: i64, updated_at: i64, registered_ms: i64) {
+        if updated_at >= registered_ms - OVERLAP_MS {
+            let sent = self.sent.entry((kind, id)).or_insert(version);
+            *sent = (*sent).max(version);
             self.until = Some(Instant::now() + Duration::from_millis(OVERLAP_MS as u64));
         }
     }

@@ -18,6 +18,8 @@ use crate::messages::{DeadLetter, SinkStatus, StoreMsg, WindowResult};
 pub struct FileSinkCounts {
     pub results: AtomicU64,
     pub anomalies: AtomicU64,
+    /// Alerts raised (firing transitions).
+    pub alerts: AtomicU64,
     pub dead_letters: AtomicU64,
 }
 
@@ -118,6 +120,10 @@ impl Actor for FileSink {
                         out.write_all(b"\n")?;
                     }
                 }
+            }
+            StoreMsg::Alerts(alerts) => {
+                let firing = alerts.iter().filter(|a| a.state == crate::rules::AlertState::Firing).count() as u64;
+                state.counts.alerts.fetch_add(firing, Ordering::Relaxed);
             }
             StoreMsg::DeadLetters(letters) => {
                 state.counts.dead_letters.fetch_add(letters.len() as u64, Ordering::Relaxed);

@@ -1,11 +1,12 @@
-//! The Kafka sink: window results to `kafka.results_topic`, anomalous ones also to
-//! `kafka.alerts_topic`, as JSON keyed by sensorId.
+//! The Kafka sink: window results to `kafka.results_topic`, the alert rules' alerts
+//! (firing, then resolved) to `kafka.alerts_topic`, as JSON keyed by sensorId.
 //!
 //! Checkpoints travel through this sink on their way to the store sink: one is forwarded
 //! only after the broker acknowledged every result sent before it. A checkpoint is thus
 //! complete only when the topics have the results too, and a replay after a failure
-//! re-sends anything the topics might have missed (at-least-once; consumers key by
-//! `(sensorId, eventType, windowStart)` to drop repeats).
+//! re-sends anything the topics might have missed (at-least-once; consumers key results
+//! by `(sensorId, eventType, windowStart)` and alerts by `(rule, sensorId, eventType,
+//! startedAt, state)` to drop repeats).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,8 @@ const SINK: &str = "kafka";
 
 pub enum KafkaSinkMsg {
     Results(Vec<WindowResult>, Option<crate::telemetry::TraceContext>),
+    /// Alerts the rules raised or resolved (to the alerts topic).
+    Alerts(Vec<crate::rules::Alert>),
     Checkpoint(Box<CheckpointData>),
     /// Wait for every delivery so far.
     Flush(RpcReplyPort<()>),
@@ -196,15 +199,18 @@ impl Actor for KafkaSink {
                         if let Some(topic) = state.args.results_topic.clone() {
                             state.send(&topic, &result.sensor_id, &payload, headers.as_ref()).await?;
                         }
-                        if result.anomaly
-                            && let Some(topic) = state.args.alerts_topic.clone()
-                        {
-                            state.send(&topic, &result.sensor_id, &payload, headers.as_ref()).await?;
-                        }
                     }
                     Ok::<(), ActorProcessingErr>(())
                 };
                 tracing::Instrument::instrument(produce, span).await?;
+            }
+            KafkaSinkMsg::Alerts(alerts) => {
+                if let Some(topic) = state.args.alerts_topic.clone() {
+                    for alert in &alerts {
+                        let payload = serde_json::to_vec(&crate::rules::AlertRecord::from(alert))?;
+                        state.send(&topic, &alert.sensor_id, &payload, None).await?;
+                    }
+                }
             }
             KafkaSinkMsg::Checkpoint(checkpoint) => {
                 state.drain().await?;

@@ -334,6 +334,19 @@ impl Sinks {
         self.send_store(StoreMsg::Results(results, trace))
     }
 
+    /// Alerts the rules raised or resolved: to the store and the alerts topic.
+    pub fn send_alerts(&self, alerts: Vec<crate::rules::Alert>) -> Result<(), SinkUnavailable> {
+        if self.kafka_configured {
+            match self.kafka.read().as_ref() {
+                Some(actor) => actor
+                    .send_message(kafka::KafkaSinkMsg::Alerts(alerts.clone()))
+                    .map_err(|_| SinkUnavailable("kafka"))?,
+                None => return Err(SinkUnavailable("kafka")),
+            }
+        }
+        self.send_store(StoreMsg::Alerts(alerts))
+    }
+
     /// Hand a checkpoint to the sinks, behind every result sent before it: to the first
     /// gate, which passes it on (see [`Gate`]).
     pub fn send_checkpoint(&self, checkpoint: CheckpointData) -> Result<(), SinkUnavailable> {

@@ -40,6 +40,7 @@ pub struct StoreSinkArgs {
 pub struct StoreSinkState {
     args: StoreSinkArgs,
     results: PendingResults,
+    alerts: Vec<crate::rules::Alert>,
     dead_letters: Vec<DeadLetter>,
     checkpoints: Vec<CheckpointData>,
     linger_armed: bool,
@@ -67,6 +68,7 @@ impl Actor for StoreSink {
         Ok(StoreSinkState {
             args,
             results: PendingResults::default(),
+            alerts: Vec::new(),
             dead_letters: Vec::new(),
             checkpoints: Vec::new(),
             linger_armed: false,
@@ -85,6 +87,10 @@ impl Actor for StoreSink {
         match message {
             StoreMsg::Results(results, trace) => {
                 state.results.push_all(results, trace);
+                state.after_push(&myself).await?;
+            }
+            StoreMsg::Alerts(alerts) => {
+                state.alerts.extend(alerts);
                 state.after_push(&myself).await?;
             }
             StoreMsg::DeadLetters(letters) => {
@@ -125,7 +131,7 @@ impl Actor for StoreSink {
 impl StoreSinkState {
     async fn after_push(&mut self, myself: &ActorRef<StoreMsg>) -> Result<(), ActorProcessingErr> {
         self.publish_pending();
-        if self.results.len() + self.dead_letters.len() >= self.args.config.batch_size {
+        if self.results.len() + self.alerts.len() + self.dead_letters.len() >= self.args.config.batch_size {
             self.flush().await?;
         } else if !self.linger_armed {
             self.linger_armed = true;
@@ -142,7 +148,11 @@ impl StoreSinkState {
 
     /// Write everything pending, retrying retriable errors until it succeeds.
     async fn flush(&mut self) -> Result<(), ActorProcessingErr> {
-        if self.results.is_empty() && self.dead_letters.is_empty() && self.checkpoints.is_empty() {
+        if self.results.is_empty()
+            && self.alerts.is_empty()
+            && self.dead_letters.is_empty()
+            && self.checkpoints.is_empty()
+        {
             return Ok(());
         }
         self.publish_pending();
@@ -158,6 +168,7 @@ impl StoreSinkState {
                 None => {
                     let batch = WriteBatch {
                         results: self.results.as_slice(),
+                        alerts: &self.alerts,
                         dead_letters: &self.dead_letters,
                         checkpoints: &self.checkpoints,
                     };
@@ -224,13 +235,15 @@ impl StoreSinkState {
         self.args
             .live
             .publish_written(&outcome.written, |row| results.get(&row.sensor_id, &row.event_type, row.window_start_ms));
+        self.args.live.publish_alerts(&outcome.alerts, &self.alerts);
         let metrics = &self.args.metrics;
-        let rows = (self.results.len() + self.dead_letters.len()) as u64;
+        let rows = (self.results.len() + self.alerts.len() + self.dead_letters.len()) as u64;
         metrics.sink_batches.get_or_create(&SinkResultLabels { sink: SINK, result: "ok" }).inc();
         metrics.sink_up.get_or_create(&SinkLabels { sink: SINK }).set(1);
         metrics.observe_sink_write(SINK, took.as_secs_f64());
         for (kind, count) in [
             ("result", self.results.len()),
+            ("alert", self.alerts.len()),
             ("dead_letter", self.dead_letters.len()),
             ("checkpoint", self.checkpoints.len()),
         ] {
@@ -270,6 +283,7 @@ impl StoreSinkState {
             );
         }
         self.results.take();
+        self.alerts.clear();
         self.dead_letters.clear();
         self.publish_pending();
     }
