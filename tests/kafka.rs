@@ -857,6 +857,11 @@ async fn results_reach_the_output_topic_and_elasticsearch_with_the_table() {
     let runtime = start(
         in_process(dir.path(), &kafka_settings(&broker.servers, "outputs", &url))
             .with("kafka.results_topic", "predictions")
+            .with("kafka.alerts_topic", "alerts")
+            // An alert per key (its windows hold events), whatever the model makes of them.
+            .with("rules.busy.kind", "threshold")
+            .with("rules.busy.stat", "count")
+            .with("rules.busy.above", 0.0)
             .with("elasticsearch.enabled", true)
             .with("elasticsearch.urls", vec![double.url()]),
     )
@@ -886,5 +891,29 @@ async fn results_reach_the_output_topic_and_elasticsearch_with_the_table() {
         }
     }
     assert_eq!(keys.len(), rows.len(), "every window on the results topic");
+
+    // Every alert in the store is on the alerts topic, its last record in the stored state.
+    let stored = client.get_ok("/api/alerts?limit=1000").await;
+    let alert_key = |a: &Value| format!("{}|{}|{}|{}", a["rule"], a["sensorId"], a["eventType"], a["startedAt"]);
+    let expected: std::collections::BTreeMap<String, Value> =
+        stored["items"].as_array().into_iter().flatten().map(|a| (alert_key(a), a["state"].clone())).collect();
+    assert!(expected.len() >= 100, "an alert per sensor at least: {stored}");
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.servers)
+        .set("group.id", "alerts-check")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&["alerts"]).expect("subscribe");
+    let mut states = std::collections::BTreeMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while states != expected && std::time::Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            let record: Value = serde_json::from_slice(message.payload().unwrap_or_default()).expect("JSON record");
+            assert_eq!(message.key(), record["sensorId"].as_str().map(str::as_bytes), "keyed by sensorId");
+            states.insert(alert_key(&record), record["state"].clone());
+        }
+    }
+    assert_eq!(states, expected, "the alerts topic holds every stored alert, in its last state");
     runtime.shutdown().await;
 }
