@@ -196,8 +196,11 @@ impl SessionWindows {
                 Self::emit(session, gap, fired);
             }
         }
+        // An event after the last one flushed starts a new session (it would have
+        // extended the flushed one: dropping it as late would lose it for nothing, and a
+        // new session cannot take the start, the stored key, of a closed one).
         if let Some(last) = self.sessions.last() {
-            self.closed_before_ms = self.closed_before_ms.max(last.last_ms + gap);
+            self.closed_before_ms = self.closed_before_ms.max(last.last_ms + 1);
         }
         self.sessions.clear();
         self.sessions.shrink_to_fit();
@@ -273,8 +276,12 @@ mod tests {
         key.flush(&SPEC, &mut fired);
         assert_eq!(fired.len(), 1);
         assert_eq!(fired[0].features.end_ms, 13_000);
-        assert!(key.add(&SPEC, 12_000, 1.0, 0, &mut fired).is_err(), "inside the closed session");
-        assert!(key.add(&SPEC, 13_000, 1.0, 0, &mut fired).is_ok());
+        assert!(key.add(&SPEC, 2_000, 1.0, 0, &mut fired).is_err(), "inside the closed session");
+        assert!(key.add(&SPEC, 3_000, 1.0, 0, &mut fired).is_err(), "its last event's time");
+        // After its last event: a new session (it would have extended the flushed one).
+        assert!(key.add(&SPEC, 5_000, 1.0, 0, &mut fired).is_ok());
+        key.flush(&SPEC, &mut fired);
+        assert_eq!((fired[1].features.start_ms, fired[1].features.count), (5_000, 1));
     }
 
     /// Sessions of sorted timestamps, computed directly: `(start, end, count)`.
