@@ -1,5 +1,5 @@
-//! Scorers are streaming-honest and survive checkpoints: on a NAB series (from
-//! `../shared/data/nab-dev`), for every model,
+//! Scorers are streaming-honest and survive checkpoints: on a NAB series (kept in
+//! `tests/data/nab`, MIT licence, see its README), for every model,
 //! - scoring a prefix gives exactly the scores the whole series gives on that prefix;
 //! - saving the state mid-series (postcard, as partition checkpoints do) and restoring
 //!   it gives the same scores as the uninterrupted run.
@@ -12,10 +12,9 @@ use tidemark::scoring::{MODELS, Scorer, ScorerState, Scoring};
 
 fn series(rows: usize) -> Vec<Row> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/nab-dev/realKnownCause/machine_temperature_system_failure.csv");
-    let rows_read = read_series(&path).unwrap_or_else(|error| {
-        panic!("{error}: the scoring tests read the NAB development subset; clone the repository next to ../shared")
-    });
+        .join("tests/data/nab/realKnownCause/machine_temperature_system_failure.csv");
+    let rows_read =
+        read_series(&path).unwrap_or_else(|error| panic!("{error}: {} is part of the repository", path.display()));
     assert!(rows_read.len() > rows, "{} rows", rows_read.len());
     rows_read.into_iter().take(rows).collect()
 }
