@@ -472,7 +472,7 @@ impl Rules {
     /// A window of `(result.sensor_id, result.event_type)` fired for the first time:
     /// evaluate every rule on it. Whether the state changed.
     pub fn on_window(&self, state: &mut SensorRules, result: &WindowResult, now_ms: i64, out: &mut Vec<Alert>) -> bool {
-        let mut changed = state.forget_stale(self);
+        let mut changed = state.forget_stale(self, &result.sensor_id, result.window_start_ms, now_ms, out);
         for rule in &self.rules {
             let kind = rule.config.kind;
             if kind == RuleKind::Absence {
@@ -618,7 +618,8 @@ impl Rules {
         now_ms: i64,
         out: &mut Vec<Alert>,
     ) -> bool {
-        let mut changed = false;
+        let newest_event_ms = silence.last_event_ms.saturating_add(silence.by_event_time_ms);
+        let mut changed = state.forget_stale(self, sensor_id, newest_event_ms, now_ms, out);
         for rule in self.rules.iter().filter(|rule| rule.config.kind == RuleKind::Absence) {
             let after = rule.after_ms();
             if !rule.applies_to(sensor_id, event_type)
@@ -682,7 +683,7 @@ fn transition(
     match (&entry.firing, holds) {
         (None, true) => {
             let severity = rule.severity.or(detail.severity).unwrap_or(Severity::Medium);
-            entry.firing = Some(Firing { started_at_ms: at_ms, severity });
+            entry.firing = Some(Firing { started_at_ms: at_ms, severity, kind: rule.config.kind });
             out.push(detail.alert(rule, severity, at_ms, None, now_ms));
             true
         }
@@ -894,6 +895,8 @@ impl<'a> From<&'a Alert> for AlertRecord<'a> {
 struct Firing {
     started_at_ms: i64,
     severity: Severity,
+    /// The rule's kind, to resolve the alert if a reload removes the rule.
+    kind: RuleKind,
 }
 
 /// What a rule remembers between windows.
@@ -957,10 +960,31 @@ impl SensorRules {
         &mut self.entries[at]
     }
 
-    /// Drop the state of rules that no longer exist (a reload removed them).
-    fn forget_stale(&mut self, rules: &Rules) -> bool {
+    /// Drop the state of rules a reload removed or changed; their firing alerts resolve
+    /// at event time `at_ms` (a changed rule starts afresh).
+    fn forget_stale(&mut self, rules: &Rules, sensor_id: &str, at_ms: i64, now_ms: i64, out: &mut Vec<Alert>) -> bool {
         let before = self.entries.len();
-        self.entries.retain(|e| rules.rules.iter().any(|r| r.name == e.rule && r.fingerprint == e.fingerprint));
+        self.entries.retain(|e| {
+            let current = rules.rules.iter().any(|r| r.name == e.rule && r.fingerprint == e.fingerprint);
+            if !current && let Some(firing) = e.firing {
+                out.push(Alert {
+                    rule: e.rule.clone(),
+                    kind: firing.kind,
+                    sensor_id: sensor_id.into(),
+                    event_type: e.event_type.clone(),
+                    severity: firing.severity,
+                    state: AlertState::Resolved,
+                    started_at_ms: firing.started_at_ms,
+                    resolved_at_ms: Some(at_ms.max(firing.started_at_ms)),
+                    message: format!("{sensor_id} {}: rule {} was removed or changed", e.event_type, e.rule),
+                    value: None,
+                    window_start_ms: None,
+                    window_end_ms: None,
+                    fired_at_ms: now_ms,
+                });
+            }
+            current
+        });
         self.entries.len() != before
     }
 
@@ -1237,6 +1261,26 @@ mod tests {
         // The rule is removed: its state goes.
         let none = Rules::default();
         none.on_window(&mut state, &window("t", 30, 1.0, true), 0, &mut out);
+        assert!(state.is_empty());
+    }
+
+    #[test]
+    fn a_firing_alert_resolves_when_a_reload_removes_or_changes_its_rule() {
+        let hot = rules("[hot]\nkind = \"threshold\"\nabove = 5.0\nseverity = \"high\"");
+        let mut state = SensorRules::default();
+        let mut out = Vec::new();
+        hot.on_window(&mut state, &window("t", 10, 9.0, false), 0, &mut out);
+        assert_eq!(out.len(), 1);
+        let changed = rules("[hot]\nkind = \"threshold\"\nabove = 50.0");
+        changed.on_window(&mut state, &window("t", 20, 9.0, false), 0, &mut out);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(
+            (out[1].state, out[1].started_at_ms, out[1].resolved_at_ms),
+            (AlertState::Resolved, 10_000, Some(20_000))
+        );
+        assert_eq!((out[1].kind, out[1].severity), (RuleKind::Threshold, Severity::High));
+        assert!(out[1].message.contains("removed or changed"), "{}", out[1].message);
+        // Under the new definition 9 is not hot: nothing fires, nothing is left.
         assert!(state.is_empty());
     }
 

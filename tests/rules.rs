@@ -224,6 +224,14 @@ async fn replaced_rules_apply_to_the_next_windows_without_a_restart() {
     runtime.flush_all(Duration::from_secs(10)).await.expect("flushed");
     let found = alerts(&client, base).await;
     assert_eq!(found, vec![row("hot", "s3", "temperature", "firing", 10_000, None)], "only windows after the reload");
+
+    // Back to the first rules: the changed rule's firing alert resolves at the next window.
+    let config = common::config(pipeline(dir.path()));
+    runtime.rules().replace(tidemark::rules::Rules::from_config(&config.rules));
+    post(&client, events(base, "s3", "temperature", 14..16, |_| 25.0)).await;
+    runtime.flush_all(Duration::from_secs(10)).await.expect("flushed");
+    let found = alerts(&client, base).await;
+    assert_eq!(found, vec![row("hot", "s3", "temperature", "resolved", 10_000, Some(14_000))]);
     runtime.shutdown().await;
 }
 

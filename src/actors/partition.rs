@@ -808,8 +808,8 @@ impl PartitionState {
     /// Evaluate the alert rules on the windows that fired for the first time.
     fn evaluate_rules(&mut self, results: &[WindowResult]) {
         let rules = self.context.rules.current();
-        if rules.is_empty() {
-            return;
+        if rules.is_empty() && self.rule_states.is_empty() {
+            return; // (with state left, alerts of rules a reload removed still resolve)
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
         for result in results.iter().filter(|result| result.revision == 0) {
