@@ -235,6 +235,14 @@ fn position_gauge(metrics: &Metrics, partition: PartitionId, outcome: &'static s
     metrics.positions.get_or_create(&PositionLabels { partition, outcome }).clone()
 }
 
+/// An injected fault: unwinds like a panic (the actor fails with `message`, supervision
+/// restarts it) without the panic hook, so hundreds of injected faults do not bury a
+/// test's own failure under their backtraces.
+#[cfg(feature = "chaos")]
+fn injected_panic(message: String) -> ! {
+    std::panic::resume_unwind(Box::new(message))
+}
+
 /// How often (in ingest-clock time) idle keys are looked for.
 fn sweep_interval(spec: &WindowSpec) -> i64 {
     (spec.idle_timeout_ms / 4).clamp(1, 1_000)
@@ -692,11 +700,17 @@ impl PartitionState {
         use rand::Rng;
         let chaos = &self.context.chaos;
         if !chaos.poison_sensor_id.is_empty() && event.sensor_id == chaos.poison_sensor_id {
-            panic!("chaos: poison event from sensor {} at position {}", event.sensor_id, event.position);
+            injected_panic(format!(
+                "chaos: poison event from sensor {} at position {}",
+                event.sensor_id, event.position
+            ));
         }
         if chaos.partition_panic_probability > 0.0 && self.chaos_rng.random::<f64>() < chaos.partition_panic_probability
         {
-            panic!("chaos: injected panic in partition {} at position {}", self.partition, event.position);
+            injected_panic(format!(
+                "chaos: injected panic in partition {} at position {}",
+                self.partition, event.position
+            ));
         }
     }
 
