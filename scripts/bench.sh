@@ -4,6 +4,7 @@
 #
 #   scripts/bench.sh replay     # 5M-event file through the pipeline (sink none), 3 runs
 #   scripts/bench.sh keys       # resident bytes per open key with 1,000,000 keys
+#   scripts/bench.sh keys-http  # the server's resident growth per key: 200,000 sensors posted over HTTP
 #   scripts/bench.sh startup    # process start-up: replay of 1,000 events; server to /health
 #   scripts/bench.sh http       # ingestion: batched NDJSON and single-event POSTs
 #   scripts/bench.sh durability # batched NDJSON with ingest.durability memory, os, fsync
@@ -38,6 +39,35 @@ keys() {
     --write "$dir/keys1m.ndjson"
   $bin/tidemark replay --input "$dir/keys1m.ndjson" 2>/dev/null | python3 -c \
     'import json,sys; d=json.load(sys.stdin); print("open keys %d, %.0f bytes per open key (RSS %d -> %d MiB)" % (d["openKeys"], d["bytesPerOpenKey"], d["rssBeforeInputBytes"]>>20, d["rssAfterInputBytes"]>>20))'
+}
+
+keys_http() {
+  # The whole process, as an operator sees it: a server on the default configuration,
+  # then one event for each of 200,000 sensors over HTTP (NDJSON, 10,000 per request);
+  # resident growth / keys once every event is processed. Per scoring model.
+  [ -s "$dir/keys200k.ndjson" ] || $bin/tidemark-sim --sensors 200000 --rate 200000 --duration 1s --anomalies 0 \
+    --write "$dir/keys200k.ndjson"
+  rm -rf "$dir/keys200k" && mkdir -p "$dir/keys200k" && split -l 10000 -d -a 3 "$dir/keys200k.ndjson" "$dir/keys200k/part."
+  for model in ${MODELS:-context ewma}; do
+    rm -rf "$dir/keys-http"
+    TIDEMARK__SCORING__MODEL=$model TIDEMARK__HTTP__LISTEN=127.0.0.1:18183 \
+      TIDEMARK__STORE__URL="sqlite://$dir/keys-http/k.db" TIDEMARK__LOG__LEVEL=warn $bin/tidemark run 2>/dev/null &
+    server=$!
+    until curl -sf http://127.0.0.1:18183/health >/dev/null; do sleep 0.05; done
+    before=$(awk '/VmRSS/ {print $2}' /proc/$server/status)
+    for part in "$dir"/keys200k/part.*; do
+      curl -sf -o /dev/null -H 'content-type: application/x-ndjson' --data-binary @"$part" \
+        http://127.0.0.1:18183/api/events
+    done
+    until curl -sf http://127.0.0.1:18183/api/status | python3 -c \
+      'import json,sys; d=json.load(sys.stdin); p=d["partitions"]; sys.exit(0 if sum(x["openKeys"] for x in p) >= 200000 and all(x["inFlightEvents"] == 0 for x in p) else 1)'; do
+      sleep 0.5
+    done
+    sleep 2 # let the store sink and checkpoints settle
+    after=$(awk '/VmRSS/ {print $2}' /proc/$server/status)
+    echo "$model: RSS $((before / 1024)) -> $((after / 1024)) MiB, $(( (after - before) * 1024 / 200000 )) bytes per key"
+    kill -TERM $server; wait $server || true
+  done
 }
 
 startup() {
@@ -92,10 +122,11 @@ latency() {
 case "${1:-all}" in
   replay) replay ;;
   keys) keys ;;
+  keys-http) keys_http ;;
   startup) startup ;;
   http) http ;;
   durability) durability ;;
   latency) latency ;;
   all) replay; keys; startup; http; latency ;;
-  *) echo "usage: $0 replay|keys|startup|http|durability|latency|all" >&2; exit 2 ;;
+  *) echo "usage: $0 replay|keys|keys-http|startup|http|durability|latency|all" >&2; exit 2 ;;
 esac
