@@ -50,6 +50,18 @@ fn broker_with_delay(partitions: i32, initial_rebalance_delay: Duration) -> Brok
     Broker { mock, servers }
 }
 
+/// A consumer of `topic` from its beginning, in its own group.
+fn reader(brokers: &str, group: &str, topic: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    consumer
+}
+
 fn producer(brokers: &str) -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -443,13 +455,7 @@ async fn malformed_messages_go_to_the_dead_letter_topic_and_the_source_goes_on()
     let good = workload(50, 20);
     produce(&producer, &good).await;
 
-    let dlq: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "dlq-reader")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .expect("consumer");
-    dlq.subscribe(&[&format!("{TOPIC}.dlq")]).expect("subscribe");
+    let dlq = reader(&brokers, "dlq-reader", &format!("{TOPIC}.dlq"));
     let mut reasons = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while reasons.len() < bad.len() && std::time::Instant::now() < deadline {
@@ -497,13 +503,7 @@ async fn malformed_messages_go_to_the_dead_letter_topic_and_the_source_goes_on()
         (letters["totalsByReason"]["unparsable"] == 1 && letters["totalsByReason"]["wrong_type"] == 1).then_some(())
     })
     .await;
-    let results: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "results-reader")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .expect("consumer");
-    results.subscribe(&["predictions"]).expect("subscribe");
+    let results = reader(&brokers, "results-reader", "predictions");
     let record =
         (0..150).find_map(|_| results.poll(Duration::from_millis(200)).and_then(Result::ok).map(|m| m.detach()));
     let record = record.expect("window results on the results topic");
@@ -536,13 +536,7 @@ async fn producer_ingestion_answers_202_only_for_acknowledged_events() {
     assert_eq!(status, 202, "{answer}");
     assert_eq!((answer["accepted"].as_u64(), answer["rejected"].as_u64()), (Some(2), Some(1)));
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "verify")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[TOPIC]).expect("subscribe");
+    let consumer = reader(&brokers, "verify", TOPIC);
     let mut seen = Vec::new();
     for _ in 0..100 {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
@@ -875,13 +869,7 @@ async fn results_reach_the_output_topic_and_elasticsearch_with_the_table() {
         (common::comparable(&docs) == common::comparable(&rows)).then_some(())
     })
     .await;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.servers)
-        .set("group.id", "outputs-check")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&["predictions"]).expect("subscribe");
+    let consumer = reader(&broker.servers, "outputs-check", "predictions");
     let mut keys = std::collections::BTreeSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while keys.len() < rows.len() && std::time::Instant::now() < deadline {
@@ -898,13 +886,7 @@ async fn results_reach_the_output_topic_and_elasticsearch_with_the_table() {
     let expected: std::collections::BTreeMap<String, Value> =
         stored["items"].as_array().into_iter().flatten().map(|a| (alert_key(a), a["state"].clone())).collect();
     assert!(expected.len() >= 100, "an alert per sensor at least: {stored}");
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.servers)
-        .set("group.id", "alerts-check")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&["alerts"]).expect("subscribe");
+    let consumer = reader(&broker.servers, "alerts-check", "alerts");
     let mut states = std::collections::BTreeMap::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while states != expected && std::time::Instant::now() < deadline {

@@ -50,13 +50,8 @@ fn state_payload(bytes: &[u8]) -> Result<(u8, &[u8]), String> {
     }
 }
 
-/// Tombstones have the same encoding in every version.
-fn decode_tombstones(bytes: &[u8]) -> Result<Vec<(u64, Tombstone)>, String> {
-    let (version, rest) = state_payload(bytes)?;
-    postcard::from_bytes(rest).map_err(|error| format!("{error} (format version {version})"))
-}
-
-fn decode_rules(bytes: &[u8]) -> Result<SensorRules, String> {
+/// A blob with the same encoding in every version (tombstones, rule state).
+fn decode_blob<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     let (version, rest) = state_payload(bytes)?;
     postcard::from_bytes(rest).map_err(|error| format!("{error} (format version {version})"))
 }
@@ -282,14 +277,14 @@ impl Actor for PartitionActor {
                 keys.reserve(restored.keys.len());
                 for blob in restored.keys {
                     if blob.event_type == TOMBSTONE_TYPE {
-                        let entries = decode_tombstones(&blob.state).map_err(|error| {
+                        let entries = decode_blob::<Vec<(u64, Tombstone)>>(&blob.state).map_err(|error| {
                             format!("partition {partition}: checkpointed tombstones cannot be read: {error}")
                         })?;
                         tombstones.restore(entries);
                         continue;
                     }
                     if blob.event_type == RULES_TYPE {
-                        let state = decode_rules(&blob.state).map_err(|error| {
+                        let state: SensorRules = decode_blob(&blob.state).map_err(|error| {
                             format!(
                                 "partition {partition}: checkpointed rule state of {} cannot be read: {error}",
                                 blob.sensor_id
@@ -827,22 +822,17 @@ impl PartitionState {
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
         for result in results.iter().filter(|result| result.revision == 0) {
-            let changed = match self.rule_states.get_mut(&result.sensor_id) {
-                Some((state, dirty)) => {
-                    let changed = rules.on_window(state, result, now_ms, &mut self.alerts);
-                    *dirty |= changed;
-                    changed
-                }
+            match self.rule_states.get_mut(&result.sensor_id) {
+                Some((state, dirty)) => *dirty |= rules.on_window(state, result, now_ms, &mut self.alerts),
                 None => {
+                    // Most sensors have no rule state: make one only when a rule keeps some.
                     let mut state = SensorRules::default();
                     let changed = rules.on_window(&mut state, result, now_ms, &mut self.alerts);
                     if changed || !state.is_empty() {
                         self.rule_states.insert(result.sensor_id.clone(), (state, true));
                     }
-                    changed
                 }
-            };
-            let _ = changed;
+            }
         }
     }
 

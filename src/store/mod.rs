@@ -467,21 +467,19 @@ pub async fn inspect(config: &StoreConfig) -> Result<StoreInspection, StoreError
 }
 
 /// Trim the extra row an alert query fetched, and make the cursor of the next page.
-pub(crate) fn paginate_alerts(mut items: Vec<AlertRow>, limit: u32) -> Page<AlertRow> {
-    let next = if items.len() > limit as usize {
-        items.truncate(limit as usize);
-        items.last().map(|last| Cursor { window_start_ms: last.started_at, id: last.id })
-    } else {
-        None
-    };
-    Page { items, next }
+pub(crate) fn paginate_alerts(items: Vec<AlertRow>, limit: u32) -> Page<AlertRow> {
+    paginate_by(items, limit, |last| Cursor { window_start_ms: last.started_at, id: last.id })
 }
 
 /// Trim the extra row a page query fetched, and make the cursor of the next page.
-pub(crate) fn paginate(mut items: Vec<Prediction>, limit: u32) -> Page<Prediction> {
+pub(crate) fn paginate(items: Vec<Prediction>, limit: u32) -> Page<Prediction> {
+    paginate_by(items, limit, |last| Cursor { window_start_ms: last.window_start, id: last.id })
+}
+
+fn paginate_by<T>(mut items: Vec<T>, limit: u32, cursor: impl Fn(&T) -> Cursor) -> Page<T> {
     let next = if items.len() > limit as usize {
         items.truncate(limit as usize);
-        items.last().map(|last| Cursor { window_start_ms: last.window_start, id: last.id })
+        items.last().map(cursor)
     } else {
         None
     };

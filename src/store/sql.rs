@@ -73,7 +73,7 @@ pub const ALERT_COLUMNS: &str = "id, rule, kind, sensor_id, event_type, severity
 
 /// One alert transition: inserted when it fires; a `resolved` one resolves the stored
 /// alert. A transition the store has already (a replay after a restart) changes
-/// nothing and returns no row. `$n` placeholders in the order [`alert_binds`] binds.
+/// nothing and returns no row. `$n` placeholders, in the order of the columns.
 pub const UPSERT_ALERT: &str = "INSERT INTO alerts (rule, kind, sensor_id, event_type, severity, state, \
      started_at, resolved_at, message, value, window_start, window_end, created_at, updated_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13) \
@@ -81,7 +81,7 @@ pub const UPSERT_ALERT: &str = "INSERT INTO alerts (rule, kind, sensor_id, event
      state = excluded.state, resolved_at = excluded.resolved_at, updated_at = excluded.updated_at \
      WHERE excluded.state = 'resolved' AND alerts.state = 'firing' \
      RETURNING id, rule, kind, sensor_id, event_type, severity, state, started_at, resolved_at, message, value, \
-     window_start, window_end, created_at, updated_at";
+     window_start, window_end, created_at, updated_at"; // = ALERT_COLUMNS (a const cannot be spliced in)
 
 /// `SELECT … FROM alerts` with the query's filters: newest first (by start), or oldest
 /// first by id when `after_id` is set; one row more than the limit.

@@ -22,6 +22,9 @@ use crate::search::{HistogramBucket, HistogramQuery, Term, TextQuery};
 /// Rows per multi-row statement: 17 parameters each stays far below SQLite's limit.
 const ROWS_PER_STATEMENT: usize = 500;
 
+/// [`sql::UPSERT_ALERT`] with SQLite's `?n` placeholders, built once.
+static UPSERT_ALERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| sql::UPSERT_ALERT.replace('$', "?"));
+
 pub struct SqliteStore {
     /// Queries (and the background WAL checkpoints).
     pool: SqlitePool,
@@ -238,9 +241,8 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        let upsert_alert = sql::UPSERT_ALERT.replace('$', "?");
         for alert in batch.alerts {
-            let row = sqlx::query(sqlx::AssertSqlSafe(upsert_alert.as_str()))
+            let row = sqlx::query(sqlx::AssertSqlSafe(UPSERT_ALERT.as_str()))
                 .bind(alert.rule.as_str())
                 .bind(alert.kind.as_str())
                 .bind(alert.sensor_id.as_str())

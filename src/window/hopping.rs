@@ -268,28 +268,13 @@ impl HoppingWindows {
             }
             // The entering panes, oldest first.
             let first = self.panes.len() - self.panes.iter().rev().take_while(|pane| pane.start_ms >= old_end).count();
-            for index in first..self.panes.len() {
-                let (pane_start, agg) = (self.panes[index].start_ms, self.panes[index].agg);
-                if pane_start >= end_ms {
-                    break;
-                }
-                self.run.merge(&agg);
-                Self::enqueue(&mut self.maxima, &mut self.minima, pane_start, &agg);
-            }
+            self.take_in(first, end_ms);
             self.run_age += 1;
         } else {
             self.run = Agg::default();
             self.maxima.clear();
             self.minima.clear();
-            let first = self.first_at_or_after(start_ms);
-            for index in first..self.panes.len() {
-                let (pane_start, agg) = (self.panes[index].start_ms, self.panes[index].agg);
-                if pane_start >= end_ms {
-                    break;
-                }
-                self.run.merge(&agg);
-                Self::enqueue(&mut self.maxima, &mut self.minima, pane_start, &agg);
-            }
+            self.take_in(self.first_at_or_after(start_ms), end_ms);
             self.run_age = 0;
         }
         if let (Some((_, max)), Some((_, min))) = (self.maxima.front(), self.minima.front()) {
@@ -300,6 +285,19 @@ impl HoppingWindows {
         }
         self.run_start_ms = start_ms;
         self.run.features(start_ms, end_ms)
+    }
+
+    /// Merge the panes from index `first` that start before `end_ms` into the running
+    /// aggregate, queueing their extremes.
+    fn take_in(&mut self, first: usize, end_ms: i64) {
+        for index in first..self.panes.len() {
+            let (pane_start, agg) = (self.panes[index].start_ms, self.panes[index].agg);
+            if pane_start >= end_ms {
+                break;
+            }
+            self.run.merge(&agg);
+            Self::enqueue(&mut self.maxima, &mut self.minima, pane_start, &agg);
+        }
     }
 
     /// Queue a pane entering the running window as a candidate extreme.
