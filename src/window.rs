@@ -393,7 +393,7 @@ impl Windowing {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Windows {
     Tumbling(KeyWindows),
-    Hopping(Box<HoppingWindows>),
+    Hopping(HoppingWindows),
     Session(Box<SessionWindows>),
 }
 
@@ -403,7 +403,7 @@ impl Windows {
         let (max_event_ms, closed_before_ms) = horizon.unwrap_or((NO_EVENT, NO_EVENT));
         match spec.kind {
             WindowKind::Tumbling => Self::Tumbling(KeyWindows::resumed(max_event_ms, closed_before_ms)),
-            WindowKind::Hopping => Self::Hopping(Box::new(HoppingWindows::resumed(max_event_ms, closed_before_ms))),
+            WindowKind::Hopping => Self::Hopping(HoppingWindows::resumed(max_event_ms, closed_before_ms)),
             WindowKind::Session => Self::Session(Box::new(SessionWindows::resumed(max_event_ms, closed_before_ms))),
         }
     }
@@ -502,6 +502,9 @@ mod tests {
     fn state_stays_small() {
         assert_eq!(std::mem::size_of::<WindowAcc>(), 48);
         assert!(std::mem::size_of::<KeyWindows>() <= 80, "{}", std::mem::size_of::<KeyWindows>());
+        // A hopping key's hot state is inline, within a tumbling key's size.
+        assert!(std::mem::size_of::<HoppingWindows>() <= std::mem::size_of::<KeyWindows>());
+        assert_eq!(std::mem::size_of::<Windows>(), std::mem::size_of::<KeyWindows>() + 8);
     }
 
     #[test]

@@ -22,17 +22,37 @@ use smallvec::SmallVec;
 use super::agg::Agg;
 use super::{Fired, Late, NO_EVENT, WindowSpec};
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 struct Pane {
     start_ms: i64,
     agg: Agg,
 }
 
-/// Hopping-window state of one key.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// `head_start_ms` when there is no newest pane: no event time reaches it, so the fast
+/// path's one comparison sends every event to the slow path.
+const NO_HEAD: i64 = i64::MAX;
+
+/// Hopping-window state of one key. What an in-order event touches (the newest pane, the
+/// key's clocks, when the next window is due) lives here, inline in the key's entry;
+/// the panes the windows share and the running window live behind `cold`, which an
+/// event reaches only when a window is due or it starts a new pane (once per pane).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(from = "HoppingWire")]
 pub struct HoppingWindows {
     max_event_ms: i64,
     last_ingest_ms: i64,
+    /// Start of the newest pane, where in-order events go (`NO_HEAD`: none). It joins
+    /// `cold.panes` when a newer one starts or a window needs it.
+    head_start_ms: i64,
+    /// The newest event time at which `advance` has work (a window due or one closing);
+    /// `NO_EVENT`: look at every new newest event.
+    due_ms: i64,
+    head: Agg,
+    cold: Box<Cold>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Cold {
     /// Windows starting before this were closed by an idle flush (so events before it
     /// are late: every window covering them is closed).
     closed_before_ms: i64,
@@ -41,10 +61,6 @@ pub struct HoppingWindows {
     next_start_ms: i64,
     /// Panes holding values, by start, but the newest.
     panes: VecDeque<Pane>,
-    /// The newest pane (`start_ms` `NO_EVENT`: none), where in-order events go: it lives
-    /// in this struct, not in `panes`' buffer, so an event touches one cache line fewer.
-    /// It joins `panes` when a newer one starts or a window needs it.
-    head: Pane,
     /// Windows that fired and are still within the allowed lateness: `(start, revision)`
     /// (kept only when the lateness is above 0).
     emitted: SmallVec<[(i64, u16); 2]>,
@@ -63,15 +79,12 @@ pub struct HoppingWindows {
     minima: VecDeque<(i64, f64)>,
 }
 
-impl Default for HoppingWindows {
+impl Default for Cold {
     fn default() -> Self {
         Self {
-            max_event_ms: NO_EVENT,
-            last_ingest_ms: NO_EVENT,
             closed_before_ms: NO_EVENT,
             next_start_ms: NO_EVENT,
             panes: VecDeque::new(),
-            head: Pane { start_ms: NO_EVENT, agg: Agg::default() },
             emitted: SmallVec::new(),
             run: Agg::default(),
             run_start_ms: NO_EVENT,
@@ -83,13 +96,113 @@ impl Default for HoppingWindows {
     }
 }
 
+impl Default for HoppingWindows {
+    fn default() -> Self {
+        Self {
+            max_event_ms: NO_EVENT,
+            last_ingest_ms: NO_EVENT,
+            head_start_ms: NO_HEAD,
+            due_ms: NO_EVENT,
+            head: Agg::default(),
+            cold: Box::default(),
+        }
+    }
+}
+
+/// The checkpointed form (state format 3), whatever the layout in memory.
+#[derive(Serialize, Deserialize)]
+struct HoppingWire {
+    max_event_ms: i64,
+    last_ingest_ms: i64,
+    closed_before_ms: i64,
+    next_start_ms: i64,
+    panes: VecDeque<Pane>,
+    head: Pane,
+    emitted: SmallVec<[(i64, u16); 2]>,
+    run: Agg,
+    run_start_ms: i64,
+    run_age: u32,
+    purged_through_ms: i64,
+    maxima: VecDeque<(i64, f64)>,
+    minima: VecDeque<(i64, f64)>,
+}
+
+impl From<HoppingWire> for HoppingWindows {
+    fn from(wire: HoppingWire) -> Self {
+        let has_head = wire.head.start_ms != NO_EVENT;
+        Self {
+            max_event_ms: wire.max_event_ms,
+            last_ingest_ms: wire.last_ingest_ms,
+            head_start_ms: if has_head { wire.head.start_ms } else { NO_HEAD },
+            due_ms: NO_EVENT,
+            head: if has_head { wire.head.agg } else { Agg::default() },
+            cold: Box::new(Cold {
+                closed_before_ms: wire.closed_before_ms,
+                next_start_ms: wire.next_start_ms,
+                panes: wire.panes,
+                emitted: wire.emitted,
+                run: wire.run,
+                run_start_ms: wire.run_start_ms,
+                run_age: wire.run_age,
+                purged_through_ms: wire.purged_through_ms,
+                maxima: wire.maxima,
+                minima: wire.minima,
+            }),
+        }
+    }
+}
+
+/// [`HoppingWire`] borrowed, for writing a checkpoint without copying the panes.
+#[derive(Serialize)]
+struct HoppingWireRef<'a> {
+    max_event_ms: i64,
+    last_ingest_ms: i64,
+    closed_before_ms: i64,
+    next_start_ms: i64,
+    panes: &'a VecDeque<Pane>,
+    head: Pane,
+    emitted: &'a SmallVec<[(i64, u16); 2]>,
+    run: &'a Agg,
+    run_start_ms: i64,
+    run_age: u32,
+    purged_through_ms: i64,
+    maxima: &'a VecDeque<(i64, f64)>,
+    minima: &'a VecDeque<(i64, f64)>,
+}
+
+impl Serialize for HoppingWindows {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let cold = &*self.cold;
+        let head = match self.head_start_ms {
+            NO_HEAD => Pane { start_ms: NO_EVENT, agg: Agg::default() },
+            start_ms => Pane { start_ms, agg: self.head },
+        };
+        HoppingWireRef {
+            max_event_ms: self.max_event_ms,
+            last_ingest_ms: self.last_ingest_ms,
+            closed_before_ms: cold.closed_before_ms,
+            next_start_ms: cold.next_start_ms,
+            panes: &cold.panes,
+            head,
+            emitted: &cold.emitted,
+            run: &cold.run,
+            run_start_ms: cold.run_start_ms,
+            run_age: cold.run_age,
+            purged_through_ms: cold.purged_through_ms,
+            maxima: &cold.maxima,
+            minima: &cold.minima,
+        }
+        .serialize(serializer)
+    }
+}
+
 fn floor_to(value: i64, step: i64) -> i64 {
     value - value.rem_euclid(step)
 }
 
 impl HoppingWindows {
     pub fn resumed(max_event_ms: i64, closed_before_ms: i64) -> Self {
-        Self { max_event_ms, closed_before_ms, ..Self::default() }
+        Self { max_event_ms, cold: Box::new(Cold { closed_before_ms, ..Cold::default() }), ..Self::default() }
     }
 
     pub fn watermark(&self, spec: &WindowSpec) -> Option<i64> {
@@ -97,7 +210,7 @@ impl HoppingWindows {
     }
 
     pub fn horizon(&self) -> (i64, i64) {
-        (self.max_event_ms, self.closed_before_ms)
+        (self.max_event_ms, self.cold.closed_before_ms)
     }
 
     pub fn last_ingest_ms(&self) -> i64 {
@@ -106,23 +219,24 @@ impl HoppingWindows {
 
     /// Panes holding values (windows share them; a key with none holds no window).
     pub fn open_windows(&self) -> usize {
-        self.panes.len() + usize::from(self.head.start_ms != NO_EVENT)
+        self.cold.panes.len() + usize::from(self.head_start_ms != NO_HEAD)
     }
 
     /// Move the newest pane into `panes` if it starts before `end_ms` (a window ending
     /// there needs it).
     fn seal_before(&mut self, end_ms: i64) {
-        if self.head.start_ms != NO_EVENT && self.head.start_ms < end_ms {
-            let head = std::mem::replace(&mut self.head, Pane { start_ms: NO_EVENT, agg: Agg::default() });
-            self.panes.push_back(head);
+        if self.head_start_ms != NO_HEAD && self.head_start_ms < end_ms {
+            let agg = std::mem::take(&mut self.head);
+            self.cold.panes.push_back(Pane { start_ms: self.head_start_ms, agg });
+            self.head_start_ms = NO_HEAD;
         }
     }
 
     /// Start of the pane at `index` of `panes` followed by the newest.
     fn pane_start_at(&self, index: usize) -> Option<i64> {
-        match self.panes.get(index) {
+        match self.cold.panes.get(index) {
             Some(pane) => Some(pane.start_ms),
-            None if index == self.panes.len() && self.head.start_ms != NO_EVENT => Some(self.head.start_ms),
+            None if index == self.cold.panes.len() && self.head_start_ms != NO_HEAD => Some(self.head_start_ms),
             None => None,
         }
     }
@@ -136,7 +250,34 @@ impl HoppingWindows {
         watermark_ms.is_some_and(|w| window_start_ms + spec.size_ms + spec.allowed_lateness_ms <= w)
     }
 
+    #[inline]
     pub fn add(
+        &mut self,
+        spec: &WindowSpec,
+        timestamp_ms: i64,
+        value: f64,
+        ingest_ms: i64,
+        fired: &mut Vec<Fired>,
+    ) -> Result<(), Late> {
+        // Fast path, most events: in the newest pane. No window covering it has fired or
+        // closed (window ends are pane boundaries, and the watermark is before its end),
+        // so nothing is revised and the event cannot be late.
+        if timestamp_ms >= self.head_start_ms && timestamp_ms - self.head_start_ms < spec.pane_ms() {
+            self.head.add(value);
+            self.last_ingest_ms = self.last_ingest_ms.max(ingest_ms);
+            if timestamp_ms > self.max_event_ms {
+                self.max_event_ms = timestamp_ms;
+                if timestamp_ms >= self.due_ms {
+                    self.advance(spec, fired);
+                }
+            }
+            return Ok(());
+        }
+        self.add_slow(spec, timestamp_ms, value, ingest_ms, fired)
+    }
+
+    #[inline(never)]
+    fn add_slow(
         &mut self,
         spec: &WindowSpec,
         timestamp_ms: i64,
@@ -151,55 +292,58 @@ impl HoppingWindows {
         if Self::closed(spec, last_covering, watermark) {
             return Err(Late { window_start_ms: last_covering, watermark_ms: watermark.unwrap_or(NO_EVENT) });
         }
-        if timestamp_ms < self.closed_before_ms {
+        if timestamp_ms < self.cold.closed_before_ms {
             return Err(Late {
                 window_start_ms: last_covering,
-                watermark_ms: watermark.unwrap_or(self.closed_before_ms),
+                watermark_ms: watermark.unwrap_or(self.cold.closed_before_ms),
             });
         }
         self.last_ingest_ms = self.last_ingest_ms.max(ingest_ms);
         // In order, the event's pane is the newest or a new one: look there first (a
         // binary search would touch a cache line per step, for every event).
-        if pane_start == self.head.start_ms {
-            self.head.agg.add(value);
-        } else if pane_start > self.head.start_ms
-            && (self.head.start_ms != NO_EVENT || self.panes.back().is_none_or(|last| last.start_ms < pane_start))
+        if pane_start == self.head_start_ms {
+            self.head.add(value);
+        } else if (self.head_start_ms != NO_HEAD && pane_start > self.head_start_ms)
+            || (self.head_start_ms == NO_HEAD && self.cold.panes.back().is_none_or(|last| last.start_ms < pane_start))
         {
-            let mut head = Pane { start_ms: pane_start, agg: Agg::default() };
-            head.agg.add(value);
+            let mut head = Agg::default();
+            head.add(value);
             let previous = std::mem::replace(&mut self.head, head);
-            if previous.start_ms != NO_EVENT {
-                self.panes.push_back(previous);
+            if self.head_start_ms != NO_HEAD {
+                self.cold.panes.push_back(Pane { start_ms: self.head_start_ms, agg: previous });
             }
+            self.head_start_ms = pane_start;
         } else {
             // Out of order: before the newest pane (or in a pane already sealed).
-            let index = self.panes.partition_point(|pane| pane.start_ms < pane_start);
-            if self.panes.get(index).is_none_or(|pane| pane.start_ms != pane_start) {
-                self.panes.insert(index, Pane { start_ms: pane_start, agg: Agg::default() });
+            let panes = &mut self.cold.panes;
+            let index = panes.partition_point(|pane| pane.start_ms < pane_start);
+            if panes.get(index).is_none_or(|pane| pane.start_ms != pane_start) {
+                panes.insert(index, Pane { start_ms: pane_start, agg: Agg::default() });
             }
-            self.panes[index].agg.add(value);
+            panes[index].agg.add(value);
         }
-        if self.run_start_ms != NO_EVENT && (self.run_start_ms..self.run_start_ms + spec.size_ms).contains(&pane_start)
+        let cold = &mut self.cold;
+        if cold.run_start_ms != NO_EVENT && (cold.run_start_ms..cold.run_start_ms + spec.size_ms).contains(&pane_start)
         {
             // A late event in the window that fired last (its panes' extremes are
             // queued already): merge that window afresh when the next one fires.
-            self.run_start_ms = NO_EVENT;
+            cold.run_start_ms = NO_EVENT;
         }
 
         // Windows covering the event that already fired and are still open: revise them.
-        if self.next_start_ms != NO_EVENT {
-            let mut start = self.first_covering(spec, timestamp_ms).max(self.closed_before_ms);
-            while start < self.next_start_ms && start <= last_covering {
+        if self.cold.next_start_ms != NO_EVENT {
+            let mut start = self.first_covering(spec, timestamp_ms).max(self.cold.closed_before_ms);
+            while start < self.cold.next_start_ms && start <= last_covering {
                 if !Self::closed(spec, start, watermark) {
                     self.seal_before(start + spec.size_ms);
-                    let revision = match self.emitted.iter_mut().find(|(s, _)| *s == start) {
+                    let revision = match self.cold.emitted.iter_mut().find(|(s, _)| *s == start) {
                         Some((_, revision)) => {
                             *revision = revision.saturating_add(1);
                             *revision
                         }
                         None => {
                             // Empty when the watermark passed it: this is its first result.
-                            self.emitted.push((start, 0));
+                            self.cold.emitted.push((start, 0));
                             0
                         }
                     };
@@ -222,9 +366,132 @@ impl HoppingWindows {
 
     /// The features of window `[start, start + size)` from its panes.
     fn window(&self, spec: &WindowSpec, start_ms: i64) -> super::WindowFeatures {
-        self.merged(start_ms, start_ms + spec.size_ms).features(start_ms, start_ms + spec.size_ms)
+        self.cold.merged(start_ms, start_ms + spec.size_ms).features(start_ms, start_ms + spec.size_ms)
     }
 
+    /// Fire the windows the watermark has passed, in start order, skipping empty ones;
+    /// drop panes no open window covers.
+    fn advance(&mut self, spec: &WindowSpec, fired: &mut Vec<Fired>) {
+        let Some(watermark_ms) = self.watermark(spec) else {
+            return;
+        };
+        // The last window whose end the watermark reached.
+        self.fire_through(spec, floor_to(watermark_ms - spec.size_ms, spec.slide_ms), fired);
+        self.purge(spec, watermark_ms);
+        // Nothing changes until the watermark reaches the next window's end (then it
+        // fires) or the next closing (then `purge` drops panes): both once per slide.
+        let cold = &self.cold;
+        self.due_ms = if cold.next_start_ms == NO_EVENT || cold.purged_through_ms == NO_EVENT {
+            NO_EVENT
+        } else {
+            let fire = cold.next_start_ms.saturating_add(spec.size_ms);
+            let close = cold.purged_through_ms.saturating_add(spec.slide_ms + spec.size_ms + spec.allowed_lateness_ms);
+            fire.min(close).saturating_add(spec.out_of_orderness_ms)
+        };
+    }
+
+    /// Fire the windows holding values that start at or before `last_start` and have not
+    /// fired; afterwards every window up to `last_start` counts as handled.
+    fn fire_through(&mut self, spec: &WindowSpec, last_start: i64, fired: &mut Vec<Fired>) {
+        if self.cold.next_start_ms != NO_EVENT && self.cold.next_start_ms > last_start {
+            return; // handled already (most events: windows fire once per slide)
+        }
+        // The windows firing end by the watermark, before the newest pane (it holds the
+        // newest event): it is needed only by a flush, which seals it first.
+        self.seal_before(last_start + spec.size_ms);
+        let Some(first_pane) = self.pane_start_at(0) else {
+            return;
+        };
+        let mut start = self.first_covering(spec, first_pane);
+        if self.cold.next_start_ms != NO_EVENT {
+            start = start.max(self.cold.next_start_ms);
+        }
+        while start <= last_start {
+            // The first pane at or after `start`: if the window holds none, jump to the
+            // first window that covers that pane (never past `last_start`).
+            let index = self.cold.first_at_or_after(start);
+            let Some(pane_start) = self.pane_start_at(index) else {
+                start = last_start + spec.slide_ms; // every window left is empty
+                break;
+            };
+            if pane_start >= start + spec.size_ms {
+                start =
+                    self.first_covering(spec, pane_start).max(start + spec.slide_ms).min(last_start + spec.slide_ms);
+                continue;
+            }
+            let features = self.cold.fire_window(spec, start);
+            fired.push(Fired { features, revision: 0, supersedes: Vec::new() });
+            if spec.allowed_lateness_ms > 0 {
+                self.cold.emitted.push((start, 0));
+            }
+            start += spec.slide_ms;
+        }
+        // Never past the first window not handled (an empty window the watermark has
+        // not passed yet may still receive an out-of-order event).
+        let handled = start.min(last_start + spec.slide_ms);
+        if self.cold.next_start_ms == NO_EVENT || handled > self.cold.next_start_ms {
+            self.cold.next_start_ms = handled;
+        }
+    }
+
+    fn purge(&mut self, spec: &WindowSpec, watermark_ms: i64) {
+        // Windows close once per slide: between two closings there is nothing to drop
+        // (and the oldest pane, a cache miss away, need not be looked at).
+        let closing = floor_to(watermark_ms - spec.size_ms - spec.allowed_lateness_ms, spec.slide_ms);
+        if closing == self.cold.purged_through_ms {
+            return;
+        }
+        self.cold.purged_through_ms = closing;
+        if self.cold.panes.is_empty() {
+            self.seal_before(i64::MAX); // the newest pane may be the one to go
+        }
+        let pane_ms = spec.pane_ms();
+        while let Some(&Pane { start_ms: pane_start, agg }) = self.cold.panes.front() {
+            let last_covering = floor_to(pane_start + pane_ms - 1, spec.slide_ms);
+            if Self::closed(spec, last_covering, Some(watermark_ms)) {
+                let cold = &mut *self.cold;
+                if cold.run_start_ms != NO_EVENT && pane_start >= cold.run_start_ms {
+                    if pane_start < cold.run_start_ms + spec.size_ms {
+                        // A pane of the running window goes: take it out now (the next
+                        // window does not cover it), so the window can still slide.
+                        cold.run.subtract(&agg);
+                    } else {
+                        cold.run_start_ms = NO_EVENT; // merge afresh next time
+                    }
+                }
+                cold.panes.pop_front();
+            } else {
+                break;
+            }
+        }
+        self.cold.emitted.retain(|(start, _)| !Self::closed(spec, *start, Some(watermark_ms)));
+    }
+
+    pub fn is_idle(&self, spec: &WindowSpec, clock_ms: i64) -> bool {
+        self.open_windows() > 0
+            && self.last_ingest_ms != NO_EVENT
+            && clock_ms.saturating_sub(self.last_ingest_ms) >= spec.idle_timeout_ms
+    }
+
+    /// Fire every window holding values that has not fired, and close them all.
+    pub fn flush(&mut self, spec: &WindowSpec, fired: &mut Vec<Fired>) {
+        self.seal_before(i64::MAX);
+        if let Some(last) = self.cold.panes.back().map(|pane| pane.start_ms) {
+            let last_covering = floor_to(last + spec.pane_ms() - 1, spec.slide_ms);
+            self.fire_through(spec, last_covering, fired);
+            self.cold.closed_before_ms = self.cold.closed_before_ms.max(last_covering + spec.slide_ms);
+        }
+        self.cold.panes.clear();
+        self.cold.panes.shrink_to_fit();
+        self.cold.emitted.clear();
+        self.cold.run_start_ms = NO_EVENT;
+        self.cold.maxima.clear();
+        self.cold.minima.clear();
+        self.due_ms = NO_EVENT;
+    }
+}
+
+impl Cold {
     /// Index of the first pane starting at or after `from`. The windows fire from the
     /// oldest panes, so it is usually among the first few: look there before searching.
     fn first_at_or_after(&self, from_ms: i64) -> usize {
@@ -313,109 +580,6 @@ impl HoppingWindows {
             minima.pop_back();
         }
         minima.push_back((pane_start, agg.min));
-    }
-
-    /// Fire the windows the watermark has passed, in start order, skipping empty ones;
-    /// drop panes no open window covers.
-    fn advance(&mut self, spec: &WindowSpec, fired: &mut Vec<Fired>) {
-        let Some(watermark_ms) = self.watermark(spec) else {
-            return;
-        };
-        // The last window whose end the watermark reached.
-        self.fire_through(spec, floor_to(watermark_ms - spec.size_ms, spec.slide_ms), fired);
-        self.purge(spec, watermark_ms);
-    }
-
-    /// Fire the windows holding values that start at or before `last_start` and have not
-    /// fired; afterwards every window up to `last_start` counts as handled.
-    fn fire_through(&mut self, spec: &WindowSpec, last_start: i64, fired: &mut Vec<Fired>) {
-        if self.next_start_ms != NO_EVENT && self.next_start_ms > last_start {
-            return; // handled already (most events: windows fire once per slide)
-        }
-        // The windows firing end by the watermark, before the newest pane (it holds the
-        // newest event): it is needed only by a flush, which seals it first.
-        self.seal_before(last_start + spec.size_ms);
-        let Some(first_pane) = self.pane_start_at(0) else {
-            return;
-        };
-        let mut start = self.first_covering(spec, first_pane);
-        if self.next_start_ms != NO_EVENT {
-            start = start.max(self.next_start_ms);
-        }
-        while start <= last_start {
-            // The first pane at or after `start`: if the window holds none, jump to the
-            // first window that covers that pane (never past `last_start`).
-            let index = self.first_at_or_after(start);
-            let Some(pane_start) = self.pane_start_at(index) else {
-                start = last_start + spec.slide_ms; // every window left is empty
-                break;
-            };
-            if pane_start >= start + spec.size_ms {
-                start =
-                    self.first_covering(spec, pane_start).max(start + spec.slide_ms).min(last_start + spec.slide_ms);
-                continue;
-            }
-            let features = self.fire_window(spec, start);
-            fired.push(Fired { features, revision: 0, supersedes: Vec::new() });
-            if spec.allowed_lateness_ms > 0 {
-                self.emitted.push((start, 0));
-            }
-            start += spec.slide_ms;
-        }
-        // Never past the first window not handled (an empty window the watermark has
-        // not passed yet may still receive an out-of-order event).
-        let handled = start.min(last_start + spec.slide_ms);
-        if self.next_start_ms == NO_EVENT || handled > self.next_start_ms {
-            self.next_start_ms = handled;
-        }
-    }
-
-    fn purge(&mut self, spec: &WindowSpec, watermark_ms: i64) {
-        // Windows close once per slide: between two closings there is nothing to drop
-        // (and the oldest pane, a cache miss away, need not be looked at).
-        let closing = floor_to(watermark_ms - spec.size_ms - spec.allowed_lateness_ms, spec.slide_ms);
-        if closing == self.purged_through_ms {
-            return;
-        }
-        self.purged_through_ms = closing;
-        if self.panes.is_empty() {
-            self.seal_before(i64::MAX); // the newest pane may be the one to go
-        }
-        let pane_ms = spec.pane_ms();
-        while let Some(pane) = self.panes.front() {
-            let last_covering = floor_to(pane.start_ms + pane_ms - 1, spec.slide_ms);
-            if Self::closed(spec, last_covering, Some(watermark_ms)) {
-                if pane.start_ms >= self.run_start_ms && self.run_start_ms != NO_EVENT {
-                    self.run_start_ms = NO_EVENT; // its panes are going: merge afresh next time
-                }
-                self.panes.pop_front();
-            } else {
-                break;
-            }
-        }
-        self.emitted.retain(|(start, _)| !Self::closed(spec, *start, Some(watermark_ms)));
-    }
-
-    pub fn is_idle(&self, spec: &WindowSpec, clock_ms: i64) -> bool {
-        self.open_windows() > 0
-            && self.last_ingest_ms != NO_EVENT
-            && clock_ms.saturating_sub(self.last_ingest_ms) >= spec.idle_timeout_ms
-    }
-
-    /// Fire every window holding values that has not fired, and close them all.
-    pub fn flush(&mut self, spec: &WindowSpec, fired: &mut Vec<Fired>) {
-        self.seal_before(i64::MAX);
-        if let Some(last) = self.panes.back().map(|pane| pane.start_ms) {
-            let last_covering = floor_to(last + spec.pane_ms() - 1, spec.slide_ms);
-            self.fire_through(spec, last_covering, fired);
-            self.closed_before_ms = self.closed_before_ms.max(last_covering + spec.slide_ms);
-        }
-        self.panes.clear();
-        self.panes.shrink_to_fit();
-        self.emitted.clear();
-        self.run_start_ms = NO_EVENT;
-        self.maxima.clear();
-        self.minima.clear();
     }
 }
 
@@ -510,6 +674,32 @@ mod tests {
         key.add(&spec, 0, 1.0, 0, &mut fired).unwrap();
         key.add(&spec, 86_400_000 * 365, 1.0, 0, &mut fired).unwrap();
         assert_eq!(fired.len(), 60, "the 60 windows covering the first event, none of the empty ones");
+    }
+
+    /// A checkpoint taken mid-stream (any layout in memory, the same bytes on disk)
+    /// restores a key that goes on exactly as the one that was not stopped.
+    #[test]
+    fn a_restored_key_continues_exactly() {
+        let spec = WindowSpec { size_ms: 60_000, slide_ms: 10_000, allowed_lateness_ms: 7_000, ..SPEC };
+        let events: Vec<(i64, f64)> =
+            (0..400).map(|i| (i * 997 - (i % 5) * 3_000, ((i * 7919) % 101) as f64)).collect();
+        for cut in [0, 1, 37, 150, 399] {
+            let mut key = HoppingWindows::default();
+            let mut fired = Vec::new();
+            for &(t, v) in &events[..cut] {
+                let _ = key.add(&spec, t, v, t, &mut fired);
+            }
+            let bytes = postcard::to_allocvec(&key).unwrap();
+            let mut restored: HoppingWindows = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(postcard::to_allocvec(&restored).unwrap(), bytes);
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for &(t, v) in &events[cut..] {
+                assert_eq!(key.add(&spec, t, v, t, &mut a).is_ok(), restored.add(&spec, t, v, t, &mut b).is_ok());
+            }
+            key.flush(&spec, &mut a);
+            restored.flush(&spec, &mut b);
+            assert_eq!(a, b, "cut at {cut}");
+        }
     }
 
     proptest::proptest! {
