@@ -420,8 +420,10 @@ pub struct ScoringConfig {
     pub threshold: f64,
     pub warmup_windows: u32,
     pub ewma_span: f64,
+    pub learning_windows: u64,
     pub likelihood_windows: u64,
     pub refractory_windows: u32,
+    pub clear_windows: u32,
 }
 
 #[derive(Clone, Serialize, Deserialize)]

@@ -252,7 +252,8 @@ async fn queries_filter_paginate_and_aggregate(backend: Backend) {
             .await
             .with("pipeline.window", "1s")
             .with("pipeline.max_out_of_orderness", "0s")
-            .with("scoring.warmup_windows", 3),
+            .with("scoring.warmup_windows", 3)
+            .with("scoring.learning_windows", 3),
     )
     .await;
     let client = Client::new(&runtime);

@@ -671,6 +671,8 @@ async fn grafana_panels_return_data_from_a_real_run() {
         ("TIDEMARK__ELASTICSEARCH__URLS", format!("[\"{}\"]", elasticsearch.url())),
         ("TIDEMARK__PIPELINE__WINDOW", "2s".into()),
         ("TIDEMARK__PIPELINE__MAX_OUT_OF_ORDERNESS", "1s".into()),
+        // Models judge after 8 windows (16 s); the anomalies start at 25 s.
+        ("TIDEMARK__SCORING__LEARNING_WINDOWS", "8".into()),
         ("TIDEMARK__TELEMETRY__OTLP_ENDPOINT", otlp),
         ("TIDEMARK__TELEMETRY__OTLP_PROTOCOL", "http/protobuf".into()),
         ("TIDEMARK__TELEMETRY__SAMPLING_RATIO", "1".into()),

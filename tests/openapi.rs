@@ -24,7 +24,8 @@ async fn the_api_conforms_to_its_openapi_description() {
         common::sources(dir.path())
             .with("pipeline.window", "2s")
             .with("pipeline.idle_timeout", "1s")
-            .with("scoring.warmup_windows", 3),
+            .with("scoring.warmup_windows", 3)
+            .with("scoring.learning_windows", 3),
     )
     .await;
     let client = Client::new(&runtime);

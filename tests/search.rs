@@ -88,7 +88,8 @@ async fn suite(on: SearchOn) {
         .with("pipeline.max_out_of_orderness", "1s")
         .with("pipeline.allowed_lateness", "1s")
         .with("pipeline.idle_timeout", "1h")
-        .with("scoring.warmup_windows", 2);
+        .with("scoring.warmup_windows", 2)
+        .with("scoring.learning_windows", 2);
     let double = if on == SearchOn::Elasticsearch {
         let double = EsDouble::start("127.0.0.1:0".parse().expect("addr")).await.expect("stand-in starts");
         sources = sources

@@ -237,6 +237,11 @@ fn main() -> ExitCode {
                     .preset("pipeline.idle_timeout", "10s")
                     .preset("checkpoint.interval", "2s")
                     .preset("scoring.warmup_windows", 6)
+                    // A key's anomaly scores count after 3 minutes of 5 s windows, as
+                    // likelihoods (raw scores of young models alert on healthy sensors);
+                    // the simulator's anomalies start after that.
+                    .preset("scoring.learning_windows", 36)
+                    .preset("scoring.likelihood_windows", 36)
                     // The simulator's dropouts (a sensor silent for 15 s) are alerts.
                     .preset("rules.sensor_silent.kind", "absence")
                     .preset("rules.sensor_silent.after", "10s")
@@ -252,7 +257,7 @@ fn main() -> ExitCode {
                             disorder: 0.02,
                             max_disorder: Duration::from_millis(800),
                             anomalies: 4,
-                            anomalies_after: Duration::from_secs(35),
+                            anomalies_after: Duration::from_secs(200),
                             anomaly_spacing: Some(Duration::from_secs(4)),
                             anomaly_duration: Duration::from_secs(15),
                             ..SimConfig::default()
@@ -291,11 +296,13 @@ async fn serve(config: Config, sources: ConfigSources, demo: Option<(SimConfig, 
             "tidemark demo: {} simulated sensors, {} events/s, {} windows, serving {base}\n\
              \n  curl -s '{base}/api/predictions?limit=5'\n  curl -s '{base}/api/alerts'\n  curl -s '{base}/api/summary?minutes=5'\n  \
              curl -s '{base}/api/sensors/top?minutes=5&by=maxValue&n=5'\n  curl -s '{base}/api/status'\n\
-             \nFirst windows appear after ~7 s; anomalies are injected from 35 s \
-             (ground truth in {}). Ctrl-C stops.",
+             \nFirst windows appear after ~7 s; models learn for {} windows before they judge; anomalies \
+             are injected from {} (ground truth in {}). Ctrl-C stops.",
             sim_config.sensors,
             sim_config.rate,
             humantime::format_duration(runtime.config().pipeline.window),
+            runtime.config().scoring.learning_windows,
+            humantime::format_duration(sim_config.anomalies_after),
             labels_path.display()
         );
         let url = base.clone();

@@ -8,11 +8,17 @@
 //!    "this unusual for this key", whatever the key.
 //! 2. **New extremes.** A window mean outside the range of every window mean seen so far
 //!    (after a learning period) scores at least 0.5, more the farther out it is.
-//! 3. **Repeats are damped.** For `refractory_windows` after a score, a score that does
-//!    not exceed it is halved: one incident raises one alert, not one per window.
+//! 3. **Repeats are damped.** While an incident lasts, a score that does not exceed the
+//!    highest of the last `refractory_windows` is halved: one incident raises one alert,
+//!    not one per window. An incident is over once `clear_windows` windows in a row
+//!    scored below `CLEAR_LEVEL`; a score after that is a new incident and is not
+//!    damped, however high the previous one was.
 //!
-//! Until `likelihood_windows` windows were seen, the raw score passes through (a new
-//! sensor can still raise an alert on an obvious anomaly).
+//! Until `learning_windows` windows were seen, a key's model has too little history to
+//! judge: the score is 0 (the explanation says so and carries the detector's own), so a
+//! new sensor raises no anomaly alert before its model has learned what is usual. Until
+//! `likelihood_windows`, the raw score is used as it is (the likelihood needs a history
+//! of raw scores).
 
 use std::collections::VecDeque;
 
@@ -26,10 +32,15 @@ use crate::window::WindowFeatures;
 const SHORT: usize = 5;
 /// Smallest weight of a new average in the long-run mean and variance (≈ 1,000 windows).
 const LONG_ALPHA: f64 = 0.001;
+/// The long-run distribution learns a short average at most this many σ from its mean.
+const LEARN_CLIP: f64 = 3.0;
 /// Windows before the running range counts for the new-extreme rule.
 const EXTREME_WARMUP: u64 = 100;
 /// Factor applied to a repeat within the refractory period.
 const REPEAT_DAMPING: f64 = 0.5;
+/// Below this (on the likelihood scale, where the alert threshold is KNEE) a window is
+/// calm: `clear_windows` calm windows in a row end an incident.
+const CLEAR_LEVEL: f64 = 0.3;
 /// Calibration of the likelihood-stage scores: a piecewise-linear, increasing map that
 /// sends KNEE to 0.8 (the default `scoring.threshold`). KNEE is the threshold NAB's
 /// optimiser picked for the `context` model on the development subset (docs/scoring.md),
@@ -41,15 +52,24 @@ const LOG10_FULL_SCALE: f64 = 10.0;
 
 #[derive(Clone, Debug)]
 pub struct PostConfig {
+    /// Windows a key's model learns before its windows are judged (scored 0 until then).
+    pub learning_windows: u64,
     /// Windows of raw scores before the likelihood replaces them.
     pub likelihood_windows: u64,
     /// Windows during which a weaker score than the last alert is damped.
     pub refractory_windows: u32,
+    /// Calm windows in a row that end an incident (and its damping).
+    pub clear_windows: u32,
 }
 
 impl PostConfig {
     pub fn from_config(config: &ScoringConfig) -> Self {
-        Self { likelihood_windows: config.likelihood_windows, refractory_windows: config.refractory_windows }
+        Self {
+            learning_windows: config.learning_windows,
+            likelihood_windows: config.likelihood_windows,
+            refractory_windows: config.refractory_windows,
+            clear_windows: config.clear_windows,
+        }
     }
 }
 
@@ -100,8 +120,9 @@ impl PostConfig {
         let average = state.push(raw.value);
         state.windows += 1;
         let n = state.windows;
-        let learning = n <= self.likelihood_windows;
-        let (mut value, mut explanation) = if learning {
+        let learning = n <= self.learning_windows;
+        let raw_phase = n <= self.likelihood_windows;
+        let (mut value, mut explanation) = if raw_phase {
             (raw.value, raw.explanation)
         } else {
             let sigma = state.variance.max(0.0).sqrt().max(1e-4);
@@ -113,7 +134,13 @@ impl PostConfig {
         if n == 1 {
             state.mean = average;
         } else {
-            let delta = average - state.mean;
+            let mut delta = average - state.mean;
+            if !raw_phase {
+                // An incident's averages would widen the usual range so much that the
+                // next incident looked ordinary: learn them clipped to LEARN_CLIP σ.
+                let limit = LEARN_CLIP * state.variance.max(0.0).sqrt().max(1e-4);
+                delta = delta.clamp(-limit, limit);
+            }
             let alpha = LONG_ALPHA.max(1.0 / n as f64);
             state.mean += alpha * delta;
             state.variance = (1.0 - alpha) * (state.variance + alpha * delta * delta);
@@ -125,7 +152,7 @@ impl PostConfig {
             state.high = x;
         } else {
             let range = state.high - state.low;
-            if n > EXTREME_WARMUP && range > 0.0 && x.is_finite() {
+            if !raw_phase && n > EXTREME_WARMUP && range > 0.0 && x.is_finite() {
                 let beyond = if x > state.high { (x - state.high) / range } else { (state.low - x) / range };
                 if beyond > 0.0 {
                     let extreme = 0.5 + beyond.min(0.5);
@@ -142,28 +169,18 @@ impl PostConfig {
             state.high = state.high.max(x);
         }
 
+        if learning {
+            // Too little history to judge: no score, and nothing for damping to remember.
+            return Score {
+                value: 0.0,
+                explanation: format!("learning ({n} of {} windows): {explanation}", self.learning_windows),
+            };
+        }
         if damp {
-            while state.peaks.front().is_some_and(|&(at, _)| at + u64::from(self.refractory_windows) < n) {
-                state.peaks.pop_front();
-            }
-            let recent_peak = state.peaks.front().map_or(0.0, |&(_, peak)| peak);
-            let undamped = value;
-            if value <= recent_peak && value > 0.0 {
-                value *= REPEAT_DAMPING;
-                explanation.push_str(&format!(
-                    " (damped: a score of {recent_peak:.2} within the last {} windows)",
-                    self.refractory_windows
-                ));
-            }
-            while state.peaks.back().is_some_and(|&(_, peak)| peak <= undamped) {
-                state.peaks.pop_back();
-            }
-            if undamped > 0.0 {
-                state.peaks.push_back((n, undamped));
-            }
+            value = self.damp(state, n, value, &mut explanation);
         }
         let value = value.clamp(0.0, 1.0);
-        let value = if learning {
+        let value = if raw_phase {
             value
         } else if value <= KNEE {
             value * KNEE_TO / KNEE
@@ -171,6 +188,40 @@ impl PostConfig {
             KNEE_TO + (value - KNEE) * (1.0 - KNEE_TO) / (1.0 - KNEE)
         };
         Score { value, explanation }
+    }
+}
+
+impl PostConfig {
+    /// Window `n`'s score after damping, and the refractory peaks updated with it.
+    fn damp(&self, state: &mut PostState, n: u64, value: f64, explanation: &mut String) -> f64 {
+        while state.peaks.front().is_some_and(|&(at, _)| at + u64::from(self.refractory_windows) < n) {
+            state.peaks.pop_front();
+        }
+        let recent_peak = state.peaks.front().map_or(0.0, |&(_, peak)| peak);
+        // The incident goes on while one of the last `clear_windows` was not calm (the
+        // peaks hold, for every recent window, one at least as high and as late).
+        let ongoing = state
+            .peaks
+            .iter()
+            .rev()
+            .take_while(|&&(at, _)| at + u64::from(self.clear_windows) >= n)
+            .any(|&(_, peak)| peak >= CLEAR_LEVEL);
+        let undamped = value;
+        let mut value = value;
+        if value <= recent_peak && value > 0.0 && ongoing {
+            value *= REPEAT_DAMPING;
+            explanation.push_str(&format!(
+                " (damped: a score of {recent_peak:.2} within the last {} windows)",
+                self.refractory_windows
+            ));
+        }
+        while state.peaks.back().is_some_and(|&(_, peak)| peak <= undamped) {
+            state.peaks.pop_back();
+        }
+        if undamped > 0.0 {
+            state.peaks.push_back((n, undamped));
+        }
+        value
     }
 }
 
@@ -197,7 +248,7 @@ mod tests {
     }
 
     fn config() -> PostConfig {
-        PostConfig { likelihood_windows: 50, refractory_windows: 20 }
+        PostConfig { learning_windows: 50, likelihood_windows: 50, refractory_windows: 20, clear_windows: 5 }
     }
 
     #[test]
@@ -228,20 +279,55 @@ mod tests {
     }
 
     #[test]
-    fn repeats_are_damped_until_the_refractory_period_ends() {
-        let config = PostConfig { likelihood_windows: 1_000, refractory_windows: 20 };
+    fn repeats_are_damped_while_the_incident_lasts() {
+        let config = config();
         let mut state = PostState::default();
-        let first = config.score(&mut state, raw(0.9), &window(1.0));
-        let repeat = config.score(&mut state, raw(0.9), &window(1.0));
-        assert_eq!(first.value, 0.9);
-        assert_eq!(repeat.value, 0.45);
-        assert!(repeat.explanation.contains("damped"), "{}", repeat.explanation);
-        let stronger = config.score(&mut state, raw(0.95), &window(1.0));
-        assert_eq!(stronger.value, 0.95);
-        for _ in 0..22 {
-            config.score(&mut state, raw(0.0), &window(1.0));
+        let mut explanation = String::new();
+        let mut n = 0;
+        let mut damp = |state: &mut PostState, value: f64| {
+            n += 1;
+            config.damp(state, n, value, &mut explanation)
+        };
+        assert_eq!(damp(&mut state, 0.9), 0.9);
+        assert_eq!(damp(&mut state, 0.9), 0.45, "a repeat");
+        assert_eq!(damp(&mut state, 0.95), 0.95, "stronger");
+        // Not calm yet (0.35 is above CLEAR_LEVEL), so the incident goes on.
+        for _ in 0..8 {
+            assert_eq!(damp(&mut state, 0.35), 0.175);
         }
-        assert_eq!(config.score(&mut state, raw(0.9), &window(1.0)).value, 0.9);
+        // Four calm windows are not enough (clear_windows 5)...
+        for _ in 0..4 {
+            damp(&mut state, 0.1);
+        }
+        assert_eq!(damp(&mut state, 0.9), 0.45);
+        // ...five are: the same score is a new incident, within the refractory period.
+        for _ in 0..5 {
+            damp(&mut state, 0.0);
+        }
+        assert_eq!(damp(&mut state, 0.9), 0.9, "a new incident after the previous one cleared");
+        assert_eq!(damp(&mut state, 0.9), 0.45);
+        // Past the refractory period (20 windows), even an ongoing one is not damped.
+        for _ in 0..21 {
+            damp(&mut state, 0.35);
+        }
+        assert_eq!(damp(&mut state, 0.4), 0.4);
+    }
+
+    #[test]
+    fn no_score_before_the_model_has_enough_history() {
+        let config = config();
+        let mut state = PostState::default();
+        for i in 1..=50 {
+            let score = config.score(&mut state, raw(0.99), &window(f64::from(i % 3) * 100.0));
+            assert_eq!(score.value, 0.0, "window {i}");
+            assert!(
+                score.explanation.starts_with(&format!("learning ({i} of 50 windows): raw")),
+                "{}",
+                score.explanation
+            );
+        }
+        let judged = config.score(&mut state, raw(0.99), &window(1.0));
+        assert!(!judged.explanation.starts_with("learning"), "{}", judged.explanation);
     }
 
     #[test]
