@@ -37,7 +37,7 @@ const NO_HEAD: i64 = i64::MAX;
 /// the panes the windows share and the running window live behind `cold`, which an
 /// event reaches only when a window is due or it starts a new pane (once per pane).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(from = "HoppingWire")]
+#[serde(from = "OwnedWire")]
 pub struct HoppingWindows {
     max_event_ms: i64,
     last_ingest_ms: i64,
@@ -109,26 +109,29 @@ impl Default for HoppingWindows {
     }
 }
 
-/// The checkpointed form (state format 3), whatever the layout in memory.
+/// The checkpointed form (state format 3), whatever the layout in memory: owned when
+/// read, borrowed when written (so a checkpoint does not copy the panes).
 #[derive(Serialize, Deserialize)]
-struct HoppingWire {
+struct HoppingWire<Panes, Emitted, Run, Queue> {
     max_event_ms: i64,
     last_ingest_ms: i64,
     closed_before_ms: i64,
     next_start_ms: i64,
-    panes: VecDeque<Pane>,
+    panes: Panes,
     head: Pane,
-    emitted: SmallVec<[(i64, u16); 2]>,
-    run: Agg,
+    emitted: Emitted,
+    run: Run,
     run_start_ms: i64,
     run_age: u32,
     purged_through_ms: i64,
-    maxima: VecDeque<(i64, f64)>,
-    minima: VecDeque<(i64, f64)>,
+    maxima: Queue,
+    minima: Queue,
 }
 
-impl From<HoppingWire> for HoppingWindows {
-    fn from(wire: HoppingWire) -> Self {
+type OwnedWire = HoppingWire<VecDeque<Pane>, SmallVec<[(i64, u16); 2]>, Agg, VecDeque<(i64, f64)>>;
+
+impl From<OwnedWire> for HoppingWindows {
+    fn from(wire: OwnedWire) -> Self {
         let has_head = wire.head.start_ms != NO_EVENT;
         Self {
             max_event_ms: wire.max_event_ms,
@@ -152,24 +155,6 @@ impl From<HoppingWire> for HoppingWindows {
     }
 }
 
-/// [`HoppingWire`] borrowed, for writing a checkpoint without copying the panes.
-#[derive(Serialize)]
-struct HoppingWireRef<'a> {
-    max_event_ms: i64,
-    last_ingest_ms: i64,
-    closed_before_ms: i64,
-    next_start_ms: i64,
-    panes: &'a VecDeque<Pane>,
-    head: Pane,
-    emitted: &'a SmallVec<[(i64, u16); 2]>,
-    run: &'a Agg,
-    run_start_ms: i64,
-    run_age: u32,
-    purged_through_ms: i64,
-    maxima: &'a VecDeque<(i64, f64)>,
-    minima: &'a VecDeque<(i64, f64)>,
-}
-
 impl Serialize for HoppingWindows {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let cold = &*self.cold;
@@ -177,7 +162,7 @@ impl Serialize for HoppingWindows {
             NO_HEAD => Pane { start_ms: NO_EVENT, agg: Agg::default() },
             start_ms => Pane { start_ms, agg: self.head },
         };
-        HoppingWireRef {
+        HoppingWire {
             max_event_ms: self.max_event_ms,
             last_ingest_ms: self.last_ingest_ms,
             closed_before_ms: cold.closed_before_ms,
