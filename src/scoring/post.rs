@@ -122,10 +122,10 @@ impl PostConfig {
         let n = state.windows;
         let learning = n <= self.learning_windows;
         let raw_phase = n <= self.likelihood_windows;
+        let sigma = state.variance.max(0.0).sqrt().max(1e-4);
         let (mut value, mut explanation) = if raw_phase {
             (raw.value, raw.explanation)
         } else {
-            let sigma = state.variance.max(0.0).sqrt().max(1e-4);
             let z = (average - state.mean) / sigma;
             let log10_tail = if z > 0.0 { -ln_upper_tail(z) / std::f64::consts::LN_10 } else { 0.0 };
             let value = (log10_tail / LOG10_FULL_SCALE).clamp(0.0, 1.0);
@@ -138,8 +138,7 @@ impl PostConfig {
             if !raw_phase {
                 // An incident's averages would widen the usual range so much that the
                 // next incident looked ordinary: learn them clipped to LEARN_CLIP σ.
-                let limit = LEARN_CLIP * state.variance.max(0.0).sqrt().max(1e-4);
-                delta = delta.clamp(-limit, limit);
+                delta = delta.clamp(-LEARN_CLIP * sigma, LEARN_CLIP * sigma);
             }
             let alpha = LONG_ALPHA.max(1.0 / n as f64);
             state.mean += alpha * delta;
