@@ -44,10 +44,17 @@ keys() {
 keys_http() {
   # The whole process, as an operator sees it: a server on the default configuration,
   # then one event for each of 200,000 sensors over HTTP (NDJSON, 10,000 per request);
-  # resident growth / keys once every event is processed. Per scoring model.
+  # resident growth / keys once every event is processed. Then the same sensors one hour
+  # of event time later: every key's first window fires and is scored, so each key holds
+  # a model that has learned (the `context` model's tables are allocated then) and one
+  # open window. Per scoring model.
   [ -s "$dir/keys200k.ndjson" ] || $bin/tidemark-sim --sensors 200000 --rate 200000 --duration 1s --anomalies 0 \
     --write "$dir/keys200k.ndjson"
-  rm -rf "$dir/keys200k" && mkdir -p "$dir/keys200k" && split -l 10000 -d -a 3 "$dir/keys200k.ndjson" "$dir/keys200k/part."
+  rm -rf "$dir/keys200k" && mkdir -p "$dir/keys200k"
+  split -l 10000 -d -a 3 "$dir/keys200k.ndjson" "$dir/keys200k/a."
+  # +3,600,000 ms: every timestamp of the workload starts with 17672256.
+  sed 's/"timestamp":17672256/"timestamp":17672292/' "$dir/keys200k.ndjson" | split -l 10000 -d -a 3 - "$dir/keys200k/b."
+  status='http://127.0.0.1:18183/api/status'
   for model in ${MODELS:-context ewma}; do
     rm -rf "$dir/keys-http"
     TIDEMARK__SCORING__MODEL=$model TIDEMARK__HTTP__LISTEN=127.0.0.1:18183 \
@@ -55,17 +62,25 @@ keys_http() {
     server=$!
     until curl -sf http://127.0.0.1:18183/health >/dev/null; do sleep 0.05; done
     before=$(awk '/VmRSS/ {print $2}' /proc/$server/status)
-    for part in "$dir"/keys200k/part.*; do
-      curl -sf -o /dev/null -H 'content-type: application/x-ndjson' --data-binary @"$part" \
-        http://127.0.0.1:18183/api/events
+    for round in a b; do
+      for part in "$dir"/keys200k/$round.*; do
+        curl -sf -o /dev/null -H 'content-type: application/x-ndjson' --data-binary @"$part" \
+          http://127.0.0.1:18183/api/events
+      done
+      fired=$([ $round = a ] && echo 0 || echo 200000)
+      until curl -sf $status | python3 -c '
+import json, sys
+d = json.load(sys.stdin); p = d["partitions"]; fired = int(sys.argv[1])
+done = sum(x["openKeys"] for x in p) >= 200000 and all(x["inFlightEvents"] == 0 for x in p)
+done = done and sum(x["windowsFired"] for x in p) >= fired and all(s["pendingResults"] == 0 for s in d["sinks"])
+sys.exit(0 if done else 1)' $fired; do
+        sleep 0.5
+      done
+      sleep 2 # let the store sink and checkpoints settle
+      after=$(awk '/VmRSS/ {print $2}' /proc/$server/status)
+      what=$([ $round = a ] && echo "one event per key" || echo "every key scored once")
+      echo "$model, $what: RSS $((before / 1024)) -> $((after / 1024)) MiB, $(( (after - before) * 1024 / 200000 )) bytes per key"
     done
-    until curl -sf http://127.0.0.1:18183/api/status | python3 -c \
-      'import json,sys; d=json.load(sys.stdin); p=d["partitions"]; sys.exit(0 if sum(x["openKeys"] for x in p) >= 200000 and all(x["inFlightEvents"] == 0 for x in p) else 1)'; do
-      sleep 0.5
-    done
-    sleep 2 # let the store sink and checkpoints settle
-    after=$(awk '/VmRSS/ {print $2}' /proc/$server/status)
-    echo "$model: RSS $((before / 1024)) -> $((after / 1024)) MiB, $(( (after - before) * 1024 / 200000 )) bytes per key"
     kill -TERM $server; wait $server || true
   done
 }

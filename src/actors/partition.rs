@@ -32,8 +32,9 @@ const RULES_TYPE: &str = "\u{1}rules";
 /// same types and is still read. (A version-1 blob cannot start with `TM`: its first
 /// byte is a varint of the key's maximum event time, which would have to be 42 ms after
 /// the epoch.) Version 2 is a key state of tumbling windows only ([`KeyStateV2`]);
-/// version 3 holds any window kind.
-const STATE_FORMAT: u8 = 3;
+/// version 3 holds any window kind ([`KeyStateV3`]); version 4 packs the `context`
+/// model's tables ([`crate::scoring::legacy`] converts the older ones).
+const STATE_FORMAT: u8 = 4;
 
 fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>, postcard::Error> {
     postcard::to_extend(value, vec![b'T', b'M', STATE_FORMAT])
@@ -59,6 +60,9 @@ fn decode_blob<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String
 fn decode_key_state(bytes: &[u8]) -> Result<KeyState, String> {
     match state_payload(bytes)? {
         (STATE_FORMAT, rest) => postcard::from_bytes(rest).map_err(|error| error.to_string()),
+        (3, rest) => postcard::from_bytes::<KeyStateV3>(rest)
+            .map(KeyState::from)
+            .map_err(|error| format!("{error} (format version 3)")),
         (version, rest) => postcard::from_bytes::<KeyStateV2>(rest)
             .map(KeyState::from)
             .map_err(|error| format!("{error} (format version {version})")),
@@ -72,6 +76,7 @@ use crate::messages::{
 use crate::metrics::{Metrics, PartitionLabels, PositionLabels, RejectLabels, SeverityLabels, SourceLabels};
 use crate::router::{IDLE, SlotProgress};
 use crate::rules::{Alert, RulesHandle, SensorRules, Silence};
+use crate::scoring::legacy::ScorerStateV3;
 use crate::scoring::{ScorerState, Scoring};
 use crate::window::{Fired, KeyWindows, WindowSpec, Windowing, Windows};
 
@@ -160,12 +165,25 @@ struct KeyState {
 #[derive(Serialize, Deserialize)]
 struct KeyStateV2 {
     windows: KeyWindows,
-    scorer: ScorerState,
+    scorer: ScorerStateV3,
 }
 
 impl From<KeyStateV2> for KeyState {
     fn from(old: KeyStateV2) -> Self {
-        Self { windows: Windows::Tumbling(old.windows), scorer: old.scorer, dirty: false }
+        Self { windows: Windows::Tumbling(old.windows), scorer: old.scorer.into(), dirty: false }
+    }
+}
+
+/// A key state of format version 3 (any window kind, the scorer's state as it was).
+#[derive(Serialize, Deserialize)]
+struct KeyStateV3 {
+    windows: Windows,
+    scorer: ScorerStateV3,
+}
+
+impl From<KeyStateV3> for KeyState {
+    fn from(old: KeyStateV3) -> Self {
+        Self { windows: old.windows, scorer: old.scorer.into(), dirty: false }
     }
 }
 
@@ -1209,8 +1227,8 @@ mod tests {
         assert_eq!(reasons, vec![(Some(101), RejectReason::Unparsable), (Some(113), RejectReason::Poison)]);
     }
 
-    /// Checkpoints written in format versions 1 (bare postcard, before the header) and 2
-    /// (tumbling windows only) are restored like one written today: the same state, the
+    /// Checkpoints written in format versions 1 (bare postcard, before the header), 2
+    /// (tumbling windows only) and 3 (the `context` model's tables unpacked) are restored like one written today: the same state, the
     /// same results afterwards.
     #[tokio::test]
     async fn state_of_the_previous_checkpoint_format_is_restored() {
@@ -1236,12 +1254,17 @@ mod tests {
         first.actor.send_message(PartitionMsg::Raw(as_raw(&events(0..40)))).expect("sent");
         first.actor.send_message(PartitionMsg::Checkpoint).expect("sent");
         let checkpoint = next_checkpoint(&mut first.store).await;
-        assert!(checkpoint.upserts.iter().all(|blob| blob.state.starts_with(b"TM\x03")), "written as version 3");
-        // The same state as versions 1 and 2 wrote it.
+        assert!(checkpoint.upserts.iter().all(|blob| blob.state.starts_with(b"TM\x04")), "written as version 4");
+        // The same state as versions 1, 2 and 3 wrote it.
         let legacy = |state: &[u8], version: u8| -> Vec<u8> {
-            let state = decode_key_state(state).expect("version 3");
+            let state = decode_key_state(state).expect("version 4");
+            let scorer = ScorerStateV3::from(&state.scorer);
+            if version == 3 {
+                let bytes = postcard::to_allocvec(&KeyStateV3 { windows: state.windows, scorer }).expect("encoded");
+                return [b"TM\x03".as_slice(), &bytes].concat();
+            }
             let Windows::Tumbling(windows) = state.windows else { panic!("default windows are tumbling") };
-            let bytes = postcard::to_allocvec(&KeyStateV2 { windows, scorer: state.scorer }).expect("encoded");
+            let bytes = postcard::to_allocvec(&KeyStateV2 { windows, scorer }).expect("encoded");
             if version == 1 { bytes } else { [b"TM\x02".as_slice(), &bytes].concat() }
         };
         let restore = |version: u8| RestoredPartition {
@@ -1260,7 +1283,7 @@ mod tests {
                 .collect(),
         };
         let mut outcomes = Vec::new();
-        for version in [STATE_FORMAT, 2, 1] {
+        for version in [STATE_FORMAT, 3, 2, 1] {
             let mut harness = harness(Some(restore(version))).await;
             harness.actor.send_message(PartitionMsg::Raw(as_raw(&events(40..120)))).expect("sent");
             harness.actor.send_message(PartitionMsg::Checkpoint).expect("sent");
@@ -1281,8 +1304,9 @@ mod tests {
             assert!(!fired.is_empty(), "windows fired after the restore");
             outcomes.push((fired, states, checkpoint.counters));
         }
-        assert_eq!(outcomes[0], outcomes[1], "version 2 restores to the same state as version 3");
-        assert_eq!(outcomes[0], outcomes[2], "version 1 restores to the same state as version 3");
+        assert_eq!(outcomes[0], outcomes[1], "version 3 restores to the same state as version 4");
+        assert_eq!(outcomes[0], outcomes[2], "version 2 restores to the same state as version 4");
+        assert_eq!(outcomes[0], outcomes[3], "version 1 restores to the same state as version 4");
         let unknown = KeyStateBlob { sensor_id: "s".into(), event_type: "t".into(), state: b"TM\x09xx".to_vec() };
         let error = decode_key_state(&unknown.state).expect_err("a newer format is refused");
         assert!(error.contains("version 9"), "{error}");

@@ -11,7 +11,8 @@
 //!
 //! The spread of multi-value windows is scored as by `ewma` (a stuck sensor's spread
 //! collapses). The raw score is the most unusual of the three. Memory per key is fixed:
-//! 24 hourly baselines, a 600-cell transition table, the range and the spread baseline.
+//! 24 hourly baselines, a 600-cell transition table, the range and the spread baseline
+//! ([`ContextState`]: about 620 bytes once the key's first window was learned).
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +20,7 @@ use super::ewma::{Baseline, EwmaScorer, EwmaState};
 use super::{Detector, DetectorState, Raw, tail_score};
 use crate::window::WindowFeatures;
 
-const HOURS: usize = 24;
+pub(super) const HOURS: usize = 24;
 const LEVELS: usize = 5;
 /// Windows an hour's baseline learns before it scores.
 const HOUR_WARMUP: u32 = 3;
@@ -32,23 +33,100 @@ const YOUNG_INFLATION: f64 = 3.0;
 /// A never-seen transition scores this much (one seen n times: this / (n + 1)).
 const NOVELTY_WEIGHT: f64 = 0.5;
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct HourBaseline {
-    pub windows: u32,
-    pub level: Baseline,
-}
-
+/// Per-key memory. A key's hourly baselines and transition counts are allocated when
+/// its first window is learned (a sensor that sent one event costs a small box), and
+/// are kept compact: f32 hourly means and variances (the σ floor of 1e-3 × |mean| is
+/// far above f32's rounding) and 4-bit transition counts (a cell seen 15 times is
+/// ordinary: its novelty is at most 0.5 / 16).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ContextState {
-    pub hours: Vec<HourBaseline>,
-    /// Transition counts, indexed by (hour, previous level, level).
-    pub transitions: Vec<u16>,
     pub previous_level: Option<u8>,
     pub low: f64,
     pub high: f64,
     pub windows: u64,
-    /// Spread of multi-value windows, as the ewma detector keeps it.
+    /// Spread of multi-value windows (and the recent level), as the ewma detector keeps it.
     pub spread: EwmaState,
+    pub tables: Option<Box<Tables>>,
+}
+
+/// The hourly baselines and the transition counts of one key (540 bytes).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tables {
+    pub(super) mean: [f32; HOURS],
+    pub(super) variance: [f32; HOURS],
+    /// Windows each hour's baseline learned (saturating).
+    pub(super) windows: [u16; HOURS],
+    /// Transition counts, indexed by (hour, previous level, level), two per byte.
+    pub(super) transitions: Nibbles,
+}
+
+const CELLS: usize = HOURS * LEVELS * LEVELS;
+
+/// CELLS counts of 4 bits, saturating at 15.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nibbles([u8; CELLS / 2]);
+
+impl Default for Nibbles {
+    fn default() -> Self {
+        Nibbles([0; CELLS / 2])
+    }
+}
+
+impl Nibbles {
+    /// Counts of any size, saturated to 4 bits (a shorter list is padded with zeros).
+    pub(super) fn saturating(counts: &[u16]) -> Self {
+        let mut packed = Nibbles::default();
+        for (cell, &count) in counts.iter().take(CELLS).enumerate() {
+            packed.0[cell / 2] |= (count.min(0xF) as u8) << ((cell % 2) * 4);
+        }
+        packed
+    }
+
+    /// Every cell's count.
+    pub(super) fn counts(&self) -> Vec<u16> {
+        (0..CELLS).map(|cell| u16::from(self.get(cell))).collect()
+    }
+
+    fn get(&self, cell: usize) -> u8 {
+        (self.0[cell / 2] >> ((cell % 2) * 4)) & 0xF
+    }
+
+    fn increment(&mut self, cell: usize) {
+        if self.get(cell) < 0xF {
+            self.0[cell / 2] += 1 << ((cell % 2) * 4);
+        }
+    }
+}
+
+impl Serialize for Nibbles {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.as_slice().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Nibbles {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let bytes = Vec::<u8>::deserialize(deserializer)?;
+        let length = bytes.len();
+        bytes.try_into().map(Nibbles).map_err(|_| {
+            serde::de::Error::invalid_length(length, &"the transition counts of 24 hours × 5 × 5 levels, packed")
+        })
+    }
+}
+
+impl Tables {
+    pub(super) fn new() -> Box<Self> {
+        Box::new(Tables {
+            mean: [0.0; HOURS],
+            variance: [0.0; HOURS],
+            windows: [0; HOURS],
+            transitions: Nibbles::default(),
+        })
+    }
+
+    pub(super) fn baseline(&self, hour: usize) -> Baseline {
+        Baseline { mean: f64::from(self.mean[hour]), variance: f64::from(self.variance[hour]) }
+    }
 }
 
 pub struct ContextDetector {
@@ -76,36 +154,31 @@ impl ContextDetector {
     fn evaluate_state(&self, state: &ContextState, window: &WindowFeatures) -> Raw {
         let x = window.mean;
         let hour = hour_of(window);
-        let baseline = &state.hours[hour];
-        let mut best = Raw { value: 0.0, explanation: format!("learning {hour:02}:00 ({} windows)", baseline.windows) };
-        if baseline.windows >= HOUR_WARMUP {
+        let windows = state.tables.as_ref().map_or(0, |tables| tables.windows[hour]);
+        let mut best = Raw { value: 0.0, explanation: format!("learning {hour:02}:00 ({windows} windows)") };
+        let Some(tables) = &state.tables else { return best };
+        if u32::from(windows) >= HOUR_WARMUP {
+            let baseline = tables.baseline(hour);
             // A window mean varies at least by its sampling error (stddev / √count), and
             // a baseline from few windows underestimates the spread: widen it while young.
             let sampling_error = window.stddev / (window.count.max(1) as f64).sqrt();
-            let inflation = 1.0 + YOUNG_INFLATION / f64::from(baseline.windows);
-            let sigma = baseline
-                .level
-                .variance
-                .max(0.0)
-                .sqrt()
-                .max(1e-3 * baseline.level.mean.abs())
-                .max(sampling_error)
-                .max(1e-9)
+            let inflation = 1.0 + YOUNG_INFLATION / f64::from(windows);
+            let sigma = baseline.variance.max(0.0).sqrt().max(1e-3 * baseline.mean.abs()).max(sampling_error).max(1e-9)
                 * inflation;
-            let z = (x - baseline.level.mean) / sigma;
+            let z = (x - baseline.mean) / sigma;
             best = Raw {
                 value: tail_score(z),
                 explanation: format!(
                     "mean {:.1}σ {} usual {:.3} for {hour:02}:00 UTC",
                     z.abs(),
                     if z >= 0.0 { "above" } else { "below" },
-                    baseline.level.mean
+                    baseline.mean
                 ),
             };
         }
         if let Some(previous) = state.previous_level {
             let level = level_of(x, state.low.min(x), state.high.max(x));
-            let seen = state.transitions[transition(hour, previous, level)];
+            let seen = tables.transitions.get(transition(hour, previous, level));
             let novelty = NOVELTY_WEIGHT / (f64::from(seen) + 1.0);
             if novelty > best.value {
                 best = Raw {
@@ -132,10 +205,13 @@ impl ContextDetector {
             return;
         }
         let hour = hour_of(window);
-        let baseline = &mut state.hours[hour];
+        let tables = state.tables.get_or_insert_with(Tables::new);
+        let mut baseline = tables.baseline(hour);
         let limit = |b: &Baseline| LEARN_CLIP_SIGMAS * b.variance.max(0.0).sqrt().max(1e-3 * b.mean.abs()).max(1e-9);
-        baseline.level.learn(x, baseline.windows, HOUR_WARMUP, HOUR_ALPHA, limit);
-        baseline.windows = baseline.windows.saturating_add(1);
+        baseline.learn(x, u32::from(tables.windows[hour]), HOUR_WARMUP, HOUR_ALPHA, limit);
+        tables.mean[hour] = baseline.mean as f32;
+        tables.variance[hour] = baseline.variance as f32;
+        tables.windows[hour] = tables.windows[hour].saturating_add(1);
 
         if state.windows == 0 {
             state.low = x;
@@ -146,8 +222,7 @@ impl ContextDetector {
         }
         let level = level_of(x, state.low, state.high);
         if let Some(previous) = state.previous_level {
-            let cell = &mut state.transitions[transition(hour, previous, level)];
-            *cell = cell.saturating_add(1);
+            tables.transitions.increment(transition(hour, previous, level));
         }
         state.previous_level = Some(level as u8);
         state.windows += 1;
@@ -162,13 +237,12 @@ impl Detector for ContextDetector {
 
     fn new_state(&self) -> DetectorState {
         DetectorState::Context(Box::new(ContextState {
-            hours: vec![HourBaseline::default(); HOURS],
-            transitions: vec![0; HOURS * LEVELS * LEVELS],
             previous_level: None,
             low: 0.0,
             high: 0.0,
             windows: 0,
             spread: EwmaScorer::new_ewma_state(),
+            tables: None,
         }))
     }
 

@@ -13,6 +13,7 @@
 
 mod context;
 mod ewma;
+pub mod legacy;
 pub mod post;
 mod rcf;
 

@@ -109,7 +109,7 @@ impl Default for HoppingWindows {
     }
 }
 
-/// The checkpointed form (state format 3), whatever the layout in memory: owned when
+/// The checkpointed form (state format 3 and later), whatever the layout in memory: owned when
 /// read, borrowed when written (so a checkpoint does not copy the panes).
 #[derive(Serialize, Deserialize)]
 struct HoppingWire<Panes, Emitted, Run, Queue> {
