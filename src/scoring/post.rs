@@ -7,7 +7,9 @@
 //!    log-scaled tail probability of the current average, so one global threshold means
 //!    "this unusual for this key", whatever the key.
 //! 2. **New extremes.** A window mean outside the range of every window mean seen so far
-//!    (after a learning period) scores at least 0.5, more the farther out it is.
+//!    (after a learning period) scores at least 0.5, more the farther out it is — when the
+//!    detector also finds the window unusual (raw score ≥ `EXTREME_GATE`), so a healthy
+//!    sensor creeping a hair past its old minimum is not an anomaly.
 //! 3. **Repeats are damped.** While an incident lasts, a score that does not exceed the
 //!    highest of the last `refractory_windows` is halved: one incident raises one alert,
 //!    not one per window. An incident is over once `clear_windows` windows in a row
@@ -36,6 +38,9 @@ const LONG_ALPHA: f64 = 0.001;
 const LEARN_CLIP: f64 = 3.0;
 /// Windows before the running range counts for the new-extreme rule.
 const EXTREME_WARMUP: u64 = 100;
+/// The new-extreme rule applies to windows whose raw score is at least this (|z| ≈ 2 for
+/// a deviation from a baseline): outside the range *and* unusual where it is.
+const EXTREME_GATE: f64 = 0.5;
 /// Factor applied to a repeat within the refractory period.
 const REPEAT_DAMPING: f64 = 0.5;
 /// Below this (on the likelihood scale, where the alert threshold is KNEE) a window is
@@ -117,7 +122,8 @@ impl PostConfig {
     }
 
     fn apply(&self, state: &mut PostState, raw: Raw, window: &WindowFeatures, damp: bool) -> Score {
-        let average = state.push(raw.value);
+        let raw_value = raw.value;
+        let average = state.push(raw_value);
         state.windows += 1;
         let n = state.windows;
         let learning = n <= self.learning_windows;
@@ -151,7 +157,7 @@ impl PostConfig {
             state.high = x;
         } else {
             let range = state.high - state.low;
-            if !raw_phase && n > EXTREME_WARMUP && range > 0.0 && x.is_finite() {
+            if !raw_phase && n > EXTREME_WARMUP && range > 0.0 && x.is_finite() && raw_value >= EXTREME_GATE {
                 let beyond = if x > state.high { (x - state.high) / range } else { (state.low - x) / range };
                 if beyond > 0.0 {
                     let extreme = 0.5 + beyond.min(0.5);
@@ -269,12 +275,26 @@ mod tests {
     fn a_new_extreme_scores_at_least_half() {
         let config = config();
         let mut state = PostState::default();
+        // Raw scores around the gate, so one of them is ordinary for the likelihood.
         for i in 0..200 {
-            config.score(&mut state, raw(0.1), &window(f64::from(i % 10)));
+            config.score(&mut state, raw(0.45 + 0.1 * f64::from(i % 3)), &window(f64::from(i % 10)));
         }
-        let score = config.score(&mut state, raw(0.1), &window(14.0));
+        let score = config.score(&mut state, raw(0.55), &window(14.0));
         assert!(score.value >= 0.5, "{score:?}");
         assert!(score.explanation.starts_with("new maximum 14.000 (previous 9.000)"), "{}", score.explanation);
+    }
+
+    #[test]
+    fn a_new_extreme_the_detector_finds_usual_is_not_one() {
+        let config = config();
+        let mut state = PostState::default();
+        for i in 0..200 {
+            config.score(&mut state, raw(0.45 + 0.1 * f64::from(i % 3)), &window(f64::from(i % 10)));
+        }
+        // A hair past the old maximum, and ordinary for the detector (a slow creep).
+        let creep = config.score(&mut state, raw(0.45), &window(9.01));
+        assert!(creep.value < 0.3, "{creep:?}");
+        assert!(!creep.explanation.contains("new maximum"), "{}", creep.explanation);
     }
 
     #[test]
