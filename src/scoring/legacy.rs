@@ -1,12 +1,14 @@
 //! Model state as checkpoint format versions 1 to 3 wrote it, read and converted to
-//! today's. Only the `context` model's layout changed (version 4 packs its tables); the
-//! other models' states are carried over as they are.
+//! today's. Version 4 packs the `context` model's tables and adds the start of a key's
+//! first window to the post-processing state; the other models' states are carried over
+//! as they are.
 
 use serde::{Deserialize, Serialize};
 
 use super::context::{ContextState, HOURS, Nibbles, Tables};
 use super::ewma::{Baseline, EwmaState};
-use super::{DetectorState, PostState, RcfState, ScorerState};
+use super::post::PostStateV3;
+use super::{DetectorState, RcfState, ScorerState};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HourBaselineV3 {
@@ -37,7 +39,7 @@ pub enum DetectorStateV3 {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScorerStateV3 {
     pub detector: DetectorStateV3,
-    pub post: PostState,
+    pub post: PostStateV3,
 }
 
 impl From<ContextStateV3> for ContextState {
@@ -70,7 +72,7 @@ impl From<ScorerStateV3> for ScorerState {
             DetectorStateV3::Context(state) => DetectorState::Context(Box::new(ContextState::from(*state))),
             DetectorStateV3::Rcf(state) => DetectorState::Rcf(state),
         };
-        ScorerState { detector, post: old.post }
+        ScorerState { detector, post: old.post.into() }
     }
 }
 
@@ -104,7 +106,7 @@ impl From<&ScorerState> for ScorerStateV3 {
                 }))
             }
         };
-        ScorerStateV3 { detector, post: state.post.clone() }
+        ScorerStateV3 { detector, post: PostStateV3::from(&state.post) }
     }
 }
 
@@ -143,12 +145,13 @@ mod tests {
         let old = ScorerStateV3::from(&state);
         let bytes = postcard::to_allocvec(&old).expect("encoded");
         let mut restored = ScorerState::from(postcard::from_bytes::<ScorerStateV3>(&bytes).expect("decoded"));
-        assert_eq!(restored, state);
+        // Equal but for the first window's start, which version 3 did not keep.
+        assert_eq!(ScorerStateV3::from(&restored), old);
         for i in 2_000..2_300 {
             assert_eq!(scorer.score(&mut restored, &window(i)), scorer.score(&mut state, &window(i)), "window {i}");
         }
         // Counts above 15 saturate.
-        let DetectorStateV3::Context(mut context) = old.detector else { panic!("context") };
+        let DetectorStateV3::Context(mut context) = old.detector.clone() else { panic!("context") };
         context.transitions[7] = 900;
         let packed = ContextState::from(*context);
         assert_eq!(packed.tables.expect("tables").transitions.counts()[7], 15);

@@ -7,7 +7,9 @@
 //!    log-scaled tail probability of the current average, so one global threshold means
 //!    "this unusual for this key", whatever the key.
 //! 2. **New extremes.** A window mean outside the range of every window mean seen so far
-//!    (after a learning period) scores at least 0.5, more the farther out it is — when the
+//!    (after a learning period of `EXTREME_WARMUP` windows *and* a day of event time:
+//!    while its first day is still being seen, a daily cycle sets records) scores at
+//!    least 0.5, more the farther out it is — when the
 //!    detector also finds the window unusual (raw score ≥ `EXTREME_GATE`), so a healthy
 //!    sensor creeping a hair past its old minimum is not an anomaly.
 //! 3. **Repeats are damped.** While an incident lasts, a score that does not exceed the
@@ -38,6 +40,9 @@ const LONG_ALPHA: f64 = 0.001;
 const LEARN_CLIP: f64 = 3.0;
 /// Windows before the running range counts for the new-extreme rule.
 const EXTREME_WARMUP: u64 = 100;
+/// Event time the running range must cover before it counts (a day: during its first
+/// day a sensor's daily cycle sets new extremes all the time).
+const EXTREME_HISTORY_MS: i64 = 86_400_000;
 /// The new-extreme rule applies to windows whose raw score is at least this (|z| ≈ 2 for
 /// a deviation from a baseline): outside the range *and* unusual where it is.
 const EXTREME_GATE: f64 = 0.5;
@@ -97,6 +102,39 @@ pub struct PostState {
     /// exceeds, as (window number, score), decreasing: the front is the sliding maximum.
     /// Usually a handful of entries; at most refractory_windows.
     peaks: VecDeque<(u64, f64)>,
+    /// Start of the first window seen (`i64::MIN` for a state converted from a checkpoint
+    /// format that did not keep it: its history is taken to be long enough).
+    first_ms: i64,
+}
+
+/// [`PostState`] as checkpoint format versions 1 to 3 wrote it (no `first_ms`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PostStateV3 {
+    recent: [f64; SHORT],
+    next: u8,
+    filled: u8,
+    windows: u64,
+    mean: f64,
+    variance: f64,
+    low: f64,
+    high: f64,
+    peaks: VecDeque<(u64, f64)>,
+}
+
+impl From<PostStateV3> for PostState {
+    fn from(old: PostStateV3) -> Self {
+        let PostStateV3 { recent, next, filled, windows, mean, variance, low, high, peaks } = old;
+        // A key with windows has been judged already: its range counts as it did.
+        let first_ms = if windows == 0 { 0 } else { i64::MIN };
+        PostState { recent, next, filled, windows, mean, variance, low, high, peaks, first_ms }
+    }
+}
+
+impl From<&PostState> for PostStateV3 {
+    fn from(state: &PostState) -> Self {
+        let PostState { recent, next, filled, windows, mean, variance, low, high, ref peaks, first_ms: _ } = *state;
+        PostStateV3 { recent, next, filled, windows, mean, variance, low, high, peaks: peaks.clone() }
+    }
 }
 
 impl PostState {
@@ -153,11 +191,19 @@ impl PostConfig {
 
         let x = window.mean;
         if n == 1 {
+            state.first_ms = window.start_ms;
             state.low = x;
             state.high = x;
         } else {
             let range = state.high - state.low;
-            if !raw_phase && n > EXTREME_WARMUP && range > 0.0 && x.is_finite() && raw_value >= EXTREME_GATE {
+            let history_ms = window.start_ms.saturating_sub(state.first_ms);
+            if !raw_phase
+                && n > EXTREME_WARMUP
+                && history_ms >= EXTREME_HISTORY_MS
+                && range > 0.0
+                && x.is_finite()
+                && raw_value >= EXTREME_GATE
+            {
                 let beyond = if x > state.high { (x - state.high) / range } else { (state.low - x) / range };
                 if beyond > 0.0 {
                     let extreme = 0.5 + beyond.min(0.5);
@@ -248,6 +294,11 @@ mod tests {
         WindowFeatures { start_ms: 0, end_ms: 30_000, count: 1, mean, min: mean, max: mean, stddev: 0.0 }
     }
 
+    /// Window `i` of a stream of 15-minute windows.
+    fn nth(i: i64, mean: f64) -> WindowFeatures {
+        WindowFeatures { start_ms: i * 900_000, end_ms: (i + 1) * 900_000, ..window(mean) }
+    }
+
     fn raw(value: f64) -> Raw {
         Raw { value, explanation: "raw".to_string() }
     }
@@ -277,9 +328,9 @@ mod tests {
         let mut state = PostState::default();
         // Raw scores around the gate, so one of them is ordinary for the likelihood.
         for i in 0..200 {
-            config.score(&mut state, raw(0.45 + 0.1 * f64::from(i % 3)), &window(f64::from(i % 10)));
+            config.score(&mut state, raw(0.45 + 0.1 * f64::from(i % 3)), &nth(i.into(), f64::from(i % 10)));
         }
-        let score = config.score(&mut state, raw(0.55), &window(14.0));
+        let score = config.score(&mut state, raw(0.55), &nth(200, 14.0));
         assert!(score.value >= 0.5, "{score:?}");
         assert!(score.explanation.starts_with("new maximum 14.000 (previous 9.000)"), "{}", score.explanation);
     }
@@ -289,12 +340,28 @@ mod tests {
         let config = config();
         let mut state = PostState::default();
         for i in 0..200 {
-            config.score(&mut state, raw(0.45 + 0.1 * f64::from(i % 3)), &window(f64::from(i % 10)));
+            config.score(&mut state, raw(0.45 + 0.1 * f64::from(i % 3)), &nth(i.into(), f64::from(i % 10)));
         }
         // A hair past the old maximum, and ordinary for the detector (a slow creep).
-        let creep = config.score(&mut state, raw(0.45), &window(9.01));
+        let creep = config.score(&mut state, raw(0.45), &nth(200, 9.01));
         assert!(creep.value < 0.3, "{creep:?}");
         assert!(!creep.explanation.contains("new maximum"), "{}", creep.explanation);
+    }
+
+    #[test]
+    fn no_new_extreme_before_a_day_of_history() {
+        let config = config();
+        let mut state = PostState::default();
+        // 200 windows of 5 s: past EXTREME_WARMUP windows, but 17 minutes of event time.
+        let short = |i: i64, mean: f64| WindowFeatures { start_ms: i * 5_000, end_ms: (i + 1) * 5_000, ..window(mean) };
+        for i in 0..200 {
+            config.score(&mut state, raw(0.45 + 0.1 * (i % 3) as f64), &short(i, (i % 10) as f64));
+        }
+        let early = config.score(&mut state, raw(0.55), &short(200, 14.0));
+        assert!(!early.explanation.contains("new maximum"), "{}", early.explanation);
+        // A day later the same window is a new extreme.
+        let later = config.score(&mut state, raw(0.55), &short(17_280 + 201, 14.5));
+        assert!(later.explanation.starts_with("new maximum 14.500 (previous 14.000)"), "{}", later.explanation);
     }
 
     #[test]
