@@ -155,7 +155,8 @@ impl ContextDetector {
         let x = window.mean;
         let hour = hour_of(window);
         let windows = state.tables.as_ref().map_or(0, |tables| tables.windows[hour]);
-        let mut best = Raw { value: 0.0, explanation: format!("learning {hour:02}:00 ({windows} windows)") };
+        let mut best =
+            Raw { value: 0.0, explanation: format!("learning {hour:02}:00 ({windows} windows)"), floor: 0.0 };
         let Some(tables) = &state.tables else { return best };
         if u32::from(windows) >= HOUR_WARMUP {
             let baseline = tables.baseline(hour);
@@ -174,6 +175,7 @@ impl ContextDetector {
                     if z >= 0.0 { "above" } else { "below" },
                     baseline.mean
                 ),
+                floor: 0.0,
             };
         }
         if let Some(previous) = state.previous_level {
@@ -188,11 +190,12 @@ impl ContextDetector {
                         previous + 1,
                         level + 1
                     ),
+                    floor: 0.0,
                 };
             }
         }
         if let Some((_, spread)) = self.spread.spread_only(&state.spread, window)
-            && spread.value > best.value
+            && (spread.value > best.value || spread.floor > best.floor)
         {
             best = spread;
         }

@@ -12,6 +12,13 @@ use crate::window::WindowFeatures;
 /// from them, so one spike does not inflate the variance and hide the next one, while a
 /// lasting level shift is still followed within a few spans.
 const LEARN_CLIP_SIGMAS: f64 = 3.0;
+/// A window of at least this many identical readings can be a stuck sensor.
+const STUCK_MIN_READINGS: u64 = 10;
+/// ...when its spread is at least this many σ below the key's usual spread.
+const STUCK_Z: f64 = 10.0;
+/// A stuck window's least final score on the likelihood scale (as a new extreme's: it
+/// alerts at the default threshold).
+const STUCK_FLOOR: f64 = 0.5;
 
 /// Running mean and variance of one feature.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -60,6 +67,7 @@ impl EwmaScorer {
             return Raw {
                 value: 0.0,
                 explanation: format!("warming up: {} of {} windows seen", state.windows, self.warmup_windows),
+                floor: 0.0,
             };
         }
         // A window mean varies at least by its own sampling error (stddev / √count):
@@ -68,7 +76,7 @@ impl EwmaScorer {
         let level_sigma = Self::sigma(&state.level, state.windows, (1e-3 * state.level.mean.abs()).max(sampling_error));
         let level_z = (window.mean - state.level.mean) / level_sigma;
         match self.spread_only(state, window) {
-            Some((spread_z, raw)) if spread_z.abs() > level_z.abs() => raw,
+            Some((spread_z, raw)) if spread_z.abs() > level_z.abs() || raw.floor > 0.0 => raw,
             _ => Raw {
                 value: tail_score(level_z),
                 explanation: format!(
@@ -78,6 +86,7 @@ impl EwmaScorer {
                     state.level.mean,
                     level_sigma
                 ),
+                floor: 0.0,
             },
         }
     }
@@ -133,6 +142,24 @@ impl EwmaScorer {
             return None;
         }
         let spread_z = (log_spread(window) - state.spread.mean) / Self::sigma(&state.spread, state.windows, 0.05);
+        // Many identical readings from a sensor whose readings vary by far more than a
+        // rounding step (its usual spread is steady, so the flat window is ≥ STUCK_Z σ
+        // below it; a coarsely quantised sensor's flat windows are common, widen its
+        // spread baseline and stay below): stuck, whatever its history of raw scores.
+        if window.count >= STUCK_MIN_READINGS && window.max == window.min && spread_z <= -STUCK_Z {
+            let raw = Raw {
+                value: tail_score(spread_z),
+                explanation: format!(
+                    "stuck: {} identical readings ({:.3}) where the spread is usually {:.3} ({:.1}σ below baseline)",
+                    window.count,
+                    window.mean,
+                    state.spread.mean.exp(),
+                    spread_z.abs()
+                ),
+                floor: STUCK_FLOOR,
+            };
+            return Some((spread_z, raw));
+        }
         let hint = if spread_z < 0.0 { " (stuck sensor?)" } else { "" };
         let raw = Raw {
             value: tail_score(spread_z),
@@ -143,6 +170,7 @@ impl EwmaScorer {
                 window.stddev,
                 state.spread.mean.exp()
             ),
+            floor: 0.0,
         };
         Some((spread_z, raw))
     }
@@ -221,7 +249,25 @@ mod tests {
         }
         let stuck = score(&scorer, &mut state, &window_with_spread(20.0, 0.0));
         assert!(stuck.value > 0.95, "{stuck:?}");
-        assert!(stuck.explanation.contains("stuck"), "{}", stuck.explanation);
+        assert!(stuck.explanation.starts_with("stuck: 10 identical readings (20.000)"), "{}", stuck.explanation);
+        assert_eq!(stuck.floor, STUCK_FLOOR, "identical readings need no comparison with past raw scores");
+        // Few readings are not enough to call it stuck.
+        let few = WindowFeatures { count: 3, ..window_with_spread(20.0, 0.0) };
+        assert_eq!(scorer.evaluate(&state, &few).floor, 0.0);
+    }
+
+    #[test]
+    fn a_coarse_sensor_with_flat_windows_is_not_stuck() {
+        // Readings in whole degrees: one window in four has every reading equal.
+        let scorer = EwmaScorer::new(20.0, 5);
+        let mut state = scorer.new_state();
+        for i in 0..400 {
+            let stddev = if i % 4 == 0 { 0.0 } else { 0.4 };
+            score(&scorer, &mut state, &window_with_spread(21.0, stddev));
+        }
+        let flat = scorer.evaluate(&state, &window_with_spread(21.0, 0.0));
+        assert_eq!(flat.floor, 0.0, "{flat:?}");
+        assert!(!flat.explanation.starts_with("stuck:"), "{}", flat.explanation);
     }
 
     #[test]

@@ -48,13 +48,17 @@ pub struct Raw {
     /// In [0, 1]; higher is more unusual.
     pub value: f64,
     pub explanation: String,
+    /// The least final score (on the likelihood scale) this window gets, whatever the
+    /// key's history of raw scores: non-zero for evidence that needs no comparison with
+    /// the key's usual raw scores (a stuck sensor), 0 otherwise.
+    pub floor: f64,
 }
 
 impl Raw {
     /// The state belongs to another model (the configuration changed since the
     /// checkpoint): [`Scorer::score`] resets such state before it gets here.
     fn mismatch() -> Self {
-        Raw { value: 0.0, explanation: "model state of another model".to_string() }
+        Raw { value: 0.0, explanation: "model state of another model".to_string(), floor: 0.0 }
     }
 }
 

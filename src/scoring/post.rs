@@ -12,6 +12,8 @@
 //!    least 0.5, more the farther out it is — when the
 //!    detector also finds the window unusual (raw score ≥ `EXTREME_GATE`), so a healthy
 //!    sensor creeping a hair past its old minimum is not an anomaly.
+//!    A detector can also give a window a floor of its own (`Raw::floor`: a stuck
+//!    sensor's identical readings), which the likelihood does not lower.
 //! 3. **Repeats are damped.** While an incident lasts, a score that does not exceed the
 //!    highest of the last `refractory_windows` is halved: one incident raises one alert,
 //!    not one per window. An incident is over once `clear_windows` windows in a row
@@ -161,6 +163,7 @@ impl PostConfig {
 
     fn apply(&self, state: &mut PostState, raw: Raw, window: &WindowFeatures, damp: bool) -> Score {
         let raw_value = raw.value;
+        let raw_floor = raw.floor;
         let average = state.push(raw_value);
         state.windows += 1;
         let n = state.windows;
@@ -219,6 +222,11 @@ impl PostConfig {
             state.low = state.low.min(x);
             state.high = state.high.max(x);
         }
+        if !raw_phase && raw_floor > value {
+            // Evidence that stands on its own (a stuck sensor): the raw score's history
+            // does not dilute it.
+            value = raw_floor;
+        }
 
         if learning {
             // Too little history to judge: no score, and nothing for damping to remember.
@@ -248,7 +256,6 @@ impl PostConfig {
         while state.peaks.front().is_some_and(|&(at, _)| at + u64::from(self.refractory_windows) < n) {
             state.peaks.pop_front();
         }
-        let recent_peak = state.peaks.front().map_or(0.0, |&(_, peak)| peak);
         // The incident goes on while one of the last `clear_windows` was not calm (the
         // peaks hold, for every recent window, one at least as high and as late).
         let ongoing = state
@@ -257,6 +264,7 @@ impl PostConfig {
             .rev()
             .take_while(|&&(at, _)| at + u64::from(self.clear_windows) >= n)
             .any(|&(_, peak)| peak >= CLEAR_LEVEL);
+        let recent_peak = state.peaks.front().map_or(0.0, |&(_, peak)| peak);
         let undamped = value;
         let mut value = value;
         if value <= recent_peak && value > 0.0 && ongoing {
@@ -300,7 +308,7 @@ mod tests {
     }
 
     fn raw(value: f64) -> Raw {
-        Raw { value, explanation: "raw".to_string() }
+        Raw { value, explanation: "raw".to_string(), floor: 0.0 }
     }
 
     fn config() -> PostConfig {
@@ -346,6 +354,20 @@ mod tests {
         let creep = config.score(&mut state, raw(0.45), &nth(200, 9.01));
         assert!(creep.value < 0.3, "{creep:?}");
         assert!(!creep.explanation.contains("new maximum"), "{}", creep.explanation);
+    }
+
+    #[test]
+    fn a_floor_is_not_diluted_by_the_likelihood() {
+        let config = config();
+        let mut state = PostState::default();
+        for i in 0..200 {
+            config.score(&mut state, raw(0.9 + 0.05 * f64::from(i % 3)), &window(1.0));
+        }
+        // A raw score like the key's usual ones: the likelihood finds nothing unusual.
+        let usual = config.score(&mut state, raw(0.95), &window(1.0));
+        assert!(usual.value < 0.5, "{usual:?}");
+        let stuck = config.score(&mut state, Raw { floor: 0.5, ..raw(0.95) }, &window(1.0));
+        assert!(stuck.value > 0.8, "{stuck:?}");
     }
 
     #[test]

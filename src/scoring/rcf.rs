@@ -78,6 +78,7 @@ impl Detector for RcfDetector {
             return Raw {
                 value: 0.0,
                 explanation: format!("forest learning: {} windows seen", state.forest.entries_seen()),
+                floor: 0.0,
             };
         }
         match state.forest.score(&[window.mean as f32]) {
@@ -86,8 +87,11 @@ impl Detector for RcfDetector {
             Ok(score) if score.is_finite() => Raw {
                 value: (score / (score + 2.0)).clamp(0.0, 1.0),
                 explanation: format!("forest isolation score {score:.2} for the last {SHINGLE} window means"),
+                floor: 0.0,
             },
-            Ok(_) | Err(_) => Raw { value: 0.0, explanation: "forest could not score this window".to_string() },
+            Ok(_) | Err(_) => {
+                Raw { value: 0.0, explanation: "forest could not score this window".to_string(), floor: 0.0 }
+            }
         }
     }
 
