@@ -63,6 +63,9 @@ fn sources(dir: &std::path::Path) -> tidemark::config::ConfigSources {
         .with("pipeline.max_out_of_orderness", "0s")
         .with("pipeline.idle_timeout", "1h")
         .with("pipeline.partitions", 2)
+        // Judge windows from the 10th, so the anomalies injected after 60 one-second
+        // windows are scored (the default learns for 100).
+        .with("scoring.learning_windows", 10)
 }
 
 fn sim(sensors: u32, seconds: u64, anomalies: u32) -> tidemark::sim::SimConfig {
