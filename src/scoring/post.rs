@@ -9,11 +9,11 @@
 //! 2. **New extremes.** A window mean outside the range of every window mean seen so far
 //!    (after a learning period of `EXTREME_WARMUP` windows *and* a day of event time:
 //!    while its first day is still being seen, a daily cycle sets records) scores at
-//!    least 0.5, more the farther out it is — when the
-//!    detector also finds the window unusual (raw score ≥ `EXTREME_GATE`), so a healthy
-//!    sensor creeping a hair past its old minimum is not an anomaly.
-//!    A detector can also give a window a floor of its own (`Raw::floor`: a stuck
-//!    sensor's identical readings), which the likelihood does not lower.
+//!    least 0.5, more the farther out it is — when the detector also finds the window
+//!    unusual (raw score ≥ `EXTREME_GATE`), so a healthy sensor creeping a hair past its
+//!    old minimum is not an anomaly. A detector can also give a window a floor of its
+//!    own (`Raw::floor`: a stuck sensor's identical readings), which the likelihood does
+//!    not lower.
 //! 3. **Repeats are damped.** While an incident lasts, a score that does not exceed the
 //!    highest of the last `refractory_windows` is halved: one incident raises one alert,
 //!    not one per window. An incident is over once `clear_windows` windows in a row
