@@ -82,7 +82,8 @@ impl Nibbles {
         packed
     }
 
-    /// Every cell's count.
+    /// Every cell's count (for tests of the conversion from checkpoint format 3).
+    #[cfg(test)]
     pub(super) fn counts(&self) -> Vec<u16> {
         (0..CELLS).map(|cell| u16::from(self.get(cell))).collect()
     }

@@ -77,6 +77,7 @@ impl From<ScorerStateV3> for ScorerState {
 }
 
 /// Today's state written the old way (for tests of the conversion and of restores).
+#[cfg(test)]
 impl From<&ScorerState> for ScorerStateV3 {
     fn from(state: &ScorerState) -> Self {
         let detector = match &state.detector {

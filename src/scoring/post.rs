@@ -132,6 +132,8 @@ impl From<PostStateV3> for PostState {
     }
 }
 
+/// Today's state written the old way (for tests of the conversion and of restores).
+#[cfg(test)]
 impl From<&PostState> for PostStateV3 {
     fn from(state: &PostState) -> Self {
         let PostState { recent, next, filled, windows, mean, variance, low, high, ref peaks, first_ms: _ } = *state;
