@@ -176,7 +176,7 @@ impl ContextDetector {
                     if z >= 0.0 { "above" } else { "below" },
                     baseline.mean
                 ),
-                floor: 0.0,
+                floor: super::shift_floor(z, window, windows.into(), state.windows),
             };
         }
         if let Some(previous) = state.previous_level {

@@ -13,12 +13,12 @@ use crate::window::WindowFeatures;
 /// lasting level shift is still followed within a few spans.
 const LEARN_CLIP_SIGMAS: f64 = 3.0;
 /// A window of at least this many identical readings can be a stuck sensor.
-const STUCK_MIN_READINGS: u64 = 10;
+const STUCK_MIN_READINGS: u64 = super::DECISIVE_MIN_READINGS;
 /// ...when its spread is at least this many σ below the key's usual spread.
 const STUCK_Z: f64 = 10.0;
-/// A stuck window's least final score on the likelihood scale (as a new extreme's: it
-/// alerts at the default threshold).
-const STUCK_FLOOR: f64 = 0.5;
+/// A stuck window's least final score on the likelihood scale (it alerts at the default
+/// threshold).
+const STUCK_FLOOR: f64 = super::DECISIVE_FLOOR;
 
 /// Running mean and variance of one feature.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -86,7 +86,7 @@ impl EwmaScorer {
                     state.level.mean,
                     level_sigma
                 ),
-                floor: 0.0,
+                floor: super::shift_floor(level_z, window, state.windows.into(), state.windows.into()),
             },
         }
     }

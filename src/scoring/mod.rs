@@ -187,6 +187,41 @@ impl Scoring {
     }
 }
 
+/// The floor (on the likelihood scale) of evidence that stands on its own: it alerts at
+/// the default threshold whatever the key's history of raw scores.
+const DECISIVE_FLOOR: f64 = 0.5;
+/// Readings a window needs before its own evidence can be decisive.
+const DECISIVE_MIN_READINGS: u64 = 10;
+/// A shift of the window mean by this many σ of its baseline is decisive...
+const SHIFT_Z: f64 = 20.0;
+/// ...when the baseline has learned at least this many windows...
+const SHIFT_MIN_BASELINE: u64 = 10;
+/// ...and the key's likelihood statistics are still young (they weigh a window 1/n
+/// until about this many windows, so one incident widens them for a long time).
+const SHIFT_YOUNG_WINDOWS: u64 = post::LONG_RUN_WINDOWS;
+
+/// The floor of a window whose mean is `z` σ from a baseline of `baseline_windows`
+/// windows, on a key that has seen `key_windows`: [`DECISIVE_FLOOR`] for a decisive
+/// shift, 0 otherwise.
+///
+/// The likelihood compares the average of a key's last raw scores with their long-run
+/// distribution. A raw score saturates at 1 beyond |z| ≈ 8, so it cannot tell a 10σ
+/// window from an 80σ one, and on a key a few hundred windows old that distribution has
+/// learned its first incident at weight 1/n: a repeat of a 15-second 80σ spike (three
+/// 5 s windows) then stayed below the threshold (the demo, re-injected after a restart).
+/// A window of many readings whose mean moved 20σ from a baseline that has seen enough
+/// windows is an incident on any sensor. On single-reading series (NAB) such a floor
+/// cost 7 points — heavy-tailed metrics jump 20σ in normal operation — so it needs
+/// [`DECISIVE_MIN_READINGS`] readings, and it applies only while the likelihood is young:
+/// once it has seen [`SHIFT_YOUNG_WINDOWS`] windows it judges on its own.
+fn shift_floor(z: f64, window: &WindowFeatures, baseline_windows: u64, key_windows: u64) -> f64 {
+    let decisive = z.abs() >= SHIFT_Z
+        && window.count >= DECISIVE_MIN_READINGS
+        && baseline_windows >= SHIFT_MIN_BASELINE
+        && key_windows < SHIFT_YOUNG_WINDOWS;
+    if decisive { DECISIVE_FLOOR } else { 0.0 }
+}
+
 /// Two-sided tail probability of a standard normal deviate, as a score in [0, 1]:
 /// `1 - p^(1/4)`. The fourth root spreads the scores (|z| = 2 → 0.54, 3 → 0.77,
 /// 3.2 → 0.80, 4 → 0.91) so one threshold separates usual from unusual windows, and the
@@ -229,6 +264,18 @@ mod tests {
         assert!(tail_score(0.0) < 0.01);
         assert!((tail_score(3.2) - 0.80).abs() < 0.01, "{}", tail_score(3.2));
         assert!(tail_score(2.0) < 0.6);
+    }
+
+    #[test]
+    fn only_a_large_shift_of_many_readings_on_a_young_key_is_decisive() {
+        let window =
+            |count| WindowFeatures { start_ms: 0, end_ms: 5_000, count, mean: 1.0, min: 0.0, max: 2.0, stddev: 0.5 };
+        assert_eq!(shift_floor(25.0, &window(50), 40, 120), DECISIVE_FLOOR);
+        assert_eq!(shift_floor(-25.0, &window(50), 40, 120), DECISIVE_FLOOR, "either direction");
+        assert_eq!(shift_floor(15.0, &window(50), 40, 120), 0.0, "not large enough");
+        assert_eq!(shift_floor(25.0, &window(1), 40, 120), 0.0, "a single reading (heavy-tailed metrics jump so)");
+        assert_eq!(shift_floor(25.0, &window(50), 5, 120), 0.0, "a baseline of 5 windows");
+        assert_eq!(shift_floor(25.0, &window(50), 40, 5_000), 0.0, "the likelihood is mature and judges alone");
     }
 
     #[test]

@@ -13,8 +13,8 @@
 //!    the threshold, one by half the range well above it) — when the detector also finds the window
 //!    unusual (raw score ≥ `EXTREME_GATE`), so a healthy sensor creeping a hair past its
 //!    old minimum is not an anomaly. A detector can also give a window a floor of its
-//!    own (`Raw::floor`: a stuck sensor's identical readings), which the likelihood does
-//!    not lower.
+//!    own (`Raw::floor`: a stuck sensor's identical readings, a young key's decisive
+//!    shift, see `scoring::shift_floor`), which the likelihood does not lower.
 //! 3. **Repeats are damped.** While an incident lasts, a score that does not exceed the
 //!    highest of the last `refractory_windows` is scaled by `REPEAT_DAMPING`, which
 //!    keeps even a damped 1.0 below the alert threshold: one incident raises one alert,
@@ -38,8 +38,11 @@ use crate::window::WindowFeatures;
 
 /// Raw scores averaged for the likelihood.
 const SHORT: usize = 5;
-/// Smallest weight of a new average in the long-run mean and variance (≈ 1,000 windows).
-const LONG_ALPHA: f64 = 0.001;
+/// Windows after which the long-run mean and variance weigh a new average at their
+/// smallest weight, `LONG_ALPHA` (1/n before).
+pub(super) const LONG_RUN_WINDOWS: u64 = 1_000;
+/// Smallest weight of a new average in the long-run mean and variance.
+const LONG_ALPHA: f64 = 1.0 / LONG_RUN_WINDOWS as f64;
 /// The long-run distribution learns a short average at most this many σ from its mean.
 const LEARN_CLIP: f64 = 3.0;
 /// Windows before the running range counts for the new-extreme rule.
@@ -231,10 +234,12 @@ impl PostConfig {
             state.low = state.low.min(x);
             state.high = state.high.max(x);
         }
-        if !raw_phase && raw_floor > value {
-            // Evidence that stands on its own (a stuck sensor): the raw score's history
-            // does not dilute it.
+        let decisive = !raw_phase && raw_floor > value;
+        if decisive {
+            // Evidence that stands on its own (a stuck sensor, a young key's decisive
+            // shift): the raw score's history does not dilute it.
             value = raw_floor;
+            explanation = format!("{} (decisive on its own)", raw_part(&explanation));
         }
 
         if learning {
@@ -245,7 +250,7 @@ impl PostConfig {
             };
         }
         if damp {
-            value = self.damp(state, n, value, &mut explanation);
+            value = self.damp(state, n, value, decisive, &mut explanation);
         }
         let value = value.clamp(0.0, 1.0);
         let value = if raw_phase {
@@ -260,8 +265,12 @@ impl PostConfig {
 }
 
 impl PostConfig {
-    /// Window `n`'s score after damping, and the refractory peaks updated with it.
-    fn damp(&self, state: &mut PostState, n: u64, value: f64, explanation: &mut String) -> f64 {
+    /// Window `n`'s score after damping, and the refractory peaks updated with it. A
+    /// `decisive` window (scored by a detector's floor) counts as the strongest possible
+    /// peak: its strength is not on the likelihood's scale, and the likelihood of the
+    /// windows after it climbs as its average fills with the incident — without this,
+    /// one 15-second spike raised a second alert when the average passed the floor.
+    fn damp(&self, state: &mut PostState, n: u64, value: f64, decisive: bool, explanation: &mut String) -> f64 {
         while state.peaks.front().is_some_and(|&(at, _)| at + u64::from(self.refractory_windows) < n) {
             state.peaks.pop_front();
         }
@@ -274,14 +283,11 @@ impl PostConfig {
             .take_while(|&&(at, _)| at + u64::from(self.clear_windows) >= n)
             .any(|&(_, peak)| peak >= CLEAR_LEVEL);
         let recent_peak = state.peaks.front().map_or(0.0, |&(_, peak)| peak);
-        let undamped = value;
+        let undamped = if decisive { 1.0 } else { value };
         let mut value = value;
         if value <= recent_peak && value > 0.0 && ongoing {
             value *= REPEAT_DAMPING;
-            explanation.push_str(&format!(
-                " (damped: a score of {recent_peak:.2} within the last {} windows)",
-                self.refractory_windows
-            ));
+            explanation.push_str(" (damped: a repeat within an ongoing incident)");
         }
         while state.peaks.back().is_some_and(|&(_, peak)| peak <= undamped) {
             state.peaks.pop_back();
@@ -377,6 +383,13 @@ mod tests {
         assert!(usual.value < 0.5, "{usual:?}");
         let stuck = config.score(&mut state, Raw { floor: 0.5, ..raw(0.95) }, &window(1.0));
         assert!(stuck.value > 0.8, "{stuck:?}");
+        assert_eq!(stuck.explanation, "raw (decisive on its own)");
+        // The windows after it belong to the same incident: as the likelihood's average
+        // fills with it, they are damped, not a second alert.
+        for _ in 0..5 {
+            let after = config.score(&mut state, raw(1.0), &window(1.0));
+            assert!(after.value < KNEE_TO, "{after:?}");
+        }
     }
 
     #[test]
@@ -403,7 +416,7 @@ mod tests {
         let mut n = 0;
         let mut damp = |state: &mut PostState, value: f64| {
             n += 1;
-            config.damp(state, n, value, &mut explanation)
+            config.damp(state, n, value, false, &mut explanation)
         };
         assert_eq!(damp(&mut state, 0.9), 0.9);
         assert_eq!(damp(&mut state, 0.9), 0.9 * REPEAT_DAMPING, "a repeat");
