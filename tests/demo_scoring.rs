@@ -14,38 +14,20 @@ use std::time::Duration;
 
 use tidemark::config::{Config, ConfigSources};
 use tidemark::scoring::{ScorerState, Scoring};
-use tidemark::sim::{Anomaly, AnomalyKind, Generator, SimConfig};
+use tidemark::sim::{Anomaly, AnomalyKind, Generator, SimConfig, demo_presets};
 use tidemark::window::Agg;
 
 const WINDOW_MS: i64 = 5_000;
 
 /// The scoring settings `tidemark demo` presets.
 fn demo_scoring() -> Scoring {
-    let sources = ConfigSources::default()
-        .preset("pipeline.window", "5s")
-        .preset("scoring.warmup_windows", 6)
-        .preset("scoring.learning_windows", 36)
-        .preset("scoring.likelihood_windows", 36);
-    let config = Config::load(&sources).expect("the demo's configuration is valid");
+    let config = Config::load(&demo_presets(ConfigSources::default())).expect("the demo's configuration is valid");
     Scoring::from_config(&config.scoring)
 }
 
 /// The demo's simulator (as `tidemark demo` configures it), run for `run` from `start_ms`.
 fn demo_sim(start_ms: i64, run: Duration, seed: u64) -> SimConfig {
-    SimConfig {
-        sensors: 20,
-        rate: 200.0,
-        seed,
-        duration: Some(run),
-        start_ms,
-        disorder: 0.02,
-        max_disorder: Duration::from_millis(800),
-        anomalies: 4,
-        anomalies_after: Duration::from_secs(200),
-        anomaly_spacing: Some(Duration::from_secs(4)),
-        anomaly_duration: Duration::from_secs(15),
-        ..SimConfig::default()
-    }
+    SimConfig { duration: Some(run), ..SimConfig::demo(20, 200.0, seed, start_ms) }
 }
 
 /// Score and explanation per (sensor, window start).

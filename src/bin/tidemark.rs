@@ -231,37 +231,10 @@ fn main() -> ExitCode {
                 Err(code) => code,
             },
             Command::Demo { sensors, rate, seed, labels } => {
-                let sources = sources
-                    .preset("pipeline.window", "5s")
-                    .preset("pipeline.max_out_of_orderness", "1s")
-                    .preset("pipeline.idle_timeout", "10s")
-                    .preset("checkpoint.interval", "2s")
-                    .preset("scoring.warmup_windows", 6)
-                    // A key's anomaly scores count after 3 minutes of 5 s windows, as
-                    // likelihoods (raw scores of young models alert on healthy sensors);
-                    // the simulator's anomalies start after that.
-                    .preset("scoring.learning_windows", 36)
-                    .preset("scoring.likelihood_windows", 36)
-                    // The simulator's dropouts (a sensor silent for 15 s) are alerts.
-                    .preset("rules.sensor_silent.kind", "absence")
-                    .preset("rules.sensor_silent.after", "10s")
-                    .preset("rules.sensor_silent.severity", "high");
+                let sources = tidemark::sim::demo_presets(sources);
                 match load(sources.clone()) {
                     Ok(config) => {
-                        let demo = SimConfig {
-                            sensors,
-                            rate,
-                            seed,
-                            duration: None,
-                            start_ms: chrono::Utc::now().timestamp_millis(),
-                            disorder: 0.02,
-                            max_disorder: Duration::from_millis(800),
-                            anomalies: 4,
-                            anomalies_after: Duration::from_secs(200),
-                            anomaly_spacing: Some(Duration::from_secs(4)),
-                            anomaly_duration: Duration::from_secs(15),
-                            ..SimConfig::default()
-                        };
+                        let demo = SimConfig::demo(sensors, rate, seed, chrono::Utc::now().timestamp_millis());
                         serve(config, sources, Some((demo, labels))).await
                     }
                     Err(code) => code,

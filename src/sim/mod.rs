@@ -112,6 +112,48 @@ impl Default for SimConfig {
     }
 }
 
+impl SimConfig {
+    /// The simulator `tidemark demo` runs: `sensors` sensors at `rate` events/s from
+    /// `start_ms`, forever, 2 % of events up to 800 ms out of order, and four 15 s
+    /// anomalies (spike, drift, stuck, dropout) 200 s after the start, 4 s apart.
+    pub fn demo(sensors: u32, rate: f64, seed: u64, start_ms: i64) -> Self {
+        Self {
+            sensors,
+            rate,
+            seed,
+            duration: None,
+            start_ms,
+            disorder: 0.02,
+            max_disorder: Duration::from_millis(800),
+            anomalies: 4,
+            anomalies_after: Duration::from_secs(200),
+            anomaly_spacing: Some(Duration::from_secs(4)),
+            anomaly_duration: Duration::from_secs(15),
+            ..Self::default()
+        }
+    }
+}
+
+/// The settings `tidemark demo` presets (an environment variable or a file still
+/// overrides them): 5 s windows, models judging after 3 minutes, dropouts as alerts.
+pub fn demo_presets(sources: crate::config::ConfigSources) -> crate::config::ConfigSources {
+    sources
+        .preset("pipeline.window", "5s")
+        .preset("pipeline.max_out_of_orderness", "1s")
+        .preset("pipeline.idle_timeout", "10s")
+        .preset("checkpoint.interval", "2s")
+        .preset("scoring.warmup_windows", 6)
+        // A key's anomaly scores count after 3 minutes of 5 s windows, as likelihoods
+        // (raw scores of young models alert on healthy sensors); the simulator's
+        // anomalies start after that.
+        .preset("scoring.learning_windows", 36)
+        .preset("scoring.likelihood_windows", 36)
+        // The simulator's dropouts (a sensor silent for 15 s) are alerts.
+        .preset("rules.sensor_silent.kind", "absence")
+        .preset("rules.sensor_silent.after", "10s")
+        .preset("rules.sensor_silent.severity", "high")
+}
+
 /// One generated reading.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SimEvent {
